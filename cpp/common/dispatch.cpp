@@ -1,0 +1,389 @@
+// Runtime ISA selection, the thread pool, and the validated kernel entry points.
+#include "common/dispatch.h"
+
+#include <cpuid.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+namespace lowbit {
+
+// ---------------------------------------------------------------------------------------------
+// CPU features
+
+static uint64_t read_xcr0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+
+// Linux hands out the AMX tile-data state only after the process asks for it.
+static bool request_amx_permission() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+static CpuFeatures detect() {
+  CpuFeatures f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = (c >> 27) & 1;
+  f.fma = (c >> 12) & 1;
+  f.f16c = (c >> 29) & 1;
+  uint64_t xcr0 = osxsave ? read_xcr0() : 0;
+  f.os_ymm = (xcr0 & 0x6) == 0x6;
+  f.os_zmm = f.os_ymm && (xcr0 & 0xE0) == 0xE0;
+  if (__get_cpuid_max(0, nullptr) >= 7) {
+    __cpuid_count(7, 0, a, b, c, d);
+    f.avx2 = (b >> 5) & 1;
+    f.avx512f = (b >> 16) & 1;
+    f.avx512dq = (b >> 17) & 1;
+    f.avx512bw = (b >> 30) & 1;
+    f.avx512vl = (b >> 31) & 1;
+    f.avx512vnni = (c >> 11) & 1;
+    f.amx_bf16 = (d >> 22) & 1;
+    f.amx_tile = (d >> 24) & 1;
+    f.amx_int8 = (d >> 25) & 1;
+    __cpuid_count(7, 1, a, b, c, d);
+    f.avx512bf16 = (a >> 5) & 1;
+  }
+  f.os_amx = f.amx_tile && (xcr0 & 0x60000) == 0x60000 && request_amx_permission();
+  return f;
+}
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+std::vector<std::string> CpuFeatures::names() const {
+  std::vector<std::string> out;
+  auto add = [&](bool on, const char* n) { if (on) out.emplace_back(n); };
+  add(avx2, "avx2"); add(fma, "fma"); add(f16c, "f16c");
+  add(avx512f, "avx512f"); add(avx512bw, "avx512bw"); add(avx512vl, "avx512vl");
+  add(avx512dq, "avx512dq"); add(avx512vnni, "avx512vnni"); add(avx512bf16, "avx512bf16");
+  add(amx_tile, "amx_tile"); add(amx_int8, "amx_int8"); add(amx_bf16, "amx_bf16");
+  add(os_ymm, "os:ymm"); add(os_zmm, "os:zmm"); add(os_amx, "os:amx");
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variant table
+
+static std::string missing_for_avx2(const CpuFeatures& f) {
+  std::string m;
+  if (!f.avx2) m += " avx2";
+  if (!f.fma) m += " fma";
+  if (!f.f16c) m += " f16c";
+  if (!f.os_ymm) m += " os-ymm-state";
+  return m;
+}
+
+static std::string missing_for_avx512(const CpuFeatures& f) {
+  std::string m = missing_for_avx2(f);
+  if (!f.avx512f) m += " avx512f";
+  if (!f.avx512bw) m += " avx512bw";
+  if (!f.avx512vl) m += " avx512vl";
+  if (!f.avx512dq) m += " avx512dq";
+  if (!f.avx512vnni) m += " avx512vnni";
+  if (!f.os_zmm) m += " os-zmm-state";
+  return m;
+}
+
+std::vector<VariantInfo> variants() {
+  const CpuFeatures& f = cpu_features();
+  std::vector<VariantInfo> v;
+  auto add = [&](const KernelTable* t, std::string missing) {
+    v.push_back({t, true, missing.empty(), missing.empty() ? "" : "CPU lacks" + missing});
+  };
+  add(&avx512::kTable, missing_for_avx512(f));
+  add(&avx2::kTable, missing_for_avx2(f));
+#ifdef LOWBIT_HAVE_AVX512_EMULATED
+  add(&avx512_emulated::kTable, missing_for_avx2(f));
+#endif
+  add(&ref::kTable, "");
+  return v;
+}
+
+namespace {
+std::mutex g_isa_mutex;
+std::atomic<const KernelTable*> g_active{nullptr};
+
+const KernelTable* select(const std::string& name) {
+  auto all = variants();
+  if (name.empty() || name == "auto") {
+    for (auto& v : all)
+      if (v.runnable && v.table != &avx512_emulated::kTable) return v.table;
+    return &ref::kTable;
+  }
+  std::string known;
+  for (auto& v : all) {
+    if (name == v.table->name) {
+      if (!v.runnable)
+        throw std::invalid_argument("lowbit ISA '" + name + "' cannot run here: " + v.missing);
+      return v.table;
+    }
+    known += std::string(known.empty() ? "" : ", ") + v.table->name;
+  }
+  throw std::invalid_argument("unknown lowbit ISA '" + name + "'; compiled variants: auto, " + known);
+}
+}  // namespace
+
+#ifndef LOWBIT_HAVE_AVX512_EMULATED
+// Referenced by select() to exclude it from "auto"; never registered when not compiled.
+namespace avx512_emulated { const KernelTable kTable = {"avx512_emulated", nullptr, nullptr}; }
+#endif
+
+const KernelTable& active() {
+  const KernelTable* t = g_active.load(std::memory_order_acquire);
+  if (t) return *t;
+  std::lock_guard<std::mutex> lock(g_isa_mutex);
+  if (!g_active.load()) {
+    const char* env = std::getenv("LOWBIT_ISA");
+    g_active.store(select(env ? env : ""), std::memory_order_release);
+  }
+  return *g_active.load();
+}
+
+const KernelTable& reference() { return ref::kTable; }
+
+void set_isa(const std::string& name) {
+  std::lock_guard<std::mutex> lock(g_isa_mutex);
+  g_active.store(select(name), std::memory_order_release);
+}
+
+std::string active_isa() { return active().name; }
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool
+
+namespace {
+int default_threads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int n) : n_(n) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+  ~ThreadPool() {
+    { std::lock_guard<std::mutex> l(m_); stop_ = true; }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return n_; }
+
+  // Runs fn over `chunks` pieces of [0, n); the caller takes piece 0.
+  void run(int64_t n, int chunks, const std::function<void(int64_t, int64_t)>& fn) {
+    std::unique_lock<std::mutex> l(m_);
+    fn_ = &fn; n_items_ = n; chunks_ = chunks; pending_ = chunks - 1; error_ = nullptr;
+    ++generation_;
+    l.unlock();
+    cv_.notify_all();
+    run_chunk(0);
+    l.lock();
+    done_cv_.wait(l, [this] { return pending_ == 0; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void run_chunk(int c) {
+    int64_t b = n_items_ * c / chunks_, e = n_items_ * (c + 1) / chunks_;
+    try {
+      if (b < e) (*fn_)(b, e);
+    } catch (...) {
+      std::lock_guard<std::mutex> l(m_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  void loop(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      std::unique_lock<std::mutex> l(m_);
+      cv_.wait(l, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      int chunks = chunks_;
+      l.unlock();
+      if (index < chunks) {
+        run_chunk(index);
+        l.lock();
+        if (--pending_ == 0) done_cv_.notify_one();
+      }
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex m_;
+  std::condition_variable cv_, done_cv_;
+  bool stop_ = false;
+  uint64_t generation_ = 0;
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_items_ = 0;
+  int chunks_ = 1, pending_ = 0;
+  std::exception_ptr error_;
+};
+
+std::mutex g_pool_mutex;      // serializes users of the pool; a busy pool means run inline
+ThreadPool* g_pool = nullptr;
+int g_num_threads = 0;        // 0: not set yet
+thread_local bool t_in_parallel = false;
+
+// A forked child has the pool object but none of its threads: drop it (leaked on purpose).
+void forget_pool_after_fork() { g_pool = nullptr; new (&g_pool_mutex) std::mutex(); }
+}  // namespace
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
+  std::lock_guard<std::mutex> l(g_pool_mutex);
+  if (g_pool && g_pool->size() != n) { delete g_pool; g_pool = nullptr; }
+  g_num_threads = n;
+}
+
+int get_num_threads() {
+  std::lock_guard<std::mutex> l(g_pool_mutex);
+  if (g_num_threads == 0) {
+    const char* env = std::getenv("LOWBIT_NUM_THREADS");
+    int n = env ? std::atoi(env) : 0;
+    g_num_threads = n > 0 ? n : default_threads();
+  }
+  return g_num_threads;
+}
+
+void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  static std::once_flag fork_hook;
+  std::call_once(fork_hook, [] { pthread_atfork(nullptr, nullptr, forget_pool_after_fork); });
+  int threads = get_num_threads();
+  int64_t chunks = std::min<int64_t>(threads, (n + std::max<int64_t>(min_chunk, 1) - 1) /
+                                                  std::max<int64_t>(min_chunk, 1));
+  std::unique_lock<std::mutex> l(g_pool_mutex, std::try_to_lock);
+  if (chunks <= 1 || t_in_parallel || !l.owns_lock()) {
+    fn(0, n);  // nested or concurrent call: run on the calling thread
+    return;
+  }
+  if (!g_pool) g_pool = new ThreadPool(threads);
+  t_in_parallel = true;
+  try {
+    g_pool->run(n, int(chunks), fn);
+  } catch (...) {
+    t_in_parallel = false;
+    throw;
+  }
+  t_in_parallel = false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated entry points
+
+static void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+static void validate_format(const QuantFormat& f, int64_t K) {
+  require(f.bits == 2 || f.bits == 3 || f.bits == 4 || f.bits == 8,
+          "bits must be 2, 3, 4 or 8, got " + std::to_string(f.bits));
+  require(f.scheme != Scheme::nf4 || f.bits == 4, "nf4 needs bits=4");
+  require(f.group_size > 0, "group_size must be positive, got " + std::to_string(f.group_size));
+  require(f.group_size == K || f.group_size % 16 == 0,
+          "group_size must be a multiple of 16 (or the whole row), got " + std::to_string(f.group_size));
+  require(f.clip_ratio > 0.f && f.clip_ratio <= 1.f, "clip_ratio must be in (0, 1]");
+}
+
+void quantize(const QuantizeArgs& a) {
+  require(a.rows > 0 && a.K > 0, "w is empty (shape [" + std::to_string(a.rows) + ", " +
+                                     std::to_string(a.K) + "])");
+  require(a.ld_w >= a.K, "w row stride is smaller than its row length");
+  validate_format(a.fmt, a.K);
+  require(a.w && a.scales && a.codes, "null pointer passed to quantize");
+  const bool asym = a.fmt.scheme == Scheme::asymmetric;
+  require(!asym || a.zeros, "asymmetric quantization needs a zeros buffer");
+  const int64_t G = num_groups(a.K, a.fmt.group_size);
+  if (a.params_given) {
+    const int qmax = (1 << a.fmt.bits) - 1;
+    for (int64_t i = 0; i < a.rows * G; ++i) {
+      require(std::isfinite(a.scales[i]) && a.scales[i] >= 0.f,
+              "scales must be finite and >= 0 (index " + std::to_string(i) + ")");
+      if (asym) require(a.zeros[i] <= qmax, "zeros must be in [0, " + std::to_string(qmax) + "]");
+    }
+  }
+  QuantizeFn fn = active().quantize ? active().quantize : reference().quantize;
+  std::atomic<int64_t> bad_row{-1};
+  parallel_for(a.rows, std::max<int64_t>(1, 32768 / a.K), [&](int64_t r0, int64_t r1) {
+    int64_t bad = fn(a, r0, r1);
+    if (bad >= 0) {
+      int64_t cur = bad_row.load();
+      while ((cur < 0 || bad < cur) && !bad_row.compare_exchange_weak(cur, bad)) {}
+    }
+  });
+  require(bad_row.load() < 0,
+          "w contains NaN or Inf (first in row " + std::to_string(bad_row.load()) + ")");
+}
+
+void dequantize(const DequantizeArgs& a) {
+  require(a.rows > 0 && a.K > 0, "codes are empty");
+  validate_format(a.fmt, a.K);
+  require(a.codes && a.scales && a.out, "null pointer passed to dequantize");
+  require(a.fmt.scheme != Scheme::asymmetric || a.zeros, "asymmetric format needs zeros");
+  DequantizeFn fn = active().dequantize ? active().dequantize : reference().dequantize;
+  parallel_for(a.rows, std::max<int64_t>(1, 32768 / a.K),
+               [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
+}
+
+void pack_int4(const uint8_t* codes, int64_t rows, int64_t K, bool is_signed, uint8_t* packed) {
+  require(rows > 0 && K > 0, "codes are empty");
+  const int64_t pb = packed_row_bytes(K, 4);
+  std::atomic<bool> out_of_range{false};
+  parallel_for(rows, std::max<int64_t>(1, 65536 / K), [&](int64_t r0, int64_t r1) {
+    bool bad = false;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* c = codes + r * K;
+      uint8_t* p = packed + r * pb;
+      for (int64_t k = 0; k < K; ++k) {
+        // A 4-bit code is in [0, 15], or [-8, 7] as int8: then its top five bits are all equal.
+        uint8_t v = c[k];
+        bad |= is_signed ? uint8_t(v + 8) > 15 : v > 15;
+        if (k & 1) p[k >> 1] = uint8_t(p[k >> 1] | (v << 4));
+        else p[k >> 1] = v & 0xF;
+      }
+    }
+    if (bad) out_of_range = true;
+  });
+  require(!out_of_range, is_signed ? "codes must be in [-8, 7] to pack as signed int4"
+                                   : "codes must be in [0, 15] to pack as int4");
+}
+
+void unpack_int4(const uint8_t* packed, int64_t rows, int64_t K, bool sign_extend, uint8_t* codes) {
+  const int64_t pb = packed_row_bytes(K, 4);
+  parallel_for(rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* p = packed + r * pb;
+      uint8_t* c = codes + r * K;
+      for (int64_t k = 0; k < K; ++k) {
+        uint8_t v = (p[k >> 1] >> ((k & 1) * 4)) & 0xF;
+        c[k] = sign_extend && (v & 8) ? uint8_t(v | 0xF0) : v;  // two's complement nibble
+      }
+    }
+  });
+}
+
+}  // namespace lowbit

@@ -1,0 +1,50 @@
+// The one place a CPU kernel variant is chosen. Variants are filled from cpuid + XCR0 once;
+// LOWBIT_ISA (or set_isa) may force a lower one; forcing one the CPU cannot run is an error.
+#pragma once
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/kernels.h"
+
+namespace lowbit {
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512bf16 = false;
+  bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
+  bool os_ymm = false, os_zmm = false, os_amx = false;  // XCR0 enables the register state
+  std::vector<std::string> names() const;              // the features present, for build_info
+};
+const CpuFeatures& cpu_features();
+
+struct VariantInfo {
+  const KernelTable* table;
+  bool compiled;
+  bool runnable;            // this CPU and OS can execute it
+  std::string missing;      // why not, when !runnable
+};
+std::vector<VariantInfo> variants();  // ordered from the most to the least capable
+
+// The chosen table. Entries it leaves null fall back to the reference.
+const KernelTable& active();
+const KernelTable& reference();
+// Force a variant by name ("auto" = best runnable). Throws std::invalid_argument naming the
+// variant and what the CPU lacks. LOWBIT_ISA is applied the same way on first use.
+void set_isa(const std::string& name);
+std::string active_isa();
+
+// Thread pool: persistent workers; parallel_for splits [0, n) into contiguous chunks.
+void set_num_threads(int n);
+int get_num_threads();
+void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn);
+
+// Validated entry points used by the bindings (they throw std::invalid_argument on bad input).
+void quantize(const QuantizeArgs& a);
+void dequantize(const DequantizeArgs& a);
+void pack_int4(const uint8_t* codes, int64_t rows, int64_t K, bool is_signed, uint8_t* packed);
+void unpack_int4(const uint8_t* packed, int64_t rows, int64_t K, bool sign_extend, uint8_t* codes);
+
+}  // namespace lowbit

@@ -1,0 +1,8 @@
+#include "common/kernels.h"
+
+namespace lowbit {
+namespace LOWBIT_ISA_NS {
+extern const KernelTable kTable;
+const KernelTable kTable = {LOWBIT_ISA_NAME, quantize_rows, dequantize_rows};
+}  // namespace LOWBIT_ISA_NS
+}  // namespace lowbit

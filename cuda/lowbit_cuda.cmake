@@ -1,0 +1,51 @@
+# The CUDA extension lowbit._cuda, built when a CUDA toolkit is found.
+#   LOWBIT_CUDA=AUTO (default): build it if nvcc is found, and say which way it went.
+#   LOWBIT_CUDA=ON : a missing toolkit is a configure error.   LOWBIT_CUDA=OFF: never.
+# Targets sm_80, sm_89 and sm_90a; cudart is linked statically, so importing lowbit never needs
+# a driver: the module only touches the driver when a CUDA array reaches it.
+set(LOWBIT_CUDA "AUTO" CACHE STRING "Build the CUDA extension: AUTO, ON or OFF")
+string(TOUPPER "${LOWBIT_CUDA}" LOWBIT_CUDA)
+if(NOT LOWBIT_CUDA MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "LOWBIT_CUDA must be AUTO, ON or OFF (got '${LOWBIT_CUDA}')")
+endif()
+
+set(LOWBIT_BUILD_CUDA OFF)
+if(NOT LOWBIT_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  if(NOT CMAKE_CUDA_COMPILER)
+    find_program(LOWBIT_NVCC nvcc HINTS ENV CUDA_HOME ENV CUDA_PATH PATH_SUFFIXES bin
+                 PATHS /usr/local/cuda/bin)
+    if(LOWBIT_NVCC)
+      set(CMAKE_CUDA_COMPILER "${LOWBIT_NVCC}")
+    endif()
+  endif()
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(LOWBIT_BUILD_CUDA ON)
+  elseif(LOWBIT_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "LOWBIT_CUDA=ON but no CUDA compiler (nvcc) was found; "
+                        "set CUDACXX or CUDA_HOME, or use LOWBIT_CUDA=AUTO/OFF")
+  endif()
+endif()
+
+if(NOT LOWBIT_BUILD_CUDA)
+  message(STATUS "lowbit: CUDA extension OFF (LOWBIT_CUDA=${LOWBIT_CUDA}, no toolkit used)")
+  return()
+endif()
+
+enable_language(CUDA)
+find_package(CUDAToolkit REQUIRED)
+message(STATUS "lowbit: CUDA extension ON (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, sm_80 sm_89 sm_90a)")
+set(CMAKE_CUDA_STANDARD 17)
+set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+
+file(GLOB LOWBIT_CUDA_SRC CONFIGURE_DEPENDS ${CMAKE_CURRENT_LIST_DIR}/*.cu)
+pybind11_add_module(_cuda MODULE ${CMAKE_CURRENT_SOURCE_DIR}/python/bindings/cuda_module.cpp
+                    ${CMAKE_CURRENT_SOURCE_DIR}/python/bindings/dlpack_view.cpp ${LOWBIT_CUDA_SRC})
+target_include_directories(_cuda PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cpp ${CMAKE_CURRENT_LIST_DIR}
+                           ${CMAKE_CURRENT_SOURCE_DIR}/python/bindings)
+set_target_properties(_cuda PROPERTIES CUDA_ARCHITECTURES "80-real;89-real;90a-real;90a-virtual"
+                                       CUDA_RUNTIME_LIBRARY Static)
+target_compile_options(_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo>)
+target_link_libraries(_cuda PRIVATE CUDA::cudart_static)
+install(TARGETS _cuda DESTINATION lowbit)

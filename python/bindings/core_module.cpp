@@ -1,0 +1,174 @@
+// lowbit._core: the CPU extension. Validates arguments, unwraps DLPack views, releases the GIL
+// and calls the dispatcher. No arithmetic here. Outputs are allocated by the caller's framework
+// (Python side) and passed in, so every array lives in the caller's allocator.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common/dispatch.h"
+#include "common/format.h"
+#include "dlpack_view.h"
+
+namespace py = pybind11;
+using namespace lowbit;
+
+namespace {
+
+void fail(const std::string& msg) { throw py::value_error(msg); }
+
+DType float_dtype(const ArrayView& v, const char* name) {
+  if (v.dtype == "float32") return DType::f32;
+  if (v.dtype == "float16") return DType::f16;
+  if (v.dtype == "bfloat16") return DType::bf16;
+  throw py::type_error(std::string(name) + " must be float32, float16 or bfloat16, got " + v.dtype);
+}
+
+void require_cpu(const ArrayView& v, const char* name) {
+  if (v.device_type != dl::kCPU && v.device_type != dl::kCUDAHost)
+    fail(std::string(name) + " is not in CPU memory (DLPack device type " +
+         std::to_string(v.device_type) + "); the CPU kernels take CPU arrays");
+}
+
+// A C-contiguous CPU array of exactly this dtype and shape.
+ArrayView view_exact(const py::handle& obj, const char* name, const std::string& dtype,
+                     std::vector<int64_t> shape, bool writable) {
+  ArrayView v = view_array(obj, name, writable);
+  require_cpu(v, name);
+  if (v.dtype != dtype) throw py::type_error(std::string(name) + " must be " + dtype + ", got " + v.dtype);
+  if (v.shape != shape) {
+    std::string want, got;
+    for (auto s : shape) want += std::to_string(s) + ",";
+    for (auto s : v.shape) got += std::to_string(s) + ",";
+    fail(std::string(name) + " must have shape (" + want + ") but has (" + got + ")");
+  }
+  if (!v.contiguous()) fail(std::string(name) + " must be contiguous");
+  return v;
+}
+
+QuantFormat make_format(int bits, int scheme, int64_t group_size, float clip_ratio) {
+  if (scheme < 0 || scheme > 2) fail("scheme must be 0 (asymmetric), 1 (symmetric) or 2 (nf4)");
+  return QuantFormat{bits, Scheme(scheme), group_size, clip_ratio};
+}
+
+void quantize_py(py::handle w, py::handle scales, py::handle zeros, py::handle codes, int bits,
+                 int scheme, int64_t group_size, float clip_ratio, bool params_given) {
+  ArrayView wv = view_array(w, "w", false);
+  require_cpu(wv, "w");
+  if (wv.shape.size() != 2) fail("w must be 2-D [rows, K], got " + std::to_string(wv.shape.size()) + "-D");
+  const int64_t rows = wv.shape[0], K = wv.shape[1];
+  if (rows == 0 || K == 0) fail("w is empty");
+  if (!wv.row_contiguous()) fail("w must have unit stride along its last axis");
+  QuantFormat f = make_format(bits, scheme, group_size, clip_ratio);
+  if (f.group_size <= 0) fail("group_size must be positive");
+  const int64_t G = num_groups(K, f.group_size);
+  ArrayView sv = view_exact(scales, "scales", "float32", {rows, G}, !params_given);
+  ArrayView zv;
+  if (f.scheme == Scheme::asymmetric) zv = view_exact(zeros, "zeros", "uint8", {rows, G}, !params_given);
+  else if (!zeros.is_none()) fail("zeros are only used by asymmetric formats");
+  ArrayView cv = view_exact(codes, "codes", bits == 8 && f.scheme == Scheme::symmetric ? "int8" : "uint8",
+                            {rows, packed_row_bytes(K, bits)}, true);
+  QuantizeArgs a{wv.data, float_dtype(wv, "w"), rows, K, rows > 1 ? wv.strides[0] : K, f,
+                 params_given, static_cast<float*>(sv.data),
+                 static_cast<uint8_t*>(zv.data), static_cast<uint8_t*>(cv.data)};
+  py::gil_scoped_release nogil;
+  lowbit::quantize(a);
+}
+
+void dequantize_py(py::handle codes, py::handle scales, py::handle zeros, py::handle out, int bits,
+                   int scheme, int64_t group_size) {
+  ArrayView ov = view_array(out, "out", true);
+  require_cpu(ov, "out");
+  if (ov.shape.size() != 2 || !ov.contiguous()) fail("out must be a contiguous 2-D array");
+  const int64_t rows = ov.shape[0], K = ov.shape[1];
+  QuantFormat f = make_format(bits, scheme, group_size, 1.0f);
+  if (f.group_size <= 0) fail("group_size must be positive");
+  const int64_t G = num_groups(K, f.group_size);
+  ArrayView cv = view_exact(codes, "codes", bits == 8 && f.scheme == Scheme::symmetric ? "int8" : "uint8",
+                            {rows, packed_row_bytes(K, bits)}, false);
+  ArrayView sv = view_exact(scales, "scales", "float32", {rows, G}, false);
+  ArrayView zv;
+  if (f.scheme == Scheme::asymmetric) zv = view_exact(zeros, "zeros", "uint8", {rows, G}, false);
+  DequantizeArgs a{static_cast<const uint8_t*>(cv.data), static_cast<const float*>(sv.data),
+                   static_cast<const uint8_t*>(zv.data), rows, K, f, ov.data, float_dtype(ov, "out")};
+  py::gil_scoped_release nogil;
+  lowbit::dequantize(a);
+}
+
+void pack_int4_py(py::handle codes, py::handle packed) {
+  ArrayView cv = view_array(codes, "codes", false);
+  require_cpu(cv, "codes");
+  if (cv.dtype != "uint8" && cv.dtype != "int8")
+    throw py::type_error("codes must be uint8 or int8, got " + cv.dtype);
+  if (cv.shape.size() != 2 || !cv.contiguous()) fail("codes must be a contiguous 2-D array");
+  const int64_t rows = cv.shape[0], K = cv.shape[1];
+  if (rows == 0 || K == 0) fail("codes is empty");
+  ArrayView pv = view_exact(packed, "packed", "uint8", {rows, packed_row_bytes(K, 4)}, true);
+  const bool is_signed = cv.dtype == "int8";
+  py::gil_scoped_release nogil;
+  lowbit::pack_int4(static_cast<const uint8_t*>(cv.data), rows, K, is_signed,
+                    static_cast<uint8_t*>(pv.data));
+}
+
+void unpack_int4_py(py::handle packed, py::handle codes) {
+  ArrayView cv = view_array(codes, "out", true);
+  require_cpu(cv, "out");
+  if (cv.dtype != "uint8" && cv.dtype != "int8") throw py::type_error("out must be uint8 or int8");
+  if (cv.shape.size() != 2 || !cv.contiguous()) fail("out must be a contiguous 2-D array");
+  const int64_t rows = cv.shape[0], K = cv.shape[1];
+  if (rows == 0 || K == 0) fail("packed is empty");
+  ArrayView pv = view_exact(packed, "packed", "uint8", {rows, packed_row_bytes(K, 4)}, false);
+  const bool sign_extend = cv.dtype == "int8";
+  py::gil_scoped_release nogil;
+  lowbit::unpack_int4(static_cast<const uint8_t*>(pv.data), rows, K, sign_extend,
+                      static_cast<uint8_t*>(cv.data));
+}
+
+py::dict build_info_py() {
+  py::dict d;
+  py::list vs;
+  for (const auto& v : variants()) {
+    py::dict e;
+    e["name"] = v.table->name;
+    e["runnable"] = v.runnable;
+    if (!v.runnable) e["reason"] = v.missing;
+    vs.append(e);
+  }
+  d["cpu_variants"] = vs;
+  d["cpu_features"] = cpu_features().names();
+  d["cpu_isa"] = active_isa();
+  d["num_threads"] = get_num_threads();
+  return d;
+}
+
+void set_isa_py(const std::string& name) {
+  try {
+    set_isa(name);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "lowbit CPU kernels (internal; use the lowbit package API)";
+  m.def("quantize", &quantize_py, py::arg("w"), py::arg("scales"), py::arg("zeros"), py::arg("codes"),
+        py::arg("bits"), py::arg("scheme"), py::arg("group_size"), py::arg("clip_ratio"),
+        py::arg("params_given"));
+  m.def("dequantize", &dequantize_py, py::arg("codes"), py::arg("scales"), py::arg("zeros"),
+        py::arg("out"), py::arg("bits"), py::arg("scheme"), py::arg("group_size"));
+  m.def("pack_int4", &pack_int4_py, py::arg("codes"), py::arg("packed"));
+  m.def("unpack_int4", &unpack_int4_py, py::arg("packed"), py::arg("out"));
+  m.def("group_params", [](int bits, int scheme, float clip_ratio, float lo, float hi, float amax) {
+    QuantFormat f = make_format(bits, scheme, 16, clip_ratio);
+    GroupParams p = params_from_range(f, lo, hi, amax);
+    return py::make_tuple(p.scale, int(p.zero));
+  }, "scale and zero of one group from its range, by the kernels' rule");
+  m.def("build_info", &build_info_py);
+  m.def("set_isa", &set_isa_py, py::arg("name"));
+  m.def("get_isa", [] { return active_isa(); });
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("num_threads must be >= 1");
+    set_num_threads(n);
+  });
+  m.def("get_num_threads", &get_num_threads);
+}

@@ -1,0 +1,91 @@
+#include "dlpack_view.h"
+
+#include <stdexcept>
+
+namespace py = pybind11;
+
+namespace lowbit {
+
+std::string dtype_name(const dl::DataType& t) {
+  if (t.lanes != 1) return "vector type";
+  switch (t.code) {
+    case dl::kFloat: return "float" + std::to_string(t.bits);
+    case dl::kBfloat: return t.bits == 16 ? "bfloat16" : "bfloat" + std::to_string(t.bits);
+    case dl::kInt: return "int" + std::to_string(t.bits);
+    case dl::kUInt: return "uint" + std::to_string(t.bits);
+    default: return "type code " + std::to_string(t.code);
+  }
+}
+
+int64_t ArrayView::numel() const {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  return n;
+}
+
+bool ArrayView::row_contiguous() const {
+  if (shape.empty()) return true;
+  size_t d = shape.size();
+  if (shape[d - 1] > 1 && strides[d - 1] != 1) return false;
+  if (d == 2 && shape[0] > 1 && strides[0] < shape[1]) return false;
+  return d <= 2 || contiguous();
+}
+
+bool ArrayView::contiguous() const {
+  int64_t expect = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    if (shape[i] > 1 && strides[i] != expect) return false;
+    expect *= shape[i];
+  }
+  return true;
+}
+
+ArrayView view_array(const py::handle& obj, const char* name, bool writable, int64_t stream) {
+  if (!py::hasattr(obj, "__dlpack__"))
+    throw py::type_error(std::string(name) + " must be an array (numpy, torch, CuPy); got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  ArrayView v;
+  py::object capsule;
+  py::dict kwargs;
+  if (stream >= 0) kwargs["stream"] = stream;
+  try {
+    kwargs["max_version"] = py::make_tuple(1, 0);
+    capsule = obj.attr("__dlpack__")(**kwargs);
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) throw;
+    kwargs = py::dict();
+    if (stream >= 0) kwargs["stream"] = stream;
+    capsule = obj.attr("__dlpack__")(**kwargs);  // producer predates versioned DLPack
+  }
+  const dl::Tensor* t = nullptr;
+  PyObject* cap = capsule.ptr();
+  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+    auto* m = static_cast<dl::ManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
+    if (m->version.major != 1)
+      throw py::value_error(std::string(name) + ": unsupported DLPack version " +
+                            std::to_string(m->version.major));
+    v.read_only = m->flags & dl::kFlagReadOnly;
+    t = &m->dl_tensor;
+  } else if (PyCapsule_IsValid(cap, "dltensor")) {
+    t = &static_cast<dl::ManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"))->dl_tensor;
+  } else {
+    throw py::type_error(std::string(name) + ": __dlpack__ did not return a DLPack capsule");
+  }
+  v.capsule = capsule;
+  v.data = static_cast<char*>(t->data) + t->byte_offset;
+  v.dtype = dtype_name(t->dtype);
+  v.device_type = t->device.device_type;
+  v.device_id = t->device.device_id;
+  v.shape.assign(t->shape, t->shape + t->ndim);
+  if (t->strides) {
+    v.strides.assign(t->strides, t->strides + t->ndim);
+  } else {  // null strides mean C-contiguous
+    v.strides.resize(t->ndim);
+    int64_t s = 1;
+    for (int i = t->ndim; i-- > 0;) { v.strides[i] = s; s *= t->shape[i]; }
+  }
+  if (writable && v.read_only) throw py::value_error(std::string(name) + " is read-only");
+  return v;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,41 @@
+"""lowbit: int8/int4 quantization kernels for numpy, PyTorch and CuPy arrays.
+
+    import lowbit as lb
+    qt = lb.quantize(w, bits=4, group_size=128)    # w: [rows, K] float
+    w_hat = lb.dequantize(qt)
+"""
+from __future__ import annotations
+
+from . import _ext
+from .ops import dequantize, pack_int4, quantize, unpack_int4
+from .tensor import QuantFormat, QuantizedTensor
+
+__version__ = "0.1.0"
+__all__ = ["quantize", "dequantize", "pack_int4", "unpack_int4", "QuantizedTensor", "QuantFormat",
+           "build_info", "set_num_threads", "get_num_threads"]
+
+# A bad LOWBIT_ISA (unknown, or an ISA this CPU lacks) is reported here, at import.
+try:
+    _ext.core().get_isa()
+except ValueError as e:
+    raise ImportError(f"lowbit: {e} (check the LOWBIT_ISA environment variable)") from None
+
+
+def build_info() -> dict:
+    """What was compiled, what this CPU has, which CPU kernel variant runs, and CUDA status."""
+    info = dict(_ext.core().build_info())
+    info["version"] = __version__
+    info["cuda"] = _ext.cuda_status()
+    if info["cuda"]["loaded"]:
+        info["cuda"].update(_ext.cuda().build_info())
+    return info
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by lowbit's CPU kernels (default: the CPUs this process may run on, or
+    LOWBIT_NUM_THREADS). Separate from torch's pool."""
+    _ext.core().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _ext.core().get_num_threads()

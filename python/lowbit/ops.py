@@ -1,0 +1,232 @@
+"""The primitives: quantize, dequantize, pack_int4, unpack_int4.
+
+Rounding convention (bit-exact on every CPU variant and GPU; float32 arithmetic throughout):
+  inv_scale = 1 / scale, or 0 when scale < FLT_MIN (such a group quantizes to its zero point)
+  asymmetric: lo = min(min(w_g), 0) * clip_ratio, hi = max(max(w_g), 0) * clip_ratio
+              scale = (hi - lo) / (2^bits - 1);  zero = clamp(rint(-lo * inv_scale), 0, 2^bits - 1)
+              q = clamp(rint(w * inv_scale) + zero, 0, 2^bits - 1)        w ≈ (q - zero) * scale
+  symmetric : scale = max|w_g| * clip_ratio / (2^(bits-1) - 1)
+              q = clamp(rint(w * inv_scale), -2^(bits-1), 2^(bits-1) - 1)  w ≈ q * scale
+  nf4       : scale = max|w_g| * clip_ratio;  q = #{i : w * inv_scale > m_i}  w ≈ NF4[q] * scale
+              (m_i: float32 midpoints of consecutive NF4 values)
+rint rounds half to even. Groups run along the last axis K; when K is not a multiple of
+group_size the last group of each row is shorter (a ragged group), never padded.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _ext, _interop
+from .tensor import SCHEMES, GroupSize, QuantFormat, QuantizedTensor
+
+_VALID_BITS = (2, 3, 4, 8)
+
+
+def _backend(x: Any, name: str):
+    """(module, stream kwargs) for the device x lives on."""
+    dev = _interop.device_of(x)
+    if dev[0] == "cpu":
+        return _ext.core(), {}
+    return _ext.cuda(name), {"stream": _interop.cuda_stream(x)}
+
+
+def _check_same_device(name: str, a: Any, ref: Any, ref_name: str) -> None:
+    da, dr = _interop.device_of(a), _interop.device_of(ref)
+    if da != dr:
+        raise ValueError(f"{name} is on {_interop.describe_device(da)} but {ref_name} is on "
+                         f"{_interop.describe_device(dr)}; put them on one device")
+
+
+def _format(bits: int, group_size: GroupSize, symmetric: bool, codebook: Optional[str]) -> QuantFormat:
+    if codebook is not None:
+        if codebook != "nf4":
+            raise ValueError(f"codebook must be None or 'nf4', got {codebook!r}")
+        if bits != 4:
+            raise ValueError(f"the nf4 codebook has 4-bit codes; got bits={bits}")
+        symmetric = True
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in _VALID_BITS:
+        raise ValueError(f"bits must be one of {_VALID_BITS}, got {bits!r}")
+    if group_size is not None and group_size != "tensor":
+        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+            raise TypeError(f"group_size must be an int, None (per row) or 'tensor', got {group_size!r}")
+        if group_size <= 0 or group_size % 16:
+            raise ValueError(f"group_size must be a positive multiple of 16 (e.g. 32, 64, 128), "
+                             f"None (one group per row) or 'tensor'; got {group_size}")
+        group_size = int(group_size)
+    return QuantFormat(int(bits), bool(symmetric), group_size, codebook)
+
+
+def _check_float_2d(w: Any, name: str) -> None:
+    if len(w.shape) != 2:
+        raise ValueError(f"{name} must be 2-D [rows, K], got shape {tuple(w.shape)}")
+    dt = _interop.dtype_name(w)
+    if dt not in _interop.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {dt}")
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(w.shape)})")
+
+
+def quantize(w: Any, bits: int = 4, group_size: GroupSize = 128, symmetric: bool = False, *,
+             codebook: Optional[str] = None, clip_ratio: float = 1.0,
+             scales: Any = None, zeros: Any = None) -> QuantizedTensor:
+    """Quantize a 2-D [rows, K] float tensor (numpy, torch or CuPy; float32/float16/bfloat16),
+    grouped along K. Returns a QuantizedTensor whose arrays are in w's framework and device.
+
+    bits: 2, 3, 4 or 8. group_size: a multiple of 16 (a ragged last group when K is not a
+    multiple), None for one group per row, "tensor" for one scale overall. symmetric: signed codes,
+    no zero point. codebook="nf4": 4-bit NormalFloat. clip_ratio in (0, 1] shrinks the range.
+    scales/zeros: caller-chosen parameters ([rows, groups], or [1, 1]/scalar for "tensor"); then
+    only the codes are computed (GPTQ/AWQ use this). NaN or Inf in w raises ValueError.
+    See the module docstring for the exact rounding rule.
+    """
+    _check_float_2d(w, "w")
+    fmt = _format(bits, group_size, symmetric, codebook)
+    if not (0.0 < float(clip_ratio) <= 1.0):
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    if zeros is not None and scales is None:
+        raise ValueError("zeros were given without scales")
+    if zeros is not None and fmt.scheme != "asymmetric":
+        raise ValueError(f"zeros are only used by asymmetric formats, not {fmt.scheme}")
+    if scales is not None and fmt.scheme == "asymmetric" and zeros is None:
+        raise ValueError("asymmetric quantization with given scales needs zeros too")
+    w = _interop.contiguous(w)
+    rows, K = (int(s) for s in w.shape)
+    G = fmt.num_groups(K)
+    mod, stream = _backend(w, "quantize")
+
+    if scales is not None:
+        scales_k = _given_param(w, scales, "scales", "float32", fmt, rows, G)
+        zeros_k = _given_param(w, zeros, "zeros", "uint8", fmt, rows, G) if zeros is not None else None
+        params_given = True
+    elif fmt.group_size == "tensor":
+        scales_k, zeros_k = _per_tensor_params(w, fmt, float(clip_ratio), rows)
+        params_given = True
+    else:
+        scales_k = _interop.empty(w, (rows, G), "float32")
+        zeros_k = _interop.empty(w, (rows, G), "uint8") if fmt.scheme == "asymmetric" else None
+        params_given = False
+
+    code_dtype = "int8" if (fmt.bits == 8 and fmt.scheme == "symmetric") else "uint8"
+    codes = _interop.empty(w, (rows, K if fmt.bits == 8 else (K + 1) // 2), code_dtype)
+    mod.quantize(w, scales_k, zeros_k, codes, fmt.bits, SCHEMES[fmt.scheme],
+                 fmt.kernel_group_size(K), float(clip_ratio), params_given, **stream)
+    if fmt.group_size == "tensor":  # store one scale (and zero), not one per row
+        scales_k = scales_k[:1]
+        zeros_k = zeros_k[:1] if zeros_k is not None else None
+    return QuantizedTensor(codes, scales_k, zeros_k, (rows, K), fmt)
+
+
+def _given_param(w, value, name, dtype, fmt, rows, G):
+    """A caller-supplied scales/zeros as a contiguous [rows, G] array beside w. Values are checked
+    here (zeros: integers in [0, 2^bits - 1]; scales: finite, >= 0) so nothing wraps silently."""
+    if _interop._is_framework_array(value):
+        _check_same_device(name, value, w, "w")
+        host = _interop.to_numpy(value)
+    else:
+        host = np.asarray(value)
+    host = np.asarray(host, dtype=np.float64)
+    if fmt.group_size == "tensor":
+        if host.size != 1:
+            raise ValueError(f"{name} of a per-tensor format must hold one value, got {host.size}")
+        host = np.full((rows, 1), host.reshape(-1)[0])
+    if host.shape != (rows, G):
+        raise ValueError(f"{name} must have shape {(rows, G)} for w of shape {tuple(w.shape)} "
+                         f"and group_size={fmt.group_size}; got {host.shape}")
+    if name == "zeros":
+        qmax = (1 << fmt.bits) - 1
+        if not (np.all(host == np.round(host)) and host.min() >= 0 and host.max() <= qmax):
+            raise ValueError(f"zeros must be integers in [0, {qmax}] for {fmt.bits}-bit codes")
+    elif not (np.all(np.isfinite(host)) and host.min() >= 0):
+        raise ValueError("scales must be finite and >= 0")
+    if _interop._is_framework_array(value) and fmt.group_size != "tensor":
+        return _interop.asarray_like(w, value, dtype)  # stays on its device, no host round trip
+    return _interop.asarray_like(w, host.astype(dtype), dtype)
+
+
+def _per_tensor_params(w, fmt: QuantFormat, clip_ratio: float, rows: int):
+    """One (scale, zero) for the whole tensor by the same scalar rule the kernels use."""
+    lo, hi = _interop.to_numpy(w.min()).item(), _interop.to_numpy(w.max()).item()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("w contains NaN or Inf")
+    scale, zero = _ext.core().group_params(fmt.bits, SCHEMES[fmt.scheme], clip_ratio, lo, hi,
+                                           max(abs(lo), abs(hi)))
+    scales = _interop.asarray_like(w, np.full((rows, 1), scale, np.float32), "float32")
+    zeros = (_interop.asarray_like(w, np.full((rows, 1), zero, np.uint8), "uint8")
+             if fmt.scheme == "asymmetric" else None)
+    return scales, zeros
+
+
+def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
+    """The float [rows, K] matrix a QuantizedTensor stands for, in its framework and device.
+    dtype: "float32" (default), "float16" or "bfloat16" (a torch dtype is accepted too)."""
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+    out_dtype = "float32" if dtype is None else str(dtype).replace("torch.", "")
+    if out_dtype not in _interop.FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    qt.validate()
+    rows, K = qt.shape
+    scales, zeros = qt.scales, qt.zeros
+    if qt.format.group_size == "tensor":
+        scales = _interop.asarray_like(qt.codes, _tile_rows(scales, rows), "float32")
+        zeros = _interop.asarray_like(qt.codes, _tile_rows(zeros, rows), "uint8") if zeros is not None else None
+    out = _interop.empty(qt.codes, (rows, K), out_dtype)
+    mod, stream = _backend(qt.codes, "dequantize")
+    mod.dequantize(_interop.contiguous(qt.codes), _interop.contiguous(scales),
+                   None if zeros is None else _interop.contiguous(zeros), out, qt.bits,
+                   SCHEMES[qt.format.scheme], qt.format.kernel_group_size(K), **stream)
+    return out
+
+
+def _tile_rows(a, rows):
+    fw = _interop.framework_of(a)
+    if fw == "torch":
+        return a.reshape(1, 1).expand(rows, 1)
+    if fw == "cupy":
+        import cupy
+
+        return cupy.broadcast_to(a.reshape(1, 1), (rows, 1))
+    return np.broadcast_to(a.reshape(1, 1), (rows, 1))
+
+
+def pack_int4(codes: Any) -> Any:
+    """Pack 4-bit codes two per byte along the last axis: element 2j goes to the low nibble of
+    byte j. codes: uint8 in [0, 15] or int8 in [-8, 7] (stored as two's complement nibbles),
+    shape [rows, K] or [K]; K may be odd (the last high nibble is 0). Returns uint8 [rows, ceil(K/2)]."""
+    dt = _interop.dtype_name(codes)
+    if dt not in ("uint8", "int8"):
+        raise TypeError(f"codes must be uint8 or int8, got {dt}")
+    one_d = len(codes.shape) == 1
+    c2 = codes.reshape(1, -1) if one_d else codes
+    if len(c2.shape) != 2:
+        raise ValueError(f"codes must be 1-D or 2-D, got shape {tuple(codes.shape)}")
+    if 0 in tuple(c2.shape):
+        raise ValueError("codes is empty")
+    c2 = _interop.contiguous(c2)
+    rows, K = (int(s) for s in c2.shape)
+    packed = _interop.empty(c2, (rows, (K + 1) // 2), "uint8")
+    mod, stream = _backend(c2, "pack_int4")
+    mod.pack_int4(c2, packed, **stream)
+    return packed.reshape(-1) if one_d else packed
+
+
+def unpack_int4(packed: Any, K: Optional[int] = None, signed: bool = False) -> Any:
+    """Inverse of pack_int4: uint8 [rows, ceil(K/2)] -> [rows, K] codes, uint8 in [0, 15], or
+    int8 in [-8, 7] with signed=True. K defaults to 2 * packed.shape[-1]."""
+    if _interop.dtype_name(packed) != "uint8":
+        raise TypeError(f"packed must be uint8, got {_interop.dtype_name(packed)}")
+    one_d = len(packed.shape) == 1
+    p2 = packed.reshape(1, -1) if one_d else packed
+    if len(p2.shape) != 2:
+        raise ValueError(f"packed must be 1-D or 2-D, got shape {tuple(packed.shape)}")
+    rows, nb = (int(s) for s in p2.shape)
+    K = 2 * nb if K is None else int(K)
+    if K <= 0 or (K + 1) // 2 != nb:
+        raise ValueError(f"K={K} does not match packed rows of {nb} bytes (need K in {{{2 * nb - 1}, {2 * nb}}})")
+    p2 = _interop.contiguous(p2)
+    out = _interop.empty(p2, (rows, K), "int8" if signed else "uint8")
+    mod, stream = _backend(p2, "unpack_int4")
+    mod.unpack_int4(p2, out, **stream)
+    return out.reshape(-1) if one_d else out

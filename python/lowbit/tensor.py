@@ -1,0 +1,152 @@
+"""QuantizedTensor and QuantFormat: what quantized numbers mean (the format), independent of how
+a kernel lays the bytes out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _interop
+
+GroupSize = Union[int, None, str]  # int: elements per group; None: one group per row; "tensor"
+
+SCHEMES = {"asymmetric": 0, "symmetric": 1, "nf4": 2}
+_DICT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """bits: 2, 3, 4 or 8. symmetric: codes are signed and the zero point is 0.
+    group_size: elements per group along K (the last group of a row may be shorter), None for one
+    group per row (per-channel / per-token), or "tensor" for one scale for the whole tensor.
+    codebook: None for a uniform grid, or "nf4" (4-bit NormalFloat, absmax-scaled)."""
+
+    bits: int
+    symmetric: bool
+    group_size: GroupSize
+    codebook: Optional[str] = None
+
+    @property
+    def scheme(self) -> str:
+        if self.codebook == "nf4":
+            return "nf4"
+        return "symmetric" if self.symmetric else "asymmetric"
+
+    @property
+    def name(self) -> str:
+        kind = "nf4" if self.codebook else f"int{self.bits}-{'sym' if self.symmetric else 'asym'}"
+        g = self.group_size
+        return f"{kind}-{'per_row' if g is None else 'per_tensor' if g == 'tensor' else f'g{g}'}"
+
+    def kernel_group_size(self, K: int) -> int:
+        """The group length the kernels use: a whole row for per-row and per-tensor formats."""
+        return K if self.group_size in (None, "tensor") else int(self.group_size)
+
+    def num_groups(self, K: int) -> int:
+        g = self.kernel_group_size(K)
+        return (K + g - 1) // g
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized [rows, K] matrix, grouped along K.
+
+    codes  : bits == 8: int8 (symmetric) or uint8 (asymmetric) [rows, K];
+             bits <= 4: uint8 [rows, ceil(K/2)], two codes per byte — element 2j in the low nibble
+             of byte j; symmetric codes as 4-bit two's complement.
+    scales : float32 [rows, groups] ([1, 1] for per-tensor).
+    zeros  : uint8 [rows, groups] integer zero points (asymmetric only), else None.
+    Meaning: w ≈ (q - zero) * scale, or q * scale (symmetric), or nf4[q] * scale.
+    All arrays live in the framework and on the device of the tensor that was quantized.
+    """
+
+    codes: Any
+    scales: Any
+    zeros: Optional[Any]
+    shape: Tuple[int, int]
+    format: QuantFormat
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def group_size(self) -> GroupSize:
+        return self.format.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.format.symmetric
+
+    @property
+    def device(self) -> str:
+        return _interop.describe_device(_interop.device_of(self.codes))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes + scales + zeros."""
+        total = 0
+        for a in (self.codes, self.scales, self.zeros):
+            if a is not None:
+                total += int(np.prod(a.shape)) * (1 if _interop.dtype_name(a) in ("uint8", "int8") else 4)
+        return total
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict of arrays (for saving); `from_dict` inverts it exactly."""
+        g = self.format.group_size
+        meta = np.array([_DICT_VERSION, self.bits, SCHEMES[self.format.scheme],
+                         -1 if g is None else 0 if g == "tensor" else int(g), *self.shape], dtype=np.int64)
+        d = {"codes": self.codes, "scales": self.scales, "meta": meta}
+        if self.zeros is not None:
+            d["zeros"] = self.zeros
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "QuantizedTensor":
+        meta = [int(v) for v in _interop.to_numpy(d["meta"]).reshape(-1)]
+        if len(meta) != 6:
+            raise ValueError("meta must hold 6 integers (version, bits, scheme, group_size, rows, K)")
+        version, bits, scheme, g, rows, K = meta
+        if version > _DICT_VERSION:
+            raise ValueError(f"QuantizedTensor dict version {version} is newer than this lowbit "
+                             f"understands ({_DICT_VERSION}); upgrade lowbit")
+        names = {v: k for k, v in SCHEMES.items()}
+        if scheme not in names:
+            raise ValueError(f"unknown scheme code {scheme}")
+        fmt = QuantFormat(bits=bits, symmetric=names[scheme] != "asymmetric",
+                          group_size=None if g == -1 else "tensor" if g == 0 else g,
+                          codebook="nf4" if names[scheme] == "nf4" else None)
+        qt = cls(d["codes"], d["scales"], d.get("zeros"), (rows, K), fmt)
+        qt.validate()
+        return qt
+
+    def validate(self) -> None:
+        """Check that the arrays agree with the format and shape (ValueError/TypeError if not)."""
+        rows, K = self.shape
+        f = self.format
+        if f.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {f.bits}")
+        want_codes = (rows, K if f.bits == 8 else (K + 1) // 2)
+        code_dtype = "int8" if (f.bits == 8 and f.symmetric and not f.codebook) else "uint8"
+        groups = (1, 1) if f.group_size == "tensor" else (rows, f.num_groups(K))
+        checks = [("codes", self.codes, want_codes, code_dtype), ("scales", self.scales, groups, "float32")]
+        if f.scheme == "asymmetric":
+            if self.zeros is None:
+                raise ValueError("an asymmetric QuantizedTensor needs zeros")
+            checks.append(("zeros", self.zeros, groups, "uint8"))
+        elif self.zeros is not None:
+            raise ValueError(f"a {f.scheme} QuantizedTensor has no zeros")
+        devices = set()
+        for name, a, shape, dtype in checks:
+            if tuple(a.shape) != tuple(shape):
+                raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+            if _interop.dtype_name(a) != dtype:
+                raise TypeError(f"{name} must be {dtype}, got {_interop.dtype_name(a)}")
+            devices.add(_interop.device_of(a))
+        if len(devices) > 1:
+            raise ValueError("codes, scales and zeros must be on one device")
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor(shape={self.shape}, format={self.format.name}, "
+                f"device={self.device}, nbytes={self.nbytes})")
