@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common/convert.h"
 #include "common/format.h"
@@ -85,47 +86,71 @@ int64_t quantize_rows_t(const QuantizeArgs& a, int64_t r0, int64_t r1) {
   for (int i = 0; i < 15; ++i) mids[i] = _mm256_set1_ps(kNF4Midpoints[i]);
   const bool unsigned8 = S == Scheme::asymmetric;
 
+  // Per row: ranges of all groups, then all groups' parameters (independent scalar divisions
+  // that overlap in the pipeline instead of stalling each group), then all codes (row in L1/L2).
+  std::vector<GroupParams> params(static_cast<size_t>(G));
+  std::vector<float> lo_g(static_cast<size_t>(G)), hi_g(static_cast<size_t>(G));
   for (int64_t r = r0; r < r1; ++r) {
     const void* w = static_cast<const char*>(a.w) + r * a.ld_w * int64_t(dtype_size(T));
     uint8_t* codes = a.codes + r * row_bytes;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k0 = g * f.group_size, k1 = std::min(a.K, k0 + f.group_size);
       const int64_t kv = k0 + (k1 - k0) / 16 * 16;  // end of the 16-wide part
-      GroupParams p;
-      if (a.params_given) {
-        p = params_given(f, a.scales[r * G + g], a.zeros ? a.zeros[r * G + g] : 0);
-        // Still reject non-finite input: x * 0 is NaN exactly for NaN/Inf x.
-        __m256 poison = _mm256_setzero_ps();
-        for (int64_t k = k0; k < kv; k += 8)
-          poison = _mm256_fmadd_ps(load8<T>(w, k), _mm256_setzero_ps(), poison);
-        if (_mm256_movemask_ps(_mm256_cmp_ps(poison, poison, _CMP_UNORD_Q))) return r;
-        for (int64_t k = kv; k < k1; ++k)
-          if (!std::isfinite(load_as_f32(w, T, k))) return r;
-      } else {
-        __m256 vlo = _mm256_set1_ps(INFINITY), vhi = _mm256_set1_ps(-INFINITY);
-        __m256 poison = _mm256_setzero_ps();
-        for (int64_t k = k0; k < kv; k += 8) {
-          __m256 x = load8<T>(w, k);
-          if constexpr (S == Scheme::asymmetric) {
-            vlo = _mm256_min_ps(vlo, x);
-            vhi = _mm256_max_ps(vhi, x);
-          } else {
-            vhi = _mm256_max_ps(vhi, _mm256_andnot_ps(sign_mask, x));
-          }
-          poison = _mm256_fmadd_ps(x, _mm256_setzero_ps(), poison);
-        }
-        if (_mm256_movemask_ps(_mm256_cmp_ps(poison, poison, _CMP_UNORD_Q))) return r;
-        float lo = hmin(vlo), hi = hmax(vhi);
-        for (int64_t k = kv; k < k1; ++k) {
-          float x = load_as_f32(w, T, k);
-          if (!std::isfinite(x)) return r;
-          lo = std::min(lo, x);
-          hi = std::max(hi, S == Scheme::asymmetric ? x : std::fabs(x));
-        }
-        p = params_from_range(f, lo, hi, hi);
-        a.scales[r * G + g] = p.scale;
-        if (a.zeros) a.zeros[r * G + g] = uint8_t(p.zero);
+      // Four independent accumulator sets keep the min/max/FMA latency chains off the
+      // critical path. x * 0 is NaN exactly when x is NaN or Inf.
+      __m256 vlo[4], vhi[4], poison[4];
+      for (int i = 0; i < 4; ++i) {
+        vlo[i] = _mm256_set1_ps(INFINITY);
+        vhi[i] = _mm256_set1_ps(-INFINITY);
+        poison[i] = _mm256_setzero_ps();
       }
+      auto step = [&](int i, __m256 x) {
+        poison[i] = _mm256_fmadd_ps(x, _mm256_setzero_ps(), poison[i]);
+        if (a.params_given) return;
+        if constexpr (S == Scheme::asymmetric) {
+          vlo[i] = _mm256_min_ps(vlo[i], x);
+          vhi[i] = _mm256_max_ps(vhi[i], x);
+        } else {
+          vhi[i] = _mm256_max_ps(vhi[i], _mm256_andnot_ps(sign_mask, x));
+        }
+      };
+      int64_t k = k0;
+      for (; k + 32 <= kv; k += 32) {
+        step(0, load8<T>(w, k));
+        step(1, load8<T>(w, k + 8));
+        step(2, load8<T>(w, k + 16));
+        step(3, load8<T>(w, k + 24));
+      }
+      if (k < kv) {  // kv - k0 is a multiple of 16
+        step(0, load8<T>(w, k));
+        step(1, load8<T>(w, k + 8));
+      }
+      __m256 bad = _mm256_or_ps(_mm256_or_ps(poison[0], poison[1]), _mm256_or_ps(poison[2], poison[3]));
+      if (_mm256_movemask_ps(_mm256_cmp_ps(bad, bad, _CMP_UNORD_Q))) return r;
+      float lo = hmin(_mm256_min_ps(_mm256_min_ps(vlo[0], vlo[1]), _mm256_min_ps(vlo[2], vlo[3])));
+      float hi = hmax(_mm256_max_ps(_mm256_max_ps(vhi[0], vhi[1]), _mm256_max_ps(vhi[2], vhi[3])));
+      for (k = kv; k < k1; ++k) {
+        float x = load_as_f32(w, T, k);
+        if (!std::isfinite(x)) return r;
+        lo = std::min(lo, x);
+        hi = std::max(hi, S == Scheme::asymmetric ? x : std::fabs(x));
+      }
+      lo_g[g] = lo;
+      hi_g[g] = hi;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      if (a.params_given) {
+        params[g] = params_given(f, a.scales[r * G + g], a.zeros ? a.zeros[r * G + g] : 0);
+      } else {
+        params[g] = params_from_range(f, lo_g[g], hi_g[g], hi_g[g]);
+        a.scales[r * G + g] = params[g].scale;
+        if (a.zeros) a.zeros[r * G + g] = uint8_t(params[g].zero);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * f.group_size, k1 = std::min(a.K, k0 + f.group_size);
+      const int64_t kv = k0 + (k1 - k0) / 16 * 16;
+      const GroupParams& p = params[g];
       const __m256 inv = _mm256_set1_ps(p.inv_scale), zero = _mm256_set1_ps(p.zero);
       for (int64_t k = k0; k < kv; k += 16) {
         __m256i q0 = codes8<S>(load8<T>(w, k), inv, zero, qmin, qmax, mids);

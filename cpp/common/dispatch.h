@@ -47,4 +47,7 @@ void dequantize(const DequantizeArgs& a);
 void pack_int4(const uint8_t* codes, int64_t rows, int64_t K, bool is_signed, uint8_t* packed);
 void unpack_int4(const uint8_t* packed, int64_t rows, int64_t K, bool sign_extend, uint8_t* codes);
 
+// Reads every byte of a buffer (all threads); returns a checksum so the reads are not elided.
+uint64_t read_buffer(const void* data, int64_t bytes);
+
 }  // namespace lowbit

@@ -8,6 +8,14 @@
 
 #include "common/kernels.h"
 
+// The scalar rules below are shared with the CUDA kernels (cuda/quantize.cu): under nvcc they are
+// __host__ __device__, for plain C++ LOWBIT_HD is empty and nothing changes.
+#if defined(__CUDACC__)
+#define LOWBIT_HD __host__ __device__
+#else
+#define LOWBIT_HD
+#endif
+
 namespace lowbit {
 
 struct GroupParams {
@@ -16,24 +24,27 @@ struct GroupParams {
   float zero;       // integer-valued zero point (asymmetric), else 0
 };
 
-inline float qmin_of(const QuantFormat& f) {
+LOWBIT_HD inline float qmin_of(const QuantFormat& f) {
   return f.scheme == Scheme::symmetric ? -float(1 << (f.bits - 1)) : 0.f;
 }
-inline float qmax_of(const QuantFormat& f) {
+LOWBIT_HD inline float qmax_of(const QuantFormat& f) {
   return f.scheme == Scheme::symmetric ? float((1 << (f.bits - 1)) - 1)
                                        : float((1 << f.bits) - 1);
 }
 
 // Scales below FLT_MIN would have an infinite inverse: such a group quantizes to its zero point.
-inline float inverse_scale(float scale) { return scale >= FLT_MIN ? 1.0f / scale : 0.0f; }
+LOWBIT_HD inline float inverse_scale(float scale) { return scale >= FLT_MIN ? 1.0f / scale : 0.0f; }
 
 // lo/hi: the group's min and max (asymmetric) — or amax: max |w| (symmetric, nf4).
-inline GroupParams params_from_range(const QuantFormat& f, float lo, float hi, float amax) {
+LOWBIT_HD inline GroupParams params_from_range(const QuantFormat& f, float lo, float hi, float amax) {
   GroupParams p{0.f, 0.f, 0.f};
   if (f.scheme == Scheme::asymmetric) {
     lo = std::min(lo, 0.f) * f.clip_ratio;  // the range always holds 0, so 0 is exact
     hi = std::max(hi, 0.f) * f.clip_ratio;
     p.scale = (hi - lo) / qmax_of(f);
+    // hi - lo overflows float32 when the range is wider than FLT_MAX (finite w near +-3e38):
+    // divide before subtracting then, so the scale stays finite.
+    if (p.scale > FLT_MAX) p.scale = hi / qmax_of(f) - lo / qmax_of(f);
   } else {
     amax = amax * f.clip_ratio;
     p.scale = f.scheme == Scheme::nf4 ? amax : amax / qmax_of(f);
@@ -45,21 +56,25 @@ inline GroupParams params_from_range(const QuantFormat& f, float lo, float hi, f
   return p;
 }
 
-inline GroupParams params_given(const QuantFormat& f, float scale, uint8_t zero) {
+LOWBIT_HD inline GroupParams params_given(const QuantFormat& f, float scale, uint8_t zero) {
   return {scale, inverse_scale(scale), f.scheme == Scheme::asymmetric ? float(zero) : 0.f};
 }
 
-// The scalar rounding rule (SIMD variants reproduce it bit for bit).
-inline uint8_t code_of(const QuantFormat& f, const GroupParams& p, float x) {
-  float v = x * p.inv_scale;
-  if (f.scheme == Scheme::nf4) {
-    int q = 0;
-    for (float m : kNF4Midpoints) q += v > m;
-    return uint8_t(q);
-  }
+// The scalar rounding rule (SIMD variants reproduce it bit for bit), in two halves so device code
+// can pass its own copy of the midpoints. v = x * inv_scale.
+LOWBIT_HD inline uint8_t nf4_code(float v, const float* midpoints) {
+  int q = 0;
+  for (int i = 0; i < 15; ++i) q += v > midpoints[i];
+  return uint8_t(q);
+}
+LOWBIT_HD inline uint8_t uniform_code(const QuantFormat& f, const GroupParams& p, float v) {
   float q = std::nearbyint(v) + p.zero;
   q = std::min(std::max(q, qmin_of(f)), qmax_of(f));
   return uint8_t(int8_t(int(q)));  // symmetric codes: two's complement
+}
+inline uint8_t code_of(const QuantFormat& f, const GroupParams& p, float x) {
+  float v = x * p.inv_scale;
+  return f.scheme == Scheme::nf4 ? nf4_code(v, kNF4Midpoints) : uniform_code(f, p, v);
 }
 
 // Calls fn(integral_constant<DType>, integral_constant<Scheme>) for the run-time pair, so a

@@ -163,6 +163,16 @@ PYBIND11_MODULE(_core, m) {
     GroupParams p = params_from_range(f, lo, hi, amax);
     return py::make_tuple(p.scale, int(p.zero));
   }, "scale and zero of one group from its range, by the kernels' rule");
+  m.def("read_buffer", [](py::handle buf) {
+    ArrayView v = view_array(buf, "buffer", false);
+    require_cpu(v, "buffer");
+    if (!v.contiguous()) fail("buffer must be contiguous");
+    int64_t bytes = v.numel() * int64_t((v.dtype == "float32" || v.dtype == "int32") ? 4 :
+                                        (v.dtype == "uint8" || v.dtype == "int8") ? 1 : 0);
+    if (bytes == 0) throw py::type_error("buffer must be a non-empty uint8/int8/float32/int32 array");
+    py::gil_scoped_release nogil;
+    return read_buffer(v.data, bytes);
+  }, "memory-read microbenchmark: reads the whole buffer with all lowbit threads");
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));
   m.def("get_isa", [] { return active_isa(); });

@@ -3,7 +3,9 @@
 Rounding convention (bit-exact on every CPU variant and GPU; float32 arithmetic throughout):
   inv_scale = 1 / scale, or 0 when scale < FLT_MIN (such a group quantizes to its zero point)
   asymmetric: lo = min(min(w_g), 0) * clip_ratio, hi = max(max(w_g), 0) * clip_ratio
-              scale = (hi - lo) / (2^bits - 1);  zero = clamp(rint(-lo * inv_scale), 0, 2^bits - 1)
+              scale = (hi - lo) / (2^bits - 1)   (hi / (2^bits - 1) - lo / (2^bits - 1) when
+                      hi - lo overflows float32, so the scale of finite weights is finite)
+              zero = clamp(rint(-lo * inv_scale), 0, 2^bits - 1)
               q = clamp(rint(w * inv_scale) + zero, 0, 2^bits - 1)        w ≈ (q - zero) * scale
   symmetric : scale = max|w_g| * clip_ratio / (2^(bits-1) - 1)
               q = clamp(rint(w * inv_scale), -2^(bits-1), 2^(bits-1) - 1)  w ≈ q * scale
@@ -24,12 +26,23 @@ from .tensor import SCHEMES, GroupSize, QuantFormat, QuantizedTensor
 _VALID_BITS = (2, 3, 4, 8)
 
 
-def _backend(x: Any, name: str):
-    """(module, stream kwargs) for the device x lives on."""
+def _backend(x: Any, name: str, checked: bool = False):
+    """(module, kwargs) for the device x lives on. checked: on CUDA, also pass a small int32
+    status buffer in which the kernel flags the bad input the CPU path raises for (see _raise_flagged)."""
     dev = _interop.device_of(x)
     if dev[0] == "cpu":
         return _ext.core(), {}
-    return _ext.cuda(name), {"stream": _interop.cuda_stream(x)}
+    kw = {"stream": _interop.cuda_stream(x)}
+    if checked:
+        kw["status"] = _interop.empty(x, (2,), "int32")
+    return _ext.cuda(name), kw
+
+
+def _raise_flagged(mod, kw) -> None:
+    """Raise the CPU path's ValueError for what a CUDA kernel flagged (NaN/Inf, codes out of
+    range). Reading the flags back waits for the kernel: the one synchronisation of these ops."""
+    if "status" in kw:
+        mod.check_status(_interop.to_numpy(kw["status"]).tolist())
 
 
 def _check_same_device(name: str, a: Any, ref: Any, ref_name: str) -> None:
@@ -58,7 +71,13 @@ def _format(bits: int, group_size: GroupSize, symmetric: bool, codebook: Optiona
     return QuantFormat(int(bits), bool(symmetric), group_size, codebook)
 
 
+def _require_array(x: Any, name: str) -> None:
+    if not _interop._is_framework_array(x):
+        raise TypeError(f"{name} must be a numpy array, torch tensor or CuPy array, got {type(x).__name__}")
+
+
 def _check_float_2d(w: Any, name: str) -> None:
+    _require_array(w, name)
     if len(w.shape) != 2:
         raise ValueError(f"{name} must be 2-D [rows, K], got shape {tuple(w.shape)}")
     dt = _interop.dtype_name(w)
@@ -94,7 +113,7 @@ def quantize(w: Any, bits: int = 4, group_size: GroupSize = 128, symmetric: bool
     w = _interop.contiguous(w)
     rows, K = (int(s) for s in w.shape)
     G = fmt.num_groups(K)
-    mod, stream = _backend(w, "quantize")
+    mod, stream = _backend(w, "quantize", checked=True)
 
     if scales is not None:
         scales_k = _given_param(w, scales, "scales", "float32", fmt, rows, G)
@@ -112,6 +131,7 @@ def quantize(w: Any, bits: int = 4, group_size: GroupSize = 128, symmetric: bool
     codes = _interop.empty(w, (rows, K if fmt.bits == 8 else (K + 1) // 2), code_dtype)
     mod.quantize(w, scales_k, zeros_k, codes, fmt.bits, SCHEMES[fmt.scheme],
                  fmt.kernel_group_size(K), float(clip_ratio), params_given, **stream)
+    _raise_flagged(mod, stream)
     if fmt.group_size == "tensor":  # store one scale (and zero), not one per row
         scales_k = scales_k[:1]
         zeros_k = zeros_k[:1] if zeros_k is not None else None
@@ -126,7 +146,10 @@ def _given_param(w, value, name, dtype, fmt, rows, G):
         host = _interop.to_numpy(value)
     else:
         host = np.asarray(value)
-    host = np.asarray(host, dtype=np.float64)
+    try:
+        host = np.asarray(host, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be numbers (an array or a scalar), got {type(value).__name__}") from None
     if fmt.group_size == "tensor":
         if host.size != 1:
             raise ValueError(f"{name} of a per-tensor format must hold one value, got {host.size}")
@@ -147,7 +170,9 @@ def _given_param(w, value, name, dtype, fmt, rows, G):
 
 def _per_tensor_params(w, fmt: QuantFormat, clip_ratio: float, rows: int):
     """One (scale, zero) for the whole tensor by the same scalar rule the kernels use."""
-    lo, hi = _interop.to_numpy(w.min()).item(), _interop.to_numpy(w.max()).item()
+    # numpy reductions return numpy scalars (not arrays); torch/CuPy return 0-d arrays.
+    lo, hi = (float(v) if isinstance(v, np.generic) else _interop.to_numpy(v).item()
+              for v in (w.min(), w.max()))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("w contains NaN or Inf")
     scale, zero = _ext.core().group_params(fmt.bits, SCHEMES[fmt.scheme], clip_ratio, lo, hi,
@@ -163,7 +188,7 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
     dtype: "float32" (default), "float16" or "bfloat16" (a torch dtype is accepted too)."""
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
-    out_dtype = "float32" if dtype is None else str(dtype).replace("torch.", "")
+    out_dtype = "float32" if dtype is None else _dtype_name(dtype)
     if out_dtype not in _interop.FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     qt.validate()
@@ -178,6 +203,16 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
                    None if zeros is None else _interop.contiguous(zeros), out, qt.bits,
                    SCHEMES[qt.format.scheme], qt.format.kernel_group_size(K), **stream)
     return out
+
+
+def _dtype_name(dtype: Any) -> str:
+    """'float16' from 'float16', np.float16, np.dtype('float16') or torch.float16."""
+    if isinstance(dtype, str) or type(dtype).__module__.startswith("torch"):
+        return str(dtype).replace("torch.", "")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
 
 def _tile_rows(a, rows):
@@ -195,6 +230,7 @@ def pack_int4(codes: Any) -> Any:
     """Pack 4-bit codes two per byte along the last axis: element 2j goes to the low nibble of
     byte j. codes: uint8 in [0, 15] or int8 in [-8, 7] (stored as two's complement nibbles),
     shape [rows, K] or [K]; K may be odd (the last high nibble is 0). Returns uint8 [rows, ceil(K/2)]."""
+    _require_array(codes, "codes")
     dt = _interop.dtype_name(codes)
     if dt not in ("uint8", "int8"):
         raise TypeError(f"codes must be uint8 or int8, got {dt}")
@@ -207,14 +243,16 @@ def pack_int4(codes: Any) -> Any:
     c2 = _interop.contiguous(c2)
     rows, K = (int(s) for s in c2.shape)
     packed = _interop.empty(c2, (rows, (K + 1) // 2), "uint8")
-    mod, stream = _backend(c2, "pack_int4")
+    mod, stream = _backend(c2, "pack_int4", checked=True)
     mod.pack_int4(c2, packed, **stream)
+    _raise_flagged(mod, stream)
     return packed.reshape(-1) if one_d else packed
 
 
 def unpack_int4(packed: Any, K: Optional[int] = None, signed: bool = False) -> Any:
     """Inverse of pack_int4: uint8 [rows, ceil(K/2)] -> [rows, K] codes, uint8 in [0, 15], or
     int8 in [-8, 7] with signed=True. K defaults to 2 * packed.shape[-1]."""
+    _require_array(packed, "packed")
     if _interop.dtype_name(packed) != "uint8":
         raise TypeError(f"packed must be uint8, got {_interop.dtype_name(packed)}")
     one_d = len(packed.shape) == 1
@@ -222,6 +260,10 @@ def unpack_int4(packed: Any, K: Optional[int] = None, signed: bool = False) -> A
     if len(p2.shape) != 2:
         raise ValueError(f"packed must be 1-D or 2-D, got shape {tuple(packed.shape)}")
     rows, nb = (int(s) for s in p2.shape)
+    if rows == 0 or nb == 0:
+        raise ValueError(f"packed is empty (shape {tuple(packed.shape)})")
+    if K is not None and (isinstance(K, bool) or not isinstance(K, (int, np.integer))):
+        raise TypeError(f"K must be an int or None, got {K!r}")
     K = 2 * nb if K is None else int(K)
     if K <= 0 or (K + 1) // 2 != nb:
         raise ValueError(f"K={K} does not match packed rows of {nb} bytes (need K in {{{2 * nb - 1}, {2 * nb}}})")

@@ -139,6 +139,9 @@ class QuantizedTensor:
             raise ValueError(f"a {f.scheme} QuantizedTensor has no zeros")
         devices = set()
         for name, a, shape, dtype in checks:
+            if not _interop._is_framework_array(a):
+                raise TypeError(f"{name} must be a numpy array, torch tensor or CuPy array, "
+                                f"got {type(a).__name__}")
             if tuple(a.shape) != tuple(shape):
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
             if _interop.dtype_name(a) != dtype:
