@@ -330,3 +330,21 @@ def test_zz_report_numbers():
     for k, v in _ERRS.items():
         print(f"  {k:40s} {v:.5f}")
     assert "rtn" in _ERRS
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_gptq_awq_on_model_without_blocks(sequential):
+    """A plain nn.Sequential (no ModuleList of blocks): every Linear is calibrated from full-model
+    forwards; the first Linear's input is the model input, so AWQ keeps an input scale."""
+    g = torch.Generator().manual_seed(7)
+    net = nn.Sequential(nn.Linear(80, 64), nn.ReLU(), nn.Linear(64, 48)).eval()
+    data = [torch.randn(64, 8, generator=g) @ torch.randn(8, 80, generator=g) for _ in range(4)]
+    ref_out = net(data[0]).detach()
+    errs = {}
+    for cfg in (A.RTNConfig(4, 32), A.GPTQConfig(4, 32, sequential=sequential), A.AWQConfig(4, 32)):
+        m = copy.deepcopy(net)
+        res = A.quantize_model(m, cfg, data)
+        assert set(res) == {"0", "2"}
+        with torch.no_grad():
+            errs[type(cfg).__name__] = float((m(data[0]) - ref_out).square().mean())
+    assert errs["GPTQConfig"] < errs["RTNConfig"] and errs["AWQConfig"] < errs["RTNConfig"], errs
