@@ -34,6 +34,7 @@ class Stage:
     producer_name: Optional[str] = None
     producer_args: Optional[tuple] = None  # the producer's inputs on the probe batch (fold checks)
     stats: Dict[str, LinearStats] = field(default_factory=dict)
+    quantized: frozenset = frozenset()     # names of Linears already quantized (never fold into them)
     x: Optional[torch.Tensor] = None       # sampled input rows [m, K] (when asked for)
 
 
@@ -212,6 +213,7 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
             if blk_lin:
                 for stage in _probe(block, prefix, blk_lin, inputs[0]):
                     _calibrate_stage(lambda: _run(block, inputs), stage, hessian, sample_rows)
+                    stage.quantized = frozenset(results)
                     res = stage_fn(stage)
                     apply_simulated(model, res)
                     results.update(res)
@@ -236,12 +238,12 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
     return results
 
 
-def try_fold(stage: Stage, s: torch.Tensor, quantized: Dict[str, Any] = None) -> bool:
+def try_fold(stage: Stage, s: torch.Tensor) -> bool:
     """Fold 1/s into the module producing the stage's input (its output channels divided by s),
     checked numerically on the probe batch; reverts and returns False when the producer does not
     scale that way (e.g. a norm computing x·(1 + w), or a producer that is not per-channel affine)."""
     p = stage.producer
-    if p is None or stage.producer_args is None or isinstance(p, nn.Linear) and quantized and stage.producer_name in quantized:
+    if p is None or stage.producer_args is None or stage.producer_name in stage.quantized:
         return False
     w = getattr(p, "weight", None)
     b = getattr(p, "bias", None)
