@@ -348,3 +348,10 @@ def test_gptq_awq_on_model_without_blocks(sequential):
         with torch.no_grad():
             errs[type(cfg).__name__] = float((m(data[0]) - ref_out).square().mean())
     assert errs["GPTQConfig"] < errs["RTNConfig"] and errs["AWQConfig"] < errs["RTNConfig"], errs
+
+
+def test_import_lowbit_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, lowbit; assert 'torch' not in sys.modules; import lowbit.algorithms"
+    subprocess.run([sys.executable, "-c", code], check=True)
