@@ -1,0 +1,38 @@
+"""quantize_model: one entry point over the algorithms, chosen by the config's type."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+from torch import nn
+
+from .awq import awq_quantize
+from .common import LayerResult, apply_simulated
+from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+from .gptq import gptq_quantize
+from .rtn import rtn_quantize
+from .smoothquant import smoothquant_quantize
+
+_NEEDS_DATA = (GPTQConfig, AWQConfig, SmoothQuantConfig)
+
+
+def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable] = None,
+                   apply: bool = True) -> Dict[str, LayerResult]:
+    """Quantize the model's Linears with the algorithm named by the config's type and (apply=True)
+    write the simulated result into the model in place. Returns {linear name: LayerResult}.
+    calibration_data: batches (tensors, arg tuples or kwarg dicts) for GPTQ/AWQ/SmoothQuant."""
+    if not isinstance(config, (RTNConfig,) + _NEEDS_DATA):
+        raise TypeError(f"config must be RTNConfig, GPTQConfig, AWQConfig or SmoothQuantConfig, "
+                        f"got {type(config).__name__}")
+    if isinstance(config, _NEEDS_DATA) and calibration_data is None:
+        raise ValueError(f"{type(config).__name__} needs calibration_data (a list of input batches)")
+    if isinstance(config, RTNConfig):
+        results = rtn_quantize(model, config)
+    elif isinstance(config, GPTQConfig):
+        results = gptq_quantize(model, calibration_data, config)
+    elif isinstance(config, AWQConfig):
+        results = awq_quantize(model, calibration_data, config)
+    else:
+        results = smoothquant_quantize(model, calibration_data, config)
+    if apply:
+        apply_simulated(model, results)
+    return results

@@ -1,0 +1,86 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+For the Linears reading one input x (a stage, e.g. q/k/v after a norm): per-input-channel scales
+s = mean|x|^α (normalized), α on a grid in [0, 1), chosen to minimize the summed layer-output error
+‖x Wᵀ − (x/s) Q(W·s)ᵀ‖². α = 0 is plain round-to-nearest, so the search never does worse on the
+calibration rows. 1/s is folded into the module producing x when that is exact (checked
+numerically), otherwise kept as the layer's input scale. Then, per group, a clip ratio is searched
+that minimizes that group's contribution to the output error. All rounding is lowbit.quantize.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from ..ops import dequantize, quantize
+from .common import LayerResult, find_linears, group_index
+from .config import AWQConfig
+from .observers import search_clip
+from .sequential import Stage, quantize_sequential, try_fold
+
+
+def _qdq(w, config: AWQConfig, **kw):
+    return dequantize(quantize(w.contiguous(), config.bits, config.group_size, config.symmetric, **kw))
+
+
+def search_scales(x: torch.Tensor, act_mean: torch.Tensor, weights: Dict[str, torch.Tensor],
+                  config: AWQConfig):
+    """(best s, best α, {α: error}) for weights sharing input rows x [m, K]."""
+    refs = {n: x @ w.t() for n, w in weights.items()}
+    a = act_mean.float().clamp(min=1e-4)
+    best = (None, None, float("inf"))
+    errors = {}
+    for i in range(config.n_grid):
+        alpha = i / config.n_grid
+        s = a.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for n, w in weights.items():
+            wq = _qdq(w * s[None, :], config) / s[None, :]
+            err += float((x @ wq.t() - refs[n]).square().sum())
+        errors[alpha] = err
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1], errors
+
+
+def clip_search(w_scaled: torch.Tensor, x_scaled: torch.Tensor, config: AWQConfig):
+    """Per-group clip ratios minimizing each group's output error (x_g (w_g − q_g)ᵀ)² summed over
+    rows and tokens; returns (scales, zeros) for lowbit.quantize."""
+    K = w_scaled.shape[1]
+    gs = config.group_size if config.group_size is not None else K
+    sigmas = [x_scaled[:, g:g + gs].t() @ x_scaled[:, g:g + gs] for g in range(0, K, gs)]
+
+    def err_fn(w, wq):
+        d = w - wq
+        return torch.stack([((d[:, j * gs:(j + 1) * gs] @ sg) * d[:, j * gs:(j + 1) * gs]).sum(1)
+                            for j, sg in enumerate(sigmas)], dim=1)
+
+    ratios = torch.linspace(1.0, config.min_clip, config.n_clip_grid).tolist()
+    s, z, _ = search_clip(w_scaled, config.bits, config.group_size, config.symmetric, ratios, err_fn)
+    return s, z
+
+
+def awq_stage(stage: Stage, config: AWQConfig) -> Dict[str, LayerResult]:
+    x = stage.x
+    act_mean = stage.stats[stage.names[0]].abs_mean
+    weights = {n: stage.linears[n].weight.detach().float() for n in stage.names}
+    s, _, _ = search_scales(x, act_mean, weights, config)
+    folded = config.fold and try_fold(stage, s)
+    out = {}
+    for n, w in weights.items():
+        ws = (w * s[None, :]).contiguous()
+        if config.clip_search:
+            sc, zc = clip_search(ws, x / s[None, :], config)
+            qt = quantize(ws, config.bits, config.group_size, config.symmetric, scales=sc, zeros=zc)
+        else:
+            qt = quantize(ws, config.bits, config.group_size, config.symmetric)
+        out[n] = LayerResult(qt, input_scale=s.clone(), scale_folded=folded)
+    return out
+
+
+def awq_quantize(model, calibration_data, config: AWQConfig) -> Dict[str, LayerResult]:
+    return quantize_sequential(model, calibration_data, find_linears(model, config.skip),
+                               lambda st: awq_stage(st, config), hessian=False,
+                               sample_rows=config.max_tokens)

@@ -1,0 +1,141 @@
+"""Configs for the quantization algorithms: small dataclasses, validated on construction so a
+bad value fails where it was written, with a message that says what would work."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple, Union
+
+GroupSize = Union[int, None]
+_BITS = (2, 3, 4, 8)
+
+
+def _check_weight_format(name: str, bits, group_size, symmetric) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _BITS:
+        raise ValueError(f"{name}.bits must be one of {_BITS}, got {bits!r}")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"{name}.group_size must be an int or None (one group per output "
+                            f"channel), got {group_size!r}")
+        if group_size <= 0 or group_size % 16:
+            raise ValueError(f"{name}.group_size must be a positive multiple of 16 (e.g. 32, 64, "
+                             f"128) or None (per output channel); got {group_size}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"{name}.symmetric must be True or False, got {symmetric!r}")
+
+
+def _check_skip(name: str, skip) -> Tuple[str, ...]:
+    if isinstance(skip, str):
+        raise TypeError(f"{name}.skip must be a list of name patterns (fnmatch style, e.g. "
+                        f"['lm_head', '*.gate']), not a single string {skip!r}")
+    skip = tuple(skip)
+    for p in skip:
+        if not isinstance(p, str):
+            raise TypeError(f"{name}.skip patterns must be strings, got {p!r}")
+    return skip
+
+
+def _check_fraction(name: str, value, lo_open: bool = False) -> None:
+    ok = (0.0 < value <= 1.0) if lo_open else (0.0 <= value <= 1.0)
+    if not ok:
+        interval = "(0, 1]" if lo_open else "[0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+@dataclass
+class RTNConfig:
+    """Round-to-nearest: lowbit.quantize on each Linear weight, nothing else."""
+    bits: int = 4
+    group_size: GroupSize = 128
+    symmetric: bool = False
+    skip: Sequence[str] = ("lm_head",)
+
+    def __post_init__(self):
+        _check_weight_format("RTNConfig", self.bits, self.group_size, self.symmetric)
+        self.skip = _check_skip("RTNConfig", self.skip)
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ (Frantar et al. 2022). percdamp: dampening as a fraction of the mean Hessian diagonal.
+    block_size: columns per lazy batch update. act_order: quantize columns by decreasing Hessian
+    diagonal (the result carries a permutation / g_idx). static_groups: group scales fixed from the
+    original weights before any update (keeps groups in original column order with act_order)."""
+    bits: int = 4
+    group_size: GroupSize = 128
+    symmetric: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+    sequential: bool = True
+    skip: Sequence[str] = ("lm_head",)
+
+    def __post_init__(self):
+        _check_weight_format("GPTQConfig", self.bits, self.group_size, self.symmetric)
+        if not (0.0 < self.percdamp <= 1.0):
+            raise ValueError(f"GPTQConfig.percdamp must be in (0, 1] (typical 0.01), got {self.percdamp}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"GPTQConfig.block_size must be a positive int, got {self.block_size!r}")
+        self.skip = _check_skip("GPTQConfig", self.skip)
+
+
+@dataclass
+class AWQConfig:
+    """AWQ (Lin et al. 2023). Per-input-channel scales s = mean|x|^alpha, alpha searched over
+    n_grid points in [0, 1); then a per-group clip search over clip ratios in [min_clip, 1]."""
+    bits: int = 4
+    group_size: GroupSize = 128
+    symmetric: bool = False
+    n_grid: int = 20
+    clip_search: bool = True
+    n_clip_grid: int = 20
+    min_clip: float = 0.5
+    fold: bool = True
+    max_tokens: int = 4096
+    skip: Sequence[str] = ("lm_head",)
+
+    def __post_init__(self):
+        _check_weight_format("AWQConfig", self.bits, self.group_size, self.symmetric)
+        if self.n_grid < 1 or self.n_clip_grid < 1:
+            raise ValueError(f"AWQConfig.n_grid and n_clip_grid must be >= 1, got "
+                             f"{self.n_grid}, {self.n_clip_grid}")
+        _check_fraction("AWQConfig.min_clip", self.min_clip, lo_open=True)
+        self.skip = _check_skip("AWQConfig", self.skip)
+
+
+@dataclass
+class SmoothQuantConfig:
+    """SmoothQuant (Xiao et al. 2022): s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the
+    preceding norm where possible; then int8 per-channel weights and dynamic per-token int8
+    activations (simulated)."""
+    alpha: float = 0.5
+    weight_bits: int = 8
+    act_bits: Optional[int] = 8
+    fold: bool = True
+    skip: Sequence[str] = ("lm_head",)
+
+    def __post_init__(self):
+        _check_fraction("SmoothQuantConfig.alpha", self.alpha)
+        _check_weight_format("SmoothQuantConfig", self.weight_bits, None, True)
+        if self.act_bits not in (None, 8):
+            raise ValueError(f"SmoothQuantConfig.act_bits must be 8 or None, got {self.act_bits!r}")
+        self.skip = _check_skip("SmoothQuantConfig", self.skip)
+
+
+@dataclass
+class QATConfig:
+    """Quantization-aware training: fake-quantized weights (and optional dynamic per-token
+    activations) with a straight-through estimator; learnable_scales=True trains the group scales
+    LSQ-style (zero points stay fixed at their initial integer values)."""
+    bits: int = 4
+    group_size: GroupSize = 128
+    symmetric: bool = False
+    act_bits: Optional[int] = None
+    learnable_scales: bool = False
+    skip: Sequence[str] = ("lm_head",)
+
+    def __post_init__(self):
+        _check_weight_format("QATConfig", self.bits, self.group_size, self.symmetric)
+        if self.act_bits not in (None, 8):
+            raise ValueError(f"QATConfig.act_bits must be 8 or None, got {self.act_bits!r}")
+        self.skip = _check_skip("QATConfig", self.skip)

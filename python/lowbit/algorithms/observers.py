@@ -1,0 +1,326 @@
+"""Observers (range calibration) and calibration hooks.
+
+An observer watches tensors and turns what it saw into lowbit quantization parameters. Ranges are
+turned into (scales, zeros) by lowbit.quantize itself — quantizing the two-element rows [lo, hi]
+with one group per row — so the parameter rule is lowbit's, never re-implemented here.
+
+Granularity of a 2-D [rows, K] tensor: "tensor" (one scale), "channel"/"token" (one per row: a
+weight's output channel, an activation's token), "group" (per row, per group_size columns of K,
+ragged last group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..ops import dequantize, quantize
+from ..tensor import QuantizedTensor
+
+GRANULARITIES = ("tensor", "channel", "token", "group")
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().float()
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def lowbit_group_size(granularity: str, group_size: Optional[int]):
+    """The lowbit group_size argument for a granularity."""
+    if granularity == "tensor":
+        return "tensor"
+    if granularity in ("channel", "token"):
+        return None
+    return group_size
+
+
+def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
+    """lowbit's (scales, zeros) for observed ranges lo/hi (same shape [R, G]), by quantizing the rows
+    [lo, hi] with one group per row. zeros is None for symmetric."""
+    shape = lo.shape
+    pairs = torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1).float().contiguous()
+    qt = quantize(pairs, bits, None, symmetric)
+    scales = qt.scales.reshape(shape).contiguous()
+    zeros = qt.zeros.reshape(shape).contiguous() if qt.zeros is not None else None
+    return scales, zeros
+
+
+def group_reduce(x: torch.Tensor, granularity: str, group_size: Optional[int], fn) -> torch.Tensor:
+    """Reduce a 2-D tensor per unit with fn(tensor, dim) -> tensor: [1,1], [rows,1] or [rows,G]."""
+    if granularity == "tensor":
+        return fn(x.reshape(1, -1), 1).reshape(1, 1)
+    if granularity in ("channel", "token"):
+        return fn(x, 1).reshape(-1, 1)
+    K = x.shape[1]
+    return torch.stack([fn(x[:, g:g + group_size], 1) for g in range(0, K, group_size)], dim=1)
+
+
+def group_sum(values: torch.Tensor, granularity: str, group_size: Optional[int]) -> torch.Tensor:
+    return group_reduce(values, granularity, group_size, lambda t, d: t.sum(d))
+
+
+class Observer:
+    """Base: update(x) with each tensor seen, then qparams() -> (scales, zeros), and quantize(x)."""
+
+    def __init__(self, bits: int = 8, symmetric: bool = True, granularity: str = "tensor",
+                 group_size: Optional[int] = None):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if granularity == "group" and (not isinstance(group_size, int) or group_size <= 0 or group_size % 16):
+            raise ValueError(f"granularity='group' needs group_size, a positive multiple of 16; got {group_size!r}")
+        self.bits, self.symmetric = bits, symmetric
+        self.granularity, self.group_size = granularity, group_size
+        self.lo: Optional[torch.Tensor] = None
+        self.hi: Optional[torch.Tensor] = None
+
+    def _range(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        r = lambda fn: group_reduce(x, self.granularity, self.group_size, fn)
+        return r(lambda t, d: t.amin(d)), r(lambda t, d: t.amax(d))
+
+    def _combine(self, lo, hi) -> None:
+        raise NotImplementedError
+
+    def update(self, x: torch.Tensor) -> "Observer":
+        x = _as_2d(x)
+        lo, hi = self._range(x)
+        if self.lo is not None and self.lo.shape != lo.shape:
+            raise ValueError(f"{type(self).__name__}: per-{self.granularity} ranges need the same number "
+                             f"of rows/groups in every update; got {tuple(lo.shape)} after {tuple(self.lo.shape)}")
+        self._combine(lo, hi)
+        return self
+
+    def range(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is None:
+            raise RuntimeError(f"{type(self).__name__} has seen no data; call update(x) first")
+        return self.lo, self.hi
+
+    def qparams(self):
+        lo, hi = self.range()
+        return params_from_range(lo, hi, self.bits, self.symmetric)
+
+    def quantize(self, x: torch.Tensor) -> QuantizedTensor:
+        scales, zeros = self.qparams()
+        x = _as_2d(x).contiguous()
+        if self.granularity == "tensor":
+            scales = scales.reshape(1, 1)
+            zeros = zeros.reshape(1, 1) if zeros is not None else None
+        return quantize(x, self.bits, lowbit_group_size(self.granularity, self.group_size),
+                        self.symmetric, scales=scales, zeros=zeros)
+
+
+class MinMaxObserver(Observer):
+    """Running min / max over everything seen."""
+
+    def _combine(self, lo, hi):
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min / max (momentum = weight of the new batch)."""
+
+    def __init__(self, *args, momentum: float = 0.1, **kw):
+        super().__init__(*args, **kw)
+        if not (0.0 < momentum <= 1.0):
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+
+    def _combine(self, lo, hi):
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            c = self.momentum
+            self.lo = (1 - c) * self.lo + c * lo
+            self.hi = (1 - c) * self.hi + c * hi
+
+
+class PercentileObserver(Observer):
+    """Per-batch percentile range (percentile of the values, e.g. 99.9), averaged over batches."""
+
+    def __init__(self, *args, percentile: float = 99.9, **kw):
+        super().__init__(*args, **kw)
+        if not (50.0 < percentile <= 100.0):
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+        self.count = 0
+
+    def _range(self, x):
+        p = self.percentile / 100.0
+
+        def q(t, d, frac):
+            n = t.shape[d]
+            k = min(n, max(1, int(round(frac * (n - 1))) + 1))
+            return t.kthvalue(k, dim=d).values
+
+        r = lambda fn: group_reduce(x, self.granularity, self.group_size, fn)
+        return r(lambda t, d: q(t, d, 1 - p)), r(lambda t, d: q(t, d, p))
+
+    def _combine(self, lo, hi):
+        if self.lo is None:
+            self.lo, self.hi, self.count = lo, hi, 1
+        else:
+            n = self.count
+            self.lo = (self.lo * n + lo) / (n + 1)
+            self.hi = (self.hi * n + hi) / (n + 1)
+            self.count = n + 1
+
+
+def search_clip(w: torch.Tensor, bits: int, group_size, symmetric: bool,
+                ratios: Sequence[float],
+                err_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+    """Per-group clip-ratio search: quantize w with lowbit.quantize(clip_ratio=c) for each candidate c,
+    keep per group the candidate with the least error, and return (scales, zeros, best_ratio) with
+    scales/zeros [rows, G] ready for lowbit.quantize(w, scales=, zeros=). err_fn(w, w_hat) -> [rows, G]
+    error per group (default: squared error). group_size: int, None (per row) or "tensor"."""
+    w = w.detach().float().contiguous()
+    gran = "tensor" if group_size == "tensor" else "channel" if group_size is None else "group"
+    if err_fn is None:
+        err_fn = lambda a, b: group_sum((a - b).square(), gran, group_size)
+    best_err = best_s = best_z = best_r = None
+    for c in ratios:
+        qt = quantize(w, bits, group_size, symmetric, clip_ratio=float(c))
+        err = err_fn(w, dequantize(qt))
+        s, z = qt.scales, qt.zeros
+        if best_err is None:
+            best_err, best_s = err, s.clone()
+            best_z = z.clone() if z is not None else None
+            best_r = torch.full_like(err, float(c))
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+        best_r = torch.where(better, torch.full_like(err, float(c)), best_r)
+    return best_s.contiguous(), (best_z.contiguous() if best_z is not None else None), best_r
+
+
+class MSEObserver(Observer):
+    """Range with the least quantization MSE: a grid of clip ratios in [min_ratio, 1] applied to the
+    min-max range, chosen per unit (tensor/row/group) with lowbit.quantize(clip_ratio=...).
+    Keeps the data it observes (weights: one update; activations: rows are concatenated)."""
+
+    def __init__(self, *args, n_grid: int = 20, min_ratio: float = 0.5, max_rows: int = 8192, **kw):
+        super().__init__(*args, **kw)
+        if not (0.0 < min_ratio <= 1.0) or n_grid < 1:
+            raise ValueError(f"need 0 < min_ratio <= 1 and n_grid >= 1, got {min_ratio}, {n_grid}")
+        self.ratios = torch.linspace(1.0, min_ratio, n_grid).tolist()
+        self.max_rows = max_rows
+        self.data: Optional[torch.Tensor] = None
+        self.best_ratio: Optional[torch.Tensor] = None
+        self._params = None
+
+    def update(self, x):
+        x = _as_2d(x)
+        if self.granularity in ("tensor",) and self.data is not None:
+            self.data = torch.cat([self.data, x])[-self.max_rows:]
+        elif self.data is not None and self.data.shape != x.shape:
+            raise ValueError(f"MSEObserver per-{self.granularity}: every update needs shape {tuple(self.data.shape)}")
+        else:
+            self.data = x.clone()
+        self._params = None
+        return self
+
+    def _search(self):
+        if self.data is None:
+            raise RuntimeError("MSEObserver has seen no data; call update(x) first")
+        if self._params is None:
+            s, z, r = search_clip(self.data, self.bits, lowbit_group_size(self.granularity, self.group_size),
+                                  self.symmetric, self.ratios)
+            self._params, self.best_ratio = (s, z), r
+        return self._params
+
+    def range(self):
+        self._search()
+        lo, hi = MinMaxObserver(self.bits, self.symmetric, self.granularity, self.group_size).update(self.data).range()
+        r = self.best_ratio.reshape(lo.shape)
+        return lo * r, hi * r
+
+    def qparams(self):
+        return self._search()
+
+
+# ---------------------------------------------------------------- calibration statistics
+
+@dataclass
+class LinearStats:
+    """Streaming input statistics of one nn.Linear (float32)."""
+    n: int = 0                                  # rows (tokens) seen
+    abs_sum: Optional[torch.Tensor] = None      # Σ|x| per input channel
+    abs_max: Optional[torch.Tensor] = None      # max|x| per input channel
+    hessian: Optional[torch.Tensor] = None      # H = 2/n Σ xᵀx
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n, 1)
+
+
+class CalibrationHooks:
+    """Forward hooks on named Linears accumulating LinearStats incrementally, so calibration data is
+    streamed batch by batch:
+
+        with CalibrationHooks(linears, hessian=True) as cal:
+            for batch in data: model(batch)
+        cal.stats["layers.0.q_proj"].hessian
+    """
+
+    def __init__(self, linears: Dict[str, nn.Module], hessian: bool = False, abs_stats: bool = True):
+        self.linears, self.hessian, self.abs_stats = linears, hessian, abs_stats
+        self.stats: Dict[str, LinearStats] = {n: LinearStats() for n in linears}
+        self._handles = []
+
+    def _hook(self, name):
+        st = self.stats[name]
+
+        def hook(module, args, output):
+            x = _as_2d(args[0])
+            m = x.shape[0]
+            if self.abs_stats:
+                a = x.abs()
+                s, mx = a.sum(0), a.amax(0)
+                st.abs_sum = s if st.abs_sum is None else st.abs_sum + s
+                st.abs_max = mx if st.abs_max is None else torch.maximum(st.abs_max, mx)
+            if self.hessian:
+                K = x.shape[1]
+                if st.hessian is None:
+                    st.hessian = torch.zeros(K, K, dtype=torch.float32, device=x.device)
+                # running mean of 2 xᵀx: H_new = H * n/(n+m) + 2/(n+m) XᵀX
+                st.hessian.mul_(st.n / (st.n + m))
+                xs = x * (2.0 / (st.n + m)) ** 0.5
+                st.hessian.addmm_(xs.t(), xs)
+            st.n += m
+        return hook
+
+    def __enter__(self):
+        for name, mod in self.linears.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def run_batches(model: nn.Module, data: Iterable) -> None:
+    """Feed calibration batches (a tensor, a tuple of args, or a dict of kwargs) through model."""
+    with torch.no_grad():
+        for batch in data:
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+
+
+def collect_stats(model: nn.Module, linears: Dict[str, nn.Module], data: Iterable,
+                  hessian: bool = False) -> Dict[str, LinearStats]:
+    with CalibrationHooks(linears, hessian=hessian) as cal:
+        run_batches(model, data)
+    return cal.stats

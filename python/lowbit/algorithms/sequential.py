@@ -1,0 +1,275 @@
+"""Sequential calibration driver shared by GPTQ, AWQ and SmoothQuant.
+
+The model is walked block by block (the children of its largest nn.ModuleList holding Linears,
+e.g. decoder layers). The inputs of the first block are captured once (a pre-hook that stops the
+forward); each block is then run alone on the stored inputs, so a block sees the outputs of the
+already-quantized blocks before it. Inside a block, Linears are processed in *stages*: Linears
+reading the very same input tensor (q/k/v, gate/up) form one stage, in call order; each stage is
+calibrated with the earlier stages already quantized. A probe forward also finds, for each stage,
+the module that produced its input (a norm, say) so algorithms can fold input scales into it.
+Linears outside the blocks are handled last, from full-model forwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .common import LayerResult, apply_simulated
+from .observers import CalibrationHooks, LinearStats, run_batches
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Stage:
+    """Linears of one block that read the same input, and what produced that input."""
+    names: List[str]                       # full names in the model
+    linears: Dict[str, nn.Linear]
+    producer: Optional[nn.Module] = None   # module whose output is exactly this input, if any
+    producer_name: Optional[str] = None
+    producer_args: Optional[tuple] = None  # the producer's inputs on the probe batch (fold checks)
+    stats: Dict[str, LinearStats] = field(default_factory=dict)
+    quantized: frozenset = frozenset()     # names of Linears already quantized (never fold into them)
+    x: Optional[torch.Tensor] = None       # sampled input rows [m, K] (when asked for)
+
+
+def find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(prefix, block) for the children of the nn.ModuleList holding the most Linears; [] if none."""
+    best, best_count = None, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList):
+            count = sum(isinstance(x, nn.Linear) for x in m.modules())
+            if count > best_count:
+                best, best_count = (name, m), count
+    if best is None:
+        return []
+    prefix, ml = best
+    return [(f"{prefix}.{i}" if prefix else str(i), blk) for i, blk in enumerate(ml)]
+
+
+def _normalize(batch) -> Tuple[tuple, dict]:
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def _capture_inputs(model, block, data) -> List[Tuple[tuple, dict]]:
+    store = []
+
+    def pre(module, args, kwargs):
+        store.append((tuple(args), dict(kwargs)))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in data:
+                a, k = _normalize(batch)
+                try:
+                    model(*a, **k)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return store
+
+
+def _run(block, inputs):
+    outs = []
+    with torch.no_grad():
+        for a, k in inputs:
+            outs.append(block(*a, **k))
+    return outs
+
+
+def _next_inputs(inputs, outputs):
+    nxt = []
+    for (a, k), out in zip(inputs, outputs):
+        h = out[0] if isinstance(out, (tuple, list)) else out
+        if a:
+            nxt.append(((h,) + tuple(a[1:]), k))
+        else:
+            k = dict(k)
+            k["hidden_states"] = h
+            nxt.append(((), k))
+    return nxt
+
+
+def _probe(block, prefix, linears: Dict[str, nn.Linear], first_input) -> List[Stage]:
+    """One forward of the block recording which Linears share an input tensor and who made it."""
+    out_of: Dict[int, Tuple[str, nn.Module]] = {}
+    args_of: Dict[str, tuple] = {}
+    keep = []          # hold tensors so their id()s stay unique during the probe
+    order: List[Tuple[str, int]] = []
+    consumers: Dict[int, set] = {}
+    lin_ids = {id(m): n for n, m in linears.items()}
+    handles = []
+    for n, m in block.named_modules():
+        full = f"{prefix}.{n}" if n else prefix
+
+        leaf = next(m.children(), None) is None
+
+        def pre(mod, args, full=full, leaf=leaf):
+            if args and isinstance(args[0], torch.Tensor):
+                keep.append(args[0])
+                if leaf:  # containers (an attention module) pass tensors on; count leaves only
+                    consumers.setdefault(id(args[0]), set()).add(full)
+                args_of[full] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+                if id(mod) in lin_ids:
+                    order.append((lin_ids[id(mod)], id(args[0])))
+
+        def post(mod, args, out, full=full, leaf=leaf):
+            if leaf and isinstance(out, torch.Tensor):
+                keep.append(out)
+                out_of[id(out)] = (full, mod)
+
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    try:
+        _run(block, [first_input])
+    finally:
+        for h in handles:
+            h.remove()
+    stages: List[Stage] = []
+    by_input: Dict[int, Stage] = {}
+    seen = set()
+    for name, xid in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if xid not in by_input:
+            st = Stage([], {})
+            if xid in out_of:
+                pname, pmod = out_of[xid]
+                # foldable only if the producer's output goes to this stage's Linears alone
+                st.producer_name, st.producer = pname, pmod
+                st.producer_args = args_of.get(pname)
+                st._consumers = consumers.get(xid, set())
+            by_input[xid] = st
+            stages.append(st)
+        st = by_input[xid]
+        st.names.append(name)
+        st.linears[name] = linears[name]
+    for st in stages:
+        if st.producer is not None and getattr(st, "_consumers", set()) != set(st.names):
+            st.producer = st.producer_name = st.producer_args = None
+    return stages
+
+
+def _sample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    if x.shape[0] > max_rows:
+        idx = torch.linspace(0, x.shape[0] - 1, max_rows).long()
+        x = x[idx]
+    return x
+
+
+def _calibrate_stage(block_fn, stage: Stage, hessian: bool, sample_rows: int) -> None:
+    """Run block_fn() with hooks filling stage.stats (and stage.x, sampled rows of the input)."""
+    xs = []
+    handle = None
+    if sample_rows:
+        first = stage.linears[stage.names[0]]
+        handle = first.register_forward_hook(lambda m, a, o: xs.append(_sample_rows(a[0], sample_rows)))
+    try:
+        with CalibrationHooks(stage.linears, hessian=hessian) as cal:
+            block_fn()
+    finally:
+        if handle is not None:
+            handle.remove()
+    stage.stats = cal.stats
+    if xs:
+        x = torch.cat(xs)
+        stage.x = _sample_rows(x, sample_rows)
+
+
+StageFn = Callable[[Stage], Dict[str, LayerResult]]
+
+
+def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.Linear],
+                        stage_fn: StageFn, hessian: bool = False, sample_rows: int = 0,
+                        sequential: bool = True) -> Dict[str, LayerResult]:
+    """Drive stage_fn over the model's Linears (see module docstring). stage_fn gets a calibrated
+    Stage and returns LayerResults for its Linears; they are applied (simulated) at once so later
+    stages and blocks see quantized inputs. sequential=False calibrates every stage on the float
+    model (all statistics collected first, from full-model forwards)."""
+    data = list(data)
+    if not data:
+        raise ValueError("calibration_data is empty; pass a list of input batches")
+    results: Dict[str, LayerResult] = {}
+    blocks = find_blocks(model) if sequential else []
+    done = set()
+    if blocks:
+        inputs = _capture_inputs(model, blocks[0][1], data)
+        for prefix, block in blocks:
+            blk_lin = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
+            if blk_lin:
+                for stage in _probe(block, prefix, blk_lin, inputs[0]):
+                    _calibrate_stage(lambda: _run(block, inputs), stage, hessian, sample_rows)
+                    stage.quantized = frozenset(results)
+                    res = stage_fn(stage)
+                    apply_simulated(model, res)
+                    results.update(res)
+                done.update(blk_lin)
+            inputs = _next_inputs(inputs, _run(block, inputs))
+    rest = {n: m for n, m in linears.items() if n not in done}
+    if rest:
+        # one stage per Linear, calibrated from full-model forwards
+        stages = [Stage([n], {n: m}) for n, m in rest.items()]
+        if sequential:
+            for st in stages:
+                _calibrate_stage(lambda: run_batches(model, data), st, hessian, sample_rows)
+                res = stage_fn(st)
+                apply_simulated(model, res)
+                results.update(res)
+        else:
+            for st in stages:   # all stats from the float model first
+                _calibrate_stage(lambda: run_batches(model, data), st, hessian, sample_rows)
+            for st in stages:
+                results.update(stage_fn(st))
+            apply_simulated(model, results)
+    return results
+
+
+def try_fold(stage: Stage, s: torch.Tensor) -> bool:
+    """Fold 1/s into the module producing the stage's input (its output channels divided by s),
+    checked numerically on the probe batch; reverts and returns False when the producer does not
+    scale that way (e.g. a norm computing x·(1 + w), or a producer that is not per-channel affine)."""
+    p = stage.producer
+    if p is None or stage.producer_args is None or stage.producer_name in stage.quantized:
+        return False
+    w = getattr(p, "weight", None)
+    b = getattr(p, "bias", None)
+    K = s.numel()
+    if not isinstance(w, torch.Tensor):
+        return False
+    if isinstance(p, nn.Linear):
+        if w.shape[0] != K:
+            return False
+    elif w.dim() != 1 or w.numel() != K:
+        return False
+    with torch.no_grad():
+        ref = p(*stage.producer_args)
+        if not isinstance(ref, torch.Tensor):
+            return False
+        w0 = w.detach().clone()
+        b0 = b.detach().clone() if isinstance(b, torch.Tensor) else None
+        sv = s.to(w)
+        w.div_(sv[:, None] if w.dim() == 2 else sv)
+        if b0 is not None:
+            b.div_(sv)
+        got = p(*stage.producer_args)
+        want = ref / sv
+        ok = torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-12)
+        if not ok:
+            w.copy_(w0)
+            if b0 is not None:
+                b.copy_(b0)
+    return bool(ok)

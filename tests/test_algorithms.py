@@ -1,0 +1,357 @@
+"""Quantization algorithms on a tiny synthetic transformer (CPU, float32).
+
+The model has 2 pre-norm decoder blocks (RMSNorm -> q/k/v/o, LayerNorm -> up/down), hidden 96
+(ragged with group 64), MLP 192, embeddings of low rank (correlated inputs) and a few outlier
+channels in the norm gains (so AWQ/SmoothQuant have something to do)."""
+import copy
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit import algorithms as A  # noqa: E402
+
+H, FF, VOCAB, T = 96, 192, 128, 32
+torch.set_num_threads(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1 = RMSNorm(H)
+        self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
+        self.norm2 = nn.LayerNorm(H)
+        self.up = nn.Linear(H, FF)
+        self.down = nn.Linear(FF, H)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        B, L, _ = h.shape
+        q, k, v = (m(h).view(B, L, 4, H // 4).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(H // 4), -1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(B, L, H))
+        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class Tiny(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, H)
+        self.layers = nn.ModuleList([Block() for _ in range(2)])
+        self.lm_head = nn.Linear(H, VOCAB)
+        with torch.no_grad():
+            basis = torch.randn(8, H, generator=g)
+            self.embed.weight.copy_(torch.randn(VOCAB, 8, generator=g) @ basis
+                                    + 0.1 * torch.randn(VOCAB, H, generator=g))
+            for blk in self.layers:
+                for m in blk.modules():
+                    if isinstance(m, nn.Linear):
+                        m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.in_features))
+                        m.bias.zero_()
+                gain = torch.ones(H)
+                gain[torch.randperm(H, generator=g)[:4]] = 12.0   # outlier channels
+                blk.norm1.weight.copy_(gain)
+                blk.norm2.weight.copy_(gain[torch.randperm(H, generator=g)])
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for blk in self.layers:
+            x = blk(x)
+        return self.lm_head(x)
+
+
+def batches(seed, n=8, bs=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (bs, T), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Tiny().eval()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return batches(1)
+
+
+@pytest.fixture(scope="module")
+def fp_inputs(model):
+    """Float-model inputs of every decoder Linear on held-out data: name -> [rows, K]."""
+    lins = A.find_linears(model, ["lm_head"])
+    xs = {n: [] for n in lins}
+    hs = [m.register_forward_hook(lambda m, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+          for n, m in lins.items()]
+    with torch.no_grad():
+        for b in batches(2, n=4):
+            model(b)
+    for h in hs:
+        h.remove()
+    return {n: torch.cat(v) for n, v in xs.items()}
+
+
+def layer_error(model, results, fp_inputs):
+    """Mean over Linears of the relative output error ‖x W_effᵀ − x Wᵀ‖² / ‖x Wᵀ‖²."""
+    mods = dict(model.named_modules())
+    errs = []
+    for n, r in results.items():
+        x, w = fp_inputs[n], mods[n].weight.detach()
+        ref = x @ w.t()
+        errs.append(float((x @ r.effective_weight().t() - ref).square().sum() / ref.square().sum()))
+    return sum(errs) / len(errs)
+
+
+_ERRS = {}
+
+
+def run_algo(model, config, calib):
+    m = copy.deepcopy(model)
+    res = A.quantize_model(m, config, None if isinstance(config, A.RTNConfig) else calib)
+    return m, res
+
+
+@pytest.fixture(scope="module")
+def rtn(model, fp_inputs):
+    m, res = run_algo(model, A.RTNConfig(bits=4, group_size=64), None)
+    _ERRS["rtn"] = layer_error(model, res, fp_inputs)
+    return m, res
+
+
+# ------------------------------------------------------------------ configs
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        A.GPTQConfig(bits=5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        A.RTNConfig(group_size=100)
+    with pytest.raises(ValueError, match="percdamp"):
+        A.GPTQConfig(percdamp=0.0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        A.SmoothQuantConfig(alpha=1.5)
+    with pytest.raises(TypeError, match="list of name patterns"):
+        A.AWQConfig(skip="lm_head")
+    with pytest.raises(ValueError, match="min_clip"):
+        A.AWQConfig(min_clip=0.0)
+    with pytest.raises(ValueError, match="act_bits must be 8 or None"):
+        A.QATConfig(act_bits=4)
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        A.quantize_model(Tiny(), A.GPTQConfig())
+    with pytest.raises(TypeError, match="config must be"):
+        A.quantize_model(Tiny(), "gptq")
+
+
+# ------------------------------------------------------------------ observers
+
+def test_observers_ranges_and_params():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 96, generator=g)
+    w[3, 5] = 40.0                                       # an outlier
+    mm = A.MinMaxObserver(4, False, "group", 64).update(w)
+    pc = A.PercentileObserver(4, False, "group", 64, percentile=99.0).update(w)
+    lo, hi = mm.range()
+    plo, phi = pc.range()
+    assert lo.shape == (32, 2) and torch.all(plo >= lo) and torch.all(phi <= hi)
+    # min-max parameters are exactly lowbit's own for the same groups
+    s, z = mm.qparams()
+    ref = lowbit.quantize(w, 4, 64, False)
+    assert torch.equal(s, ref.scales) and torch.equal(z, ref.zeros)
+    assert torch.equal(mm.quantize(w).codes, ref.codes)
+    # MSE clip search: ratios <= 1, error <= min-max error per group, range inside min-max
+    mse = A.MSEObserver(4, False, "group", 64, n_grid=10).update(w)
+    e_mse = (lowbit.dequantize(mse.quantize(w)) - w).square().sum()
+    e_mm = (lowbit.dequantize(ref) - w).square().sum()
+    assert torch.all(mse.best_ratio <= 1.0) and (mse.best_ratio < 1.0).any()
+    assert float(e_mse) < float(e_mm)
+    mlo, mhi = mse.range()
+    assert torch.all(mhi <= hi + 1e-6) and torch.all(mlo >= lo - 1e-6)
+    # per-tensor / per-token streaming and moving average
+    t = A.MinMaxObserver(8, True, "tensor")
+    ma = A.MovingAverageMinMaxObserver(8, True, "tensor", momentum=0.5)
+    for k in range(3):
+        x = torch.randn(16, 96, generator=g) * (k + 1)
+        t.update(x)
+        ma.update(x)
+    assert float(ma.range()[1]) <= float(t.range()[1]) and float(ma.range()[0]) >= float(t.range()[0])
+    tok = A.MinMaxObserver(8, True, "token").update(x)
+    assert torch.equal(tok.quantize(x).codes, lowbit.quantize(x, 8, None, True).codes)
+    with pytest.raises(ValueError, match="granularity"):
+        A.MinMaxObserver(8, True, "row")
+
+
+def test_calibration_hooks_hessian(model, calib):
+    lin = model.layers[0].q
+    xs = []
+    h = lin.register_forward_hook(lambda m, a, o: xs.append(a[0].reshape(-1, H)))
+    stats = A.collect_stats(model, {"q": lin}, calib[:3], hessian=True)["q"]
+    h.remove()
+    X = torch.cat(xs)
+    assert stats.n == X.shape[0]
+    torch.testing.assert_close(stats.hessian, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats.abs_mean, X.abs().mean(0))
+    torch.testing.assert_close(stats.abs_max, X.abs().amax(0))
+
+
+# ------------------------------------------------------------------ algorithms
+
+def test_rtn_is_lowbit_quantize(model, rtn):
+    m, res = rtn
+    assert "lm_head" not in res and len(res) == 12
+    w = model.layers[1].down.weight.detach()
+    assert torch.equal(res["layers.1.down"].qt.codes, lowbit.quantize(w, 4, 64, False).codes)
+    torch.testing.assert_close(m.layers[1].down.weight.detach(), lowbit.dequantize(res["layers.1.down"].qt))
+
+
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+def test_gptq_beats_rtn(model, calib, fp_inputs, rtn, act_order, static):
+    cfg = A.GPTQConfig(bits=4, group_size=64, act_order=act_order, static_groups=static)
+    m, res = run_algo(model, cfg, calib)
+    err = layer_error(model, res, fp_inputs)
+    _ERRS[f"gptq act_order={act_order} static={static}"] = err
+    assert err < 0.8 * _ERRS["rtn"], (err, _ERRS["rtn"])
+    r = res["layers.0.up"]
+    if act_order and not static:
+        assert r.perm is not None and r.g_idx.shape == (H,)
+        assert sorted(r.perm.tolist()) == list(range(H))
+        assert int(r.g_idx.max()) == 1       # K=96, group 64: two groups, the second ragged
+    else:
+        assert r.perm is None
+    # the simulated model carries exactly the dequantized weights
+    torch.testing.assert_close(m.layers[0].up.weight.detach(), r.weight())
+
+
+def test_gptq_dead_columns_and_per_channel():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(256, 80, generator=g)
+    X[:, 7] = 0.0                                        # a dead input
+    W = torch.randn(24, 80, generator=g)
+    Hs = 2 * X.t() @ X / 256
+    for gs in (None, 32):
+        r = A.gptq_quantize_weight(W, Hs, A.GPTQConfig(bits=4, group_size=gs, symmetric=True))
+        wq = r.effective_weight()
+        assert torch.all(wq[:, 7] == 0)
+        rtn = lowbit.dequantize(lowbit.quantize(W, 4, gs, True))
+        assert (X @ (wq - W).t()).square().sum() < (X @ (rtn - W).t()).square().sum()
+
+
+def test_awq_beats_rtn_and_folds(model, calib, fp_inputs, rtn):
+    m, res = run_algo(model, A.AWQConfig(bits=4, group_size=64), calib)
+    err = layer_error(model, res, fp_inputs)
+    _ERRS["awq"] = err
+    assert err < 0.9 * _ERRS["rtn"], (err, _ERRS["rtn"])
+    # q/k/v read RMSNorm output: folded into the norm; o/down read functional outputs: input scale
+    assert res["layers.0.q"].scale_folded and res["layers.0.up"].scale_folded
+    assert not res["layers.0.o"].scale_folded and not res["layers.0.down"].scale_folded
+    # the applied model equals the float model with effective weights (folding is exact)
+    ref = copy.deepcopy(model)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for n, r in res.items():
+            mods[n].weight.copy_(r.effective_weight())
+        b = batches(5, n=1)[0]
+        torch.testing.assert_close(m(b), ref(b), rtol=1e-3, atol=1e-3)
+
+
+def test_smoothquant_reduces_w8a8_error(model, calib, fp_inputs):
+    b = batches(4, n=2)
+    with torch.no_grad():
+        y_fp = torch.cat([model(x) for x in b])
+
+    def model_err(m):
+        with torch.no_grad():
+            return float((torch.cat([m(x) for x in b]) - y_fp).square().mean())
+
+    plain = copy.deepcopy(model)
+    lins = A.find_linears(plain, ["lm_head"])
+    A.apply_simulated(plain, {n: A.LayerResult(lowbit.quantize(l.weight.detach(), 8, None, True), act_bits=8)
+                              for n, l in lins.items()})
+    smooth, res = run_algo(model, A.SmoothQuantConfig(alpha=0.5), calib)
+    e_plain, e_smooth = model_err(plain), model_err(smooth)
+    _ERRS["w8a8 no smoothing (model out mse)"] = e_plain
+    _ERRS["w8a8 smoothquant (model out mse)"] = e_smooth
+    assert e_smooth < 0.7 * e_plain, (e_smooth, e_plain)
+    assert res["layers.1.k"].scale_folded and res["layers.1.k"].qt.bits == 8
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_qat_convert_matches_fake_quant(model, calib, learnable):
+    m = copy.deepcopy(model)
+    cfg = A.QATConfig(bits=4, group_size=64, act_bits=8, learnable_scales=learnable)
+    A.prepare_qat(m, cfg)
+    assert isinstance(m.layers[0].q, A.QATLinear) and not isinstance(m.lm_head, A.QATLinear)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    with torch.no_grad():
+        targets = [model(x) for x in calib[:4]]
+    losses = []
+    for step in range(6):
+        x, y = calib[step % 4], targets[step % 4]
+        loss = (m(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        if learnable and step == 0:
+            assert m.layers[0].q.scales.grad.abs().sum() > 0
+        assert m.layers[0].q.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        x = batches(6, n=1)[0]
+        y_fake = m(x)
+        res = A.convert(m)
+        y_conv = m(x)
+    assert not any(isinstance(mod, A.QATLinear) for mod in m.modules())
+    assert len(res) == 12 and res["layers.0.v"].act_bits == 8
+    torch.testing.assert_close(y_conv, y_fake, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_model_and_size_report(model, calib):
+    m = copy.deepcopy(model)
+    res = A.quantize_model(m, A.GPTQConfig(bits=4, group_size=64, skip=["lm_head", "*.down"]), calib)
+    assert len(res) == 10 and not any(n.endswith("down") for n in res)
+    rep = A.model_size_report(m, res)
+    assert rep["quantized_bytes"] < rep["float_bytes"] and rep["compression"] > 1.5
+    assert rep["layers"]["layers.0.q"]["format"] == "int4-asym-g64"
+
+
+def test_zz_report_numbers():
+    """Prints the layer-output errors gathered above (run with -s to see them)."""
+    print("\nrelative layer-output error (int4 g64 asym, held-out data):")
+    for k, v in _ERRS.items():
+        print(f"  {k:40s} {v:.5f}")
+    assert "rtn" in _ERRS
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_gptq_awq_on_model_without_blocks(sequential):
+    """A plain nn.Sequential (no ModuleList of blocks): every Linear is calibrated from full-model
+    forwards; the first Linear's input is the model input, so AWQ keeps an input scale."""
+    g = torch.Generator().manual_seed(7)
+    net = nn.Sequential(nn.Linear(80, 64), nn.ReLU(), nn.Linear(64, 48)).eval()
+    data = [torch.randn(64, 8, generator=g) @ torch.randn(8, 80, generator=g) for _ in range(4)]
+    ref_out = net(data[0]).detach()
+    errs = {}
+    for cfg in (A.RTNConfig(4, 32), A.GPTQConfig(4, 32, sequential=sequential), A.AWQConfig(4, 32)):
+        m = copy.deepcopy(net)
+        res = A.quantize_model(m, cfg, data)
+        assert set(res) == {"0", "2"}
+        with torch.no_grad():
+            errs[type(cfg).__name__] = float((m(data[0]) - ref_out).square().mean())
+    assert errs["GPTQConfig"] < errs["RTNConfig"] and errs["AWQConfig"] < errs["RTNConfig"], errs
+
+
+def test_import_lowbit_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, lowbit; assert 'torch' not in sys.modules; import lowbit.algorithms"
+    subprocess.run([sys.executable, "-c", code], check=True)
