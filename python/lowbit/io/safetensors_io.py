@@ -191,7 +191,7 @@ def save(obj: Mapping[str, Any], path: str) -> None:
             entries[name] = {"kind": "dense", "tensors": {"data": put(name, a, name)}, "dtype": dt,
                              "framework": fw}
     meta = {"format": "lowbit", "lowbit.schema_version": str(SCHEMA_VERSION),
-            "lowbit.entries": json.dumps(entries, sort_keys=True)}
+            "lowbit.entries": json.dumps(entries)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
