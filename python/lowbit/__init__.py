@@ -12,7 +12,17 @@ from .tensor import QuantFormat, QuantizedTensor
 
 __version__ = "0.1.0"
 __all__ = ["quantize", "dequantize", "pack_int4", "unpack_int4", "QuantizedTensor", "QuantFormat",
-           "build_info", "set_num_threads", "get_num_threads"]
+           "build_info", "set_num_threads", "get_num_threads", "save", "load"]
+
+
+def __getattr__(name: str):
+    # lowbit.save / lowbit.load live in lowbit.io, imported on first use (safetensors lazily too).
+    if name in ("save", "load", "io"):
+        import importlib
+
+        io = importlib.import_module(".io", __name__)
+        return io if name == "io" else getattr(io, name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 # A bad LOWBIT_ISA (unknown, or an ISA this CPU lacks) is reported here, at import.
 try:
