@@ -7,7 +7,7 @@ from torch import nn
 
 from .awq import awq_quantize
 from .common import LayerResult, apply_simulated
-from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+from .config import AWQConfig, GPTQConfig, MixedPrecisionConfig, RTNConfig, SmoothQuantConfig
 from .gptq import gptq_quantize
 from .rtn import rtn_quantize
 from .smoothquant import smoothquant_quantize
@@ -19,9 +19,18 @@ def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable
                    apply: bool = True) -> Dict[str, LayerResult]:
     """Quantize the model's Linears with the algorithm named by the config's type and (apply=True)
     write the simulated result into the model in place. Returns {linear name: LayerResult}.
-    calibration_data: batches (tensors, arg tuples or kwarg dicts) for GPTQ/AWQ/SmoothQuant."""
+    calibration_data: batches (tensors, arg tuples or kwarg dicts) for GPTQ/AWQ/SmoothQuant.
+    A MixedPrecisionConfig routes each Linear to its rule's config (see algorithms.mixed)."""
+    if isinstance(config, MixedPrecisionConfig):
+        from .mixed import mixed_quantize
+        if calibration_data is None and any(not isinstance(c, RTNConfig) for c in
+                                            [c for _, c in config.rules] + [config.default] if c is not None):
+            raise ValueError("a MixedPrecisionConfig using GPTQ/AWQ/SmoothQuant needs calibration_data "
+                             "(a list of input batches)")
+        return mixed_quantize(model, config, calibration_data, apply=apply)
     if not isinstance(config, (RTNConfig,) + _NEEDS_DATA):
-        raise TypeError(f"config must be RTNConfig, GPTQConfig, AWQConfig or SmoothQuantConfig, "
+        raise TypeError(f"config must be RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig or "
+                        f"MixedPrecisionConfig, "
                         f"got {type(config).__name__}")
     if isinstance(config, _NEEDS_DATA) and calibration_data is None:
         raise ValueError(f"{type(config).__name__} needs calibration_data (a list of input batches)")

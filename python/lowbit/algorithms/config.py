@@ -139,3 +139,86 @@ class QATConfig:
         if self.act_bits not in (None, 8):
             raise ValueError(f"QATConfig.act_bits must be 8 or None, got {self.act_bits!r}")
         self.skip = _check_skip("QATConfig", self.skip)
+
+
+_MIXED_ALGOS = (RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig)
+
+
+def _check_algo_config(where: str, cfg) -> None:
+    if not isinstance(cfg, _MIXED_ALGOS):
+        raise TypeError(f"{where} must be an RTNConfig, GPTQConfig, AWQConfig or SmoothQuantConfig "
+                        f"(QAT and nested MixedPrecisionConfig are not per-layer choices), got "
+                        f"{type(cfg).__name__}")
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """A config per Linear, chosen by name. rules: (pattern, config) pairs, fnmatch style, first
+    match wins (a pattern also matches any name ending in '.'+pattern, and a leading '*.' may match
+    nothing: see algorithms.mixed.matches; skip patterns match the same way). Linears no
+    rule matches get `default` (None: left in float). `skip` wins over every rule; the rules'
+    own configs' skip lists are ignored (the rule says which layers they get)."""
+    rules: Sequence[Tuple[str, object]] = ()
+    default: Optional[object] = None
+    skip: Sequence[str] = ("lm_head",)
+
+    def __post_init__(self):
+        if isinstance(self.rules, (str, tuple)) and len(self.rules) == 2 and isinstance(self.rules[0], str) \
+                and not isinstance(self.rules[1], str):
+            raise TypeError("MixedPrecisionConfig.rules must be a list of (pattern, config) pairs; "
+                            "wrap a single rule in a list: rules=[(pattern, config)]")
+        rules = []
+        for i, rule in enumerate(self.rules):
+            if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+                raise TypeError(f"MixedPrecisionConfig.rules[{i}] must be a (pattern, config) pair, "
+                                f"got {rule!r}")
+            pattern, cfg = rule
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise ValueError(f"MixedPrecisionConfig.rules[{i}] pattern must be a non-empty "
+                                 f"string such as '*.self_attn.*', got {pattern!r}")
+            if pattern.count("[") != pattern.count("]"):
+                raise ValueError(f"MixedPrecisionConfig.rules[{i}] pattern {pattern!r} has an "
+                                 f"unbalanced '[' / ']' (fnmatch character class)")
+            _check_algo_config(f"MixedPrecisionConfig.rules[{i}] config", cfg)
+            rules.append((pattern, cfg))
+        seen = [p for p, _ in rules]
+        dup = sorted({p for p in seen if seen.count(p) > 1})
+        if dup:
+            raise ValueError(f"MixedPrecisionConfig.rules repeat the pattern(s) {dup}: with first "
+                             f"match wins the later ones could never apply")
+        self.rules = tuple(rules)
+        if self.default is not None:
+            _check_algo_config("MixedPrecisionConfig.default", self.default)
+        self.skip = _check_skip("MixedPrecisionConfig", self.skip)
+
+
+_KV_GRANULARITY = ("token", "head", "group")
+
+
+@dataclass
+class KVCacheConfig:
+    """Key/value cache quantization. granularity: "token" (one scale (+zero) per token per head,
+    over head_dim), "group" (group_size elements of head_dim per scale), "head" (one scale per
+    batch row and head for each block of tokens quantized together). residual_length: the most
+    recent tokens kept in float (they are quantized once they leave that window)."""
+    bits: int = 8
+    granularity: str = "token"
+    group_size: GroupSize = None
+    symmetric: bool = False
+    residual_length: int = 0
+
+    def __post_init__(self):
+        if self.granularity not in _KV_GRANULARITY:
+            raise ValueError(f"KVCacheConfig.granularity must be one of {_KV_GRANULARITY}, got "
+                             f"{self.granularity!r}")
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("KVCacheConfig.granularity='group' needs group_size (a multiple of 16 "
+                             "dividing head_dim, e.g. 32 or 64)")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError(f"KVCacheConfig.group_size is only used with granularity='group', "
+                             f"not {self.granularity!r}")
+        _check_weight_format("KVCacheConfig", self.bits, self.group_size, self.symmetric)
+        r = self.residual_length
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"KVCacheConfig.residual_length must be an int >= 0 (tokens kept in "
+                             f"float, e.g. 0-128), got {r!r}")

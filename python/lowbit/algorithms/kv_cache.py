@@ -1,0 +1,300 @@
+"""Quantized key/value cache: int8 / int4 (or 2/3-bit) keys and values through lowbit.quantize.
+
+Keys and values arrive as [batch, heads, seq, head_dim]. They are quantized as 2-D rows:
+  granularity "token": rows [batch·heads·seq, head_dim], one scale (+zero) per token per head;
+  granularity "group": the same rows, group_size elements of head_dim per scale;
+  granularity "head" : rows [batch·heads, seq·head_dim] for each block of tokens quantized
+                       together, one scale per batch row and head per block.
+The most recent `residual_length` tokens stay in float; older tokens are quantized when they leave
+that window. For "token"/"group" every token is quantized on its own, so appending step by step
+gives exactly the codes of quantizing the whole sequence at once; the blocks are concatenated into
+one QuantizedTensor. For "head" each flushed block keeps its own scales (prefill is one block;
+decode steps with residual_length=0 are one-token blocks).
+
+KVLayerCache is one layer's store, QuantizedKVStore a list of them with append(layer_idx, k, v),
+and QuantizedKVCache (importable when transformers is) is a transformers Cache over the same
+layers, for model.generate(..., past_key_values=QuantizedKVCache(config)).
+Memory is counted like QuantizedTensor.nbytes: codes + float32 scales + uint8 zeros, plus the
+float residual window at its element size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..ops import dequantize, quantize
+from ..tensor import QuantizedTensor
+from .config import KVCacheConfig
+
+
+@dataclass
+class QuantizedKV:
+    """A quantized [batch, heads, seq, head_dim] tensor: qt holds it as 2-D rows (module docstring)."""
+    qt: QuantizedTensor
+    shape: Tuple[int, int, int, int]
+    granularity: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.qt.nbytes
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        return dequantize(self.qt, dtype).reshape(self.shape)
+
+    def element_scales(self) -> torch.Tensor:
+        """The scale applying to each element, [batch, heads, seq, head_dim] (for error bounds)."""
+        B, H, S, D = self.shape
+        s = self.qt.scales
+        if self.granularity == "head":
+            return s.reshape(B, H, 1, 1).expand(B, H, S, D)
+        g = D if self.qt.group_size is None else int(self.qt.group_size)
+        idx = torch.arange(D, device=s.device) // g
+        return s.reshape(B, H, S, -1)[..., idx]
+
+
+def _rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    B, H, S, D = x.shape
+    return x.reshape(B * H, S * D) if granularity == "head" else x.reshape(B * H * S, D)
+
+
+def kv_quantize(x: torch.Tensor, config: KVCacheConfig) -> QuantizedKV:
+    """Quantize keys or values [batch, heads, seq, head_dim] (float32/float16/bfloat16)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"key/value states must be a 4-D tensor [batch, heads, seq, head_dim], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    D = x.shape[-1]
+    if config.granularity == "group" and D % config.group_size:
+        raise ValueError(f"KVCacheConfig.group_size={config.group_size} does not divide head_dim={D}; "
+                         f"use a divisor of {D} that is a multiple of 16, or granularity='token'")
+    gs = config.group_size if config.granularity == "group" else None
+    qt = quantize(_rows(x.detach(), config.granularity).contiguous(), config.bits, gs, config.symmetric)
+    return QuantizedKV(qt, tuple(x.shape), config.granularity)
+
+
+def _cat_seq(a: QuantizedKV, b: QuantizedKV) -> QuantizedKV:
+    """Concatenate two per-token ("token"/"group") blocks along seq without touching the codes."""
+    B, H, Sa, D = a.shape
+    Sb = b.shape[2]
+
+    def cat(x, y):
+        if x is None:
+            return None
+        return torch.cat([x.reshape(B, H, Sa, -1), y.reshape(B, H, Sb, -1)], dim=2).reshape(B * H * (Sa + Sb), -1)
+
+    qt = QuantizedTensor(cat(a.qt.codes, b.qt.codes), cat(a.qt.scales, b.qt.scales),
+                         cat(a.qt.zeros, b.qt.zeros), (B * H * (Sa + Sb), D), a.qt.format)
+    return QuantizedKV(qt, (B, H, Sa + Sb, D), a.granularity)
+
+
+def _select_batch(q: QuantizedKV, idx: torch.Tensor) -> QuantizedKV:
+    B, H, S, D = q.shape
+    n = idx.numel()
+
+    def sel(x):
+        return None if x is None else x.reshape(B, -1, x.shape[-1])[idx].reshape(-1, x.shape[-1])
+
+    rows = q.qt.shape[0] // B * n
+    qt = QuantizedTensor(sel(q.qt.codes), sel(q.qt.scales), sel(q.qt.zeros), (rows, q.qt.shape[1]), q.qt.format)
+    return QuantizedKV(qt, (n, H, S, D), q.granularity)
+
+
+class _Stream:
+    """Keys (or values) of one layer: quantized blocks, then the float residual window."""
+
+    def __init__(self, config: KVCacheConfig):
+        self.config = config
+        self.blocks: List[QuantizedKV] = []
+        self.residual: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        n = sum(b.shape[2] for b in self.blocks)
+        return n + (self.residual.shape[2] if self.residual is not None else 0)
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Add x [batch, heads, new, head_dim]; return the whole sequence, dequantized, in x's dtype."""
+        res = x if self.residual is None else torch.cat([self.residual, x], dim=2)
+        overflow = res.shape[2] - self.config.residual_length
+        if overflow > 0:
+            q = kv_quantize(res[:, :, :overflow], self.config)
+            if self.blocks and self.config.granularity != "head":
+                self.blocks[-1] = _cat_seq(self.blocks[-1], q)
+            else:
+                self.blocks.append(q)
+            res = res[:, :, overflow:]
+        self.residual = res.detach().clone() if res.shape[2] else None
+        parts = [b.dequantize(x.dtype) for b in self.blocks]
+        if self.residual is not None:
+            parts.append(self.residual)
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def nbytes(self) -> int:
+        r = self.residual
+        return sum(b.nbytes for b in self.blocks) + (r.numel() * r.element_size() if r is not None else 0)
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        self.blocks = [_select_batch(b, idx.to(b.qt.codes.device)) for b in self.blocks]
+        if self.residual is not None:
+            self.residual = self.residual.index_select(0, idx.to(self.residual.device))
+
+
+class KVLayerCache:
+    """One attention layer's quantized keys and values."""
+
+    def __init__(self, config: KVCacheConfig):
+        if not isinstance(config, KVCacheConfig):
+            raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
+        self.config = config
+        self.keys = _Stream(config)
+        self.values = _Stream(config)
+        self.float_element_size = 0
+        self.batch = self.heads = self.head_dims = 0   # head_dims: key head_dim + value head_dim
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        for name, x in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if key_states.shape[:3] != value_states.shape[:3]:
+            raise ValueError(f"key and value states must agree on [batch, heads, seq], got "
+                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
+        self.float_element_size = key_states.element_size()
+        self.batch, self.heads = key_states.shape[0], key_states.shape[1]
+        self.head_dims = key_states.shape[-1] + value_states.shape[-1]
+        return self.keys.append(key_states), self.values.append(value_states)
+
+    def seq_length(self) -> int:
+        return len(self.keys)
+
+    def memory_bytes(self) -> int:
+        return self.keys.nbytes() + self.values.nbytes()
+
+    def float_bytes(self) -> int:
+        """Bytes the same keys and values take in an unquantized cache (their own dtype)."""
+        return self.batch * self.heads * self.seq_length() * self.head_dims * self.float_element_size
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        """Keep batch rows idx (in that order; repeats allowed): beam search reordering."""
+        self.keys.select_batch(idx)
+        self.values.select_batch(idx)
+        self.batch = idx.numel()
+
+
+class QuantizedKVStore:
+    """Quantized KV cache for any attention code: append(layer_idx, k, v) stores the new tokens and
+    returns the layer's full keys and values (dequantized) for attention."""
+
+    def __init__(self, config: Optional[KVCacheConfig] = None):
+        self.config = config if config is not None else KVCacheConfig()
+        self.layers: List[KVLayerCache] = []
+
+    def _layer(self, layer_idx: int) -> KVLayerCache:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
+        while len(self.layers) <= layer_idx:
+            self.layers.append(KVLayerCache(self.config))
+        return self.layers[layer_idx]
+
+    def append(self, layer_idx: int, key_states, value_states):
+        return self._layer(layer_idx).append(key_states, value_states)
+
+    def seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seq_length() if layer_idx < len(self.layers) else 0
+
+    def memory_bytes(self) -> int:
+        return sum(layer.memory_bytes() for layer in self.layers)
+
+    def float_bytes(self) -> int:
+        return sum(layer.float_bytes() for layer in self.layers)
+
+
+# ------------------------------------------------------------------ transformers integration
+
+_HF = {}
+
+
+def _hf_classes():
+    """Build the transformers Cache classes on first use (transformers is an optional import)."""
+    if _HF:
+        return _HF["cache"]
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class LowbitKVLayer(DynamicLayer):
+        """A transformers cache layer storing its states in a KVLayerCache."""
+        is_croppable = False
+
+        def __init__(self, config: KVCacheConfig):
+            super().__init__()
+            self.store = KVLayerCache(config)
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            return self.store.append(key_states, value_states)
+
+        def get_seq_length(self) -> int:
+            return self.store.seq_length()
+
+        def reset(self) -> None:
+            self.store = KVLayerCache(self.store.config)
+            self.is_initialized = False
+
+        def offload(self):
+            pass
+
+        def prefetch(self):
+            pass
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("a quantized KV cache cannot be cropped")
+
+        def reorder_cache(self, beam_idx) -> None:
+            if self.get_seq_length() > 0:
+                self.store.select_batch(beam_idx)
+
+        def batch_select_indices(self, indices) -> None:
+            if self.get_seq_length() > 0:
+                self.store.select_batch(indices)
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.get_seq_length() > 0:
+                self.store.select_batch(torch.arange(self.store.batch).repeat_interleave(repeats))
+
+    class QuantizedKVCache(Cache):
+        """transformers Cache whose layers keep keys/values quantized with lowbit (KVCacheConfig).
+        Also offers append(layer_idx, k, v), memory_bytes() and float_bytes()."""
+
+        def __init__(self, config: Optional[KVCacheConfig] = None, num_layers: Optional[int] = None):
+            self.kv_config = config if config is not None else KVCacheConfig()
+            if not isinstance(self.kv_config, KVCacheConfig):
+                raise TypeError(f"config must be a KVCacheConfig, got {type(self.kv_config).__name__}")
+            if num_layers is None:
+                super().__init__(layer_class_to_replicate=lambda: LowbitKVLayer(self.kv_config))
+            else:
+                super().__init__(layers=[LowbitKVLayer(self.kv_config) for _ in range(num_layers)])
+
+        def append(self, layer_idx: int, key_states, value_states):
+            return self.update(key_states, value_states, layer_idx)
+
+        def memory_bytes(self) -> int:
+            return sum(layer.store.memory_bytes() for layer in self.layers)
+
+        def float_bytes(self) -> int:
+            return sum(layer.store.float_bytes() for layer in self.layers)
+
+    _HF["layer"], _HF["cache"] = LowbitKVLayer, QuantizedKVCache
+    return QuantizedKVCache
+
+
+def __getattr__(name):
+    if name == "QuantizedKVCache":
+        return _hf_classes()
+    if name == "LowbitKVLayer":
+        _hf_classes()
+        return _HF["layer"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
