@@ -44,6 +44,7 @@
 #include <type_traits>
 
 #include "common/format.h"
+#include "launch_util.cuh"
 #include "lowbit_cuda.cuh"
 
 namespace lowbit {
@@ -495,36 +496,6 @@ NF4Tables nf4_tables() {
   for (int i = 0; i < 16; ++i) t.values[i] = kNF4Values[i];
   for (int i = 0; i < 15; ++i) t.midpoints[i] = kNF4Midpoints[i];
   return t;
-}
-
-cudaStream_t to_stream(int64_t s) {
-  if (s == 1 || s == 0) return cudaStreamLegacy;
-  if (s == 2) return cudaStreamPerThread;
-  return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(s));
-}
-
-// Makes `device` current for the launch and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    err_ = cudaGetDevice(&prev_);
-    if (err_ == cudaSuccess && prev_ != device) err_ = cudaSetDevice(device);
-    else prev_ = -1;
-  }
-  ~DeviceGuard() {
-    if (prev_ >= 0) cudaSetDevice(prev_);
-  }
-  cudaError_t error() const { return err_; }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = -1;
-  cudaError_t err_ = cudaSuccess;
-};
-
-std::string message(cudaError_t e) {
-  return e == cudaSuccess ? std::string() : std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
 }
 
 unsigned grid_for(int64_t work_items, int per_block) {

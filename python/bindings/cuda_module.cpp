@@ -221,6 +221,167 @@ void check_status_py(const std::vector<int64_t>& status) {
   if (flags & gpu::kPackRangeUnsigned) fail("codes must be in [0, 15] to pack as int4");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core GEMMs. Packed buffers are int32 arrays (uint32 words) the Python layer allocates and
+// caches; x is [M, K] fp16/bf16 with unit stride along K; y, bias, scratch and workspace arrive
+// allocated by the caller's framework. Checks here, arithmetic in cuda/*_sm80.cu.
+
+DType half_dtype(const ArrayView& v, const char* name) {
+  if (v.dtype == "float16") return DType::f16;
+  if (v.dtype == "bfloat16") return DType::bf16;
+  throw py::type_error(std::string(name) + " must be float16 or bfloat16 for the CUDA GEMMs, got " + v.dtype);
+}
+
+DType dtype_from_name(const std::string& s) {
+  if (s == "float16") return DType::f16;
+  if (s == "bfloat16") return DType::bf16;
+  throw py::type_error("activation dtype must be float16 or bfloat16, got " + s);
+}
+
+void check_gemm_dims(int64_t N, int64_t K) {
+  if (N <= 0 || K <= 0) fail("N and K must be positive");
+  if (N > INT_MAX / 2 || K > INT_MAX / 2) fail("N and K must be below 2^30");
+}
+
+void w4a16_prepack_py(py::handle codes, py::handle scales, py::object zeros, py::handle weights,
+                      py::handle params, int64_t N, int64_t K, int64_t group_size,
+                      const std::string& act_dtype, int64_t stream) {
+  CudaArgs args(stream);
+  check_gemm_dims(N, K);
+  if (group_size <= 0 || !(group_size == K || group_size % 16 == 0))
+    fail("group_size must be a multiple of 16 or the whole row, got " + std::to_string(group_size));
+  const gpu::W4A16Shape sh{N, K, group_size};
+  const int64_t G = num_groups(K, group_size);
+  ArrayView cv = args.exact(codes, "codes", "uint8", {N, packed_row_bytes(K, 4)}, false);
+  ArrayView sv = args.exact(scales, "scales", "float32", {N, G}, false);
+  ArrayView zv;
+  if (!zeros.is_none()) zv = args.exact(zeros, "zeros", "uint8", {N, G}, false);
+  ArrayView wv = args.exact(weights, "weights", "int32", {sh.weight_words()}, true);
+  ArrayView pv = args.exact(params, "params", "int32", {sh.param_words()}, true);
+  const DType act = dtype_from_name(act_dtype);
+  std::string err;
+  {
+    py::gil_scoped_release nogil;
+    err = gpu::w4a16_prepack(static_cast<const uint8_t*>(cv.data), static_cast<const float*>(sv.data),
+                             static_cast<const uint8_t*>(zv.data), sh, act,
+                             static_cast<uint32_t*>(wv.data), static_cast<uint32_t*>(pv.data), args.launch());
+  }
+  check(err, "w4a16_prepack");
+}
+
+// x [M, K] and y [M, N] checks shared by both GEMMs; returns (M, x dtype).
+std::pair<int64_t, DType> check_x_y(CudaArgs& args, ArrayView& xv, ArrayView& yv, py::handle x,
+                                    py::handle y, int64_t N, int64_t K) {
+  xv = args.view(x, "x", false);
+  if (xv.shape.size() != 2) fail("x must be 2-D [M, K], got " + std::to_string(xv.shape.size()) + "-D");
+  const DType xt = half_dtype(xv, "x");
+  if (xv.shape[1] != K)
+    fail("x has K = " + std::to_string(xv.shape[1]) + " but the weights have K = " + std::to_string(K));
+  const int64_t M = xv.shape[0];
+  if (M <= 0) fail("x is empty");
+  if (M > INT_MAX / 2) fail("x has too many rows");
+  if (!xv.row_contiguous()) fail("x must have unit stride along its last axis");
+  yv = args.exact(y, "y", xv.dtype, {M, N}, true);
+  return {M, xt};
+}
+
+const float* bias_ptr(CudaArgs& args, ArrayView& bv, const py::object& bias, int64_t N) {
+  if (bias.is_none()) return nullptr;
+  bv = args.exact(bias, "bias", "float32", {N}, false);
+  return static_cast<const float*>(bv.data);
+}
+
+py::tuple plan_tuple(const gpu::GemmPlan& p) { return py::make_tuple(p.splits, p.workspace_words); }
+
+void w4a16_gemm_py(py::handle x, py::handle weights, py::handle params, py::object bias, py::handle y,
+                   py::object workspace, int64_t N, int64_t K, int64_t group_size, int64_t stream) {
+  CudaArgs args(stream);
+  check_gemm_dims(N, K);
+  if (group_size <= 0 || !(group_size == K || group_size % 16 == 0))
+    fail("group_size must be a multiple of 16 or the whole row, got " + std::to_string(group_size));
+  const gpu::W4A16Shape sh{N, K, group_size};
+  ArrayView xv, yv, bv, wsv;
+  const auto [M, xt] = check_x_y(args, xv, yv, x, y, N, K);
+  ArrayView wv = args.exact(weights, "weights", "int32", {sh.weight_words()}, false);
+  ArrayView pv = args.exact(params, "params", "int32", {sh.param_words()}, false);
+  const float* b = bias_ptr(args, bv, bias, N);
+  const gpu::GemmPlan plan = gpu::w4a16_plan(M, N, K, args.launch().device);
+  float* ws = nullptr;
+  if (plan.splits > 1) {
+    if (workspace.is_none()) fail("this shape needs a split-K workspace (see w4a16_plan)");
+    wsv = args.view(workspace, "workspace", true);
+    if (wsv.dtype != "float32" || !wsv.contiguous() || wsv.numel() < plan.workspace_words)
+      fail("workspace must be a contiguous float32 array of at least " +
+           std::to_string(plan.workspace_words) + " elements");
+    ws = static_cast<float*>(wsv.data);
+  }
+  gpu::W4A16Args a{xv.data, xt, M, M > 1 ? xv.strides[0] : K, sh,
+                   static_cast<const uint32_t*>(wv.data), static_cast<const uint32_t*>(pv.data), b,
+                   yv.data, ws};
+  std::string err;
+  {
+    py::gil_scoped_release nogil;
+    err = gpu::w4a16_gemm(a, args.launch());
+  }
+  check(err, "w4a16_gemm");
+}
+
+void w8a8_prepack_py(py::handle codes, py::handle scales, py::object zeros, py::handle weights,
+                     py::handle params, int64_t N, int64_t K, int64_t stream) {
+  CudaArgs args(stream);
+  check_gemm_dims(N, K);
+  const gpu::W8A8Shape sh{N, K};
+  ArrayView cv = args.exact(codes, "codes", zeros.is_none() ? "int8" : "uint8", {N, K}, false);
+  ArrayView sv = args.exact(scales, "scales", "float32", {N, 1}, false);
+  ArrayView zv;
+  if (!zeros.is_none()) zv = args.exact(zeros, "zeros", "uint8", {N, 1}, false);
+  ArrayView wv = args.exact(weights, "weights", "int32", {sh.weight_words()}, true);
+  ArrayView pv = args.exact(params, "params", "int32", {sh.param_words()}, true);
+  std::string err;
+  {
+    py::gil_scoped_release nogil;
+    err = gpu::w8a8_prepack(cv.data, static_cast<const float*>(sv.data), static_cast<const uint8_t*>(zv.data),
+                            sh, static_cast<uint32_t*>(wv.data), static_cast<uint32_t*>(pv.data), args.launch());
+  }
+  check(err, "w8a8_prepack");
+}
+
+void w8a8_gemm_py(py::handle x, py::handle weights, py::handle params, py::object bias, py::handle y,
+                  py::handle xq, py::handle x_scale, py::handle x_sum, py::object workspace, int64_t N,
+                  int64_t K, int64_t stream) {
+  CudaArgs args(stream);
+  check_gemm_dims(N, K);
+  const gpu::W8A8Shape sh{N, K};
+  ArrayView xv, yv, bv, wsv;
+  const auto [M, xt] = check_x_y(args, xv, yv, x, y, N, K);
+  ArrayView wv = args.exact(weights, "weights", "int32", {sh.weight_words()}, false);
+  ArrayView pv = args.exact(params, "params", "int32", {sh.param_words()}, false);
+  ArrayView qv = args.exact(xq, "xq", "int8", {M, sh.act_row_bytes()}, true);
+  ArrayView sv = args.exact(x_scale, "x_scale", "float32", {M}, true);
+  ArrayView mv = args.exact(x_sum, "x_sum", "int32", {M}, true);
+  const float* b = bias_ptr(args, bv, bias, N);
+  const gpu::GemmPlan plan = gpu::w8a8_plan(M, N, K, args.launch().device);
+  int32_t* ws = nullptr;
+  if (plan.splits > 1) {
+    if (workspace.is_none()) fail("this shape needs a split-K workspace (see w8a8_plan)");
+    wsv = args.view(workspace, "workspace", true);
+    if (wsv.dtype != "int32" || !wsv.contiguous() || wsv.numel() < plan.workspace_words)
+      fail("workspace must be a contiguous int32 array of at least " +
+           std::to_string(plan.workspace_words) + " elements");
+    ws = static_cast<int32_t*>(wsv.data);
+  }
+  gpu::W8A8Args a{xv.data, xt, M, M > 1 ? xv.strides[0] : K, sh,
+                  static_cast<const uint32_t*>(wv.data), static_cast<const uint32_t*>(pv.data), b,
+                  yv.data, static_cast<int8_t*>(qv.data), static_cast<float*>(sv.data),
+                  static_cast<int32_t*>(mv.data), ws};
+  std::string err;
+  {
+    py::gil_scoped_release nogil;
+    err = gpu::w8a8_gemm(a, args.launch());
+  }
+  check(err, "w8a8_gemm");
+}
+
 py::dict build_info_py() {
   gpu::RuntimeInfo r;
   {
@@ -269,6 +430,39 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("check_status", &check_status_py, py::arg("status"),
         "raise the CPU path's ValueError for what a checked kernel flagged in its status buffer");
   m.attr("STATUS_WORDS") = gpu::kStatusWords;
+
+  m.def("w4a16_prepack", &w4a16_prepack_py, py::arg("codes"), py::arg("scales"), py::arg("zeros"),
+        py::arg("weights"), py::arg("params"), py::arg("N"), py::arg("K"), py::arg("group_size"),
+        py::arg("act_dtype"), py::kw_only(), py::arg("stream") = 1);
+  m.def("w4a16_sizes", [](int64_t N, int64_t K, int64_t group_size) {
+          const gpu::W4A16Shape s{N, K, group_size};
+          return py::make_tuple(s.weight_words(), s.param_words());
+        }, py::arg("N"), py::arg("K"), py::arg("group_size"),
+        "(weight words, param words) of the packed W4A16 layout");
+  m.def("w4a16_plan", [](int64_t M, int64_t N, int64_t K, int device) {
+          return plan_tuple(gpu::w4a16_plan(M, N, K, device));
+        }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("device"),
+        "(split-K slices, float32 workspace elements; 0 when none is needed)");
+  m.def("w4a16_gemm", &w4a16_gemm_py, py::arg("x"), py::arg("weights"), py::arg("params"),
+        py::arg("bias"), py::arg("y"), py::arg("workspace"), py::arg("N"), py::arg("K"),
+        py::arg("group_size"), py::kw_only(), py::arg("stream") = 1);
+  m.def("w8a8_prepack", &w8a8_prepack_py, py::arg("codes"), py::arg("scales"), py::arg("zeros"),
+        py::arg("weights"), py::arg("params"), py::arg("N"), py::arg("K"), py::kw_only(),
+        py::arg("stream") = 1);
+  m.def("w8a8_sizes", [](int64_t N, int64_t K) {
+          const gpu::W8A8Shape s{N, K};
+          return py::make_tuple(s.weight_words(), s.param_words(), s.act_row_bytes());
+        }, py::arg("N"), py::arg("K"),
+        "(weight words, param words, quantized activation row bytes) of the W8A8 layout");
+  m.def("w8a8_plan", [](int64_t M, int64_t N, int64_t K, int device) {
+          return plan_tuple(gpu::w8a8_plan(M, N, K, device));
+        }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("device"),
+        "(split-K slices, int32 workspace elements; 0 when none is needed)");
+  m.def("w8a8_gemm", &w8a8_gemm_py, py::arg("x"), py::arg("weights"), py::arg("params"),
+        py::arg("bias"), py::arg("y"), py::arg("xq"), py::arg("x_scale"), py::arg("x_sum"),
+        py::arg("workspace"), py::arg("N"), py::arg("K"), py::kw_only(), py::arg("stream") = 1);
+  m.attr("W4A16_LAYOUT") = py::make_tuple(gpu::kW4A16Layout, gpu::kW4A16LayoutVersion);
+  m.attr("W8A8_LAYOUT") = py::make_tuple(gpu::kW8A8Layout, gpu::kW8A8LayoutVersion);
   m.def("build_info", &build_info_py,
         "compiled architectures, CUDA runtime/driver versions and devices; never raises "
         "(a missing driver or device is reported under 'device_error')");
