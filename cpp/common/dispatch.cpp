@@ -145,7 +145,7 @@ const KernelTable* select(const std::string& name) {
 
 #ifndef LOWBIT_HAVE_AVX512_EMULATED
 // Referenced by select() to exclude it from "auto"; never registered when not compiled.
-namespace avx512_emulated { const KernelTable kTable = {"avx512_emulated", nullptr, nullptr}; }
+namespace avx512_emulated { const KernelTable kTable = {"avx512_emulated", nullptr, nullptr, nullptr, nullptr}; }
 #endif
 
 const KernelTable& active() {

@@ -3,6 +3,7 @@
 // (Python side) and passed in, so every array lives in the caller's allocator.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <pybind11/numpy.h>
 
 #include "common/dispatch.h"
 #include "common/format.h"
@@ -122,6 +123,49 @@ void unpack_int4_py(py::handle packed, py::handle codes) {
                       static_cast<uint8_t*>(cv.data));
 }
 
+py::array_t<uint8_t> pack_linear_py(py::handle codes, py::handle scales, py::handle zeros, int64_t N,
+                                    int64_t K, int bits, int scheme, int64_t group_size) {
+  QuantFormat f = make_format(bits, scheme, group_size, 1.0f);
+  if (f.group_size <= 0) fail("group_size must be positive");
+  const int64_t G = num_groups(K, f.group_size);
+  ArrayView cv = view_exact(codes, "codes", bits == 8 && f.scheme == Scheme::symmetric ? "int8" : "uint8",
+                            {N, packed_row_bytes(K, bits)}, false);
+  ArrayView sv = view_exact(scales, "scales", "float32", {N, G}, false);
+  ArrayView zv;
+  if (f.scheme == Scheme::asymmetric) zv = view_exact(zeros, "zeros", "uint8", {N, G}, false);
+  int64_t bytes = 0;
+  try {
+    if (bits != 4 && bits != 8) fail("matmul kernels take 4- or 8-bit weights");
+    bytes = packed_linear_bytes(N, K, f);
+  } catch (const std::invalid_argument& e) { fail(e.what()); }
+  py::array_t<uint8_t> out(bytes);
+  uint8_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    lowbit::pack_linear(static_cast<const uint8_t*>(cv.data), static_cast<const float*>(sv.data),
+                        static_cast<const uint8_t*>(zv.data), N, K, f, o, bytes);
+  }
+  return out;
+}
+
+void matmul_py(py::handle x, py::array_t<uint8_t, py::array::c_style> packed, py::handle bias,
+               py::handle y, int act_bits) {
+  ArrayView xv = view_array(x, "x", false);
+  require_cpu(xv, "x");
+  if (xv.shape.size() != 2 || !xv.contiguous()) fail("x must be a contiguous 2-D array [M, K]");
+  const DType t = float_dtype(xv, "x");
+  const int64_t M = xv.shape[0], K = xv.shape[1];
+  if (M == 0 || K == 0) fail("x is empty");
+  if (packed.size() < int64_t(sizeof(PackedLinearHeader))) fail("packed weight is too small");
+  const int64_t N = reinterpret_cast<const PackedLinearHeader*>(packed.data())->N;
+  ArrayView bv;
+  if (!bias.is_none()) bv = view_exact(bias, "bias", xv.dtype, {N}, false);
+  ArrayView yv = view_exact(y, "out", xv.dtype, {M, N}, true);
+  MatmulCall c{xv.data, t, M, K, packed.data(), int64_t(packed.size()), bv.data, yv.data, act_bits};
+  py::gil_scoped_release nogil;
+  lowbit::matmul(c);
+}
+
 py::dict build_info_py() {
   py::dict d;
   py::list vs;
@@ -163,6 +207,15 @@ PYBIND11_MODULE(_core, m) {
     GroupParams p = params_from_range(f, lo, hi, amax);
     return py::make_tuple(p.scale, int(p.zero));
   }, "scale and zero of one group from its range, by the kernels' rule");
+  m.def("pack_linear", &pack_linear_py, py::arg("codes"), py::arg("scales"), py::arg("zeros"),
+        py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("scheme"), py::arg("group_size"),
+        "prepack a quantized weight into layout panel4_k32 (a uint8 buffer)");
+  m.def("matmul", &matmul_py, py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("out"),
+        py::arg("act_bits"));
+  m.def("matmul_kernel", [](py::array_t<uint8_t, py::array::c_style> packed, int act_bits) {
+    return matmul_kernel_name(packed.data(), act_bits);
+  }, "which variant:mode matmul would run");
+  m.def("packed_layout", [] { return py::make_tuple("panel4_k32", int(kPanel4Version)); });
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));
   m.def("get_isa", [] { return active_isa(); });
