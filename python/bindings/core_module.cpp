@@ -7,6 +7,7 @@
 
 #include "common/dispatch.h"
 #include "common/format.h"
+#include "common/peak.h"
 #include "dlpack_view.h"
 
 namespace py = pybind11;
@@ -216,6 +217,23 @@ PYBIND11_MODULE(_core, m) {
     return matmul_kernel_name(packed.data(), act_bits);
   }, "which variant:mode matmul would run");
   m.def("packed_layout", [] { return py::make_tuple("panel4_k32", int(kPanel4Version)); });
+  m.def("microbench", [](const std::string& kind, py::object arg) -> double {
+    bool avx2_ok = false;
+    for (const auto& v : variants()) avx2_ok |= v.runnable && std::string(v.table->name) == "avx2";
+    if (!avx2_ok) fail("the machine-limit microbenchmarks need the avx2 variant");
+    if (kind == "read") {
+      py::array_t<uint8_t, py::array::c_style> buf = arg.cast<py::array_t<uint8_t, py::array::c_style>>();
+      const uint8_t* p = buf.data();
+      int64_t n = buf.size();
+      py::gil_scoped_release nogil;
+      return avx2::peak_read_gbps(p, n, 5);
+    }
+    int64_t iters = arg.cast<int64_t>();
+    py::gil_scoped_release nogil;
+    if (kind == "fma") return avx2::peak_fma_gflops(iters);
+    if (kind == "int8") return avx2::peak_int8_gops(iters);
+    throw py::value_error("microbench kind must be read, fma or int8");
+  }, py::arg("kind"), py::arg("arg"), "machine limits: read GB/s, fp32 FMA GFLOP/s, int8 dot GOP/s");
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));
   m.def("get_isa", [] { return active_isa(); });
