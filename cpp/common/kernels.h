@@ -79,6 +79,7 @@ namespace ref { extern const KernelTable kTable; }
 namespace avx2 { extern const KernelTable kTable; }
 namespace avx512 { extern const KernelTable kTable; }
 namespace avx512_emulated { extern const KernelTable kTable; }
+namespace amx { extern const KernelTable kTable; }
 
 #ifdef LOWBIT_ISA_NS
 // Kernel entry points, declared once for whichever variant this file is compiled as.
