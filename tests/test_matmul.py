@@ -80,10 +80,12 @@ def test_act_int8(isa, fmt, shape):
 
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")])
-def test_integer_paths_bit_exact(fmt):
-    x, w = _data(17, 37, 576, seed=2)
+@pytest.mark.parametrize("shape", [(17, 37, 576), (130, 70, 512), (1, 9, 4099)], ids=lambda s: "x".join(map(str, s)))
+def test_integer_paths_bit_exact(fmt, shape):
+    M, N, K = shape
+    x, w = _data(M, N, K, seed=2)
     qt = lb.quantize(w, **FORMATS[fmt])
-    bias = np.arange(37, dtype=np.float32) / 7
+    bias = np.arange(N, dtype=np.float32) / 7
     outs = {}
     try:
         for name in VARIANTS:
@@ -93,6 +95,33 @@ def test_integer_paths_bit_exact(fmt):
         _ext.core().set_isa("auto")
     for name, y in outs.items():
         np.testing.assert_array_equal(y, outs["ref"], err_msg=name)
+
+
+def test_threads_agree():
+    x, w = _data(70, 300, 256, seed=7)
+    qt = lb.quantize(w, bits=4, group_size=64)
+    n = lb.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            lb.set_num_threads(t)
+            outs.append((lb.matmul(x, qt, act_bits=8), lb.matmul(x, qt)))
+    finally:
+        lb.set_num_threads(n)
+    for y8, yf in outs[1:]:
+        np.testing.assert_array_equal(y8, outs[0][0])
+        np.testing.assert_array_equal(yf, outs[0][1])
+
+
+def test_large_int8_group_accumulates_exactly():
+    # int32 dots near the int16 / float24 edges: all-max codes and activations, one group per row
+    K = 4096
+    w = np.ones((4, K), np.float32)
+    x = np.ones((1, K), np.float32)
+    for kw in (dict(bits=8, group_size=None, symmetric=True), dict(bits=4, group_size=None)):
+        qt = lb.quantize(w, **kw)
+        y = lb.matmul(x, qt, act_bits=8)
+        np.testing.assert_allclose(y, _ref(x, qt), rtol=1e-6)
 
 
 def test_torch_bfloat16_and_batch_dims(isa):
