@@ -171,6 +171,82 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
 
+// Weight-only GEMM (several rows of X): decode a chunk of <= 256 k of the panel's 4 rows to
+// float once into an L1 scratch (8 KiB; never the whole matrix), then stream every activation
+// row against it: per 8 k and 2 rows of X, 4 weight loads feed 8 FMAs.
+constexpr int64_t kChunkK = 256;
+
+template <int BITS, bool NF4>
+void float_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G, Kp = w.h->Kp, rows = m1 - m0;
+  const uint8_t* panel = w.panel(p);
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
+  alignas(32) float wf[4][kChunkK];
+  alignas(16) float dot[64][4], acc[64][4];  // rows <= 64: the dispatcher's tiles
+  for (int64_t i = 0; i < rows; ++i) _mm_store_ps(acc[i], _mm_setzero_ps());
+  int64_t k = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < rows; ++i) _mm_store_ps(dot[i], _mm_setzero_ps());
+    for (const int64_t e = w.group_end(g); k < e;) {
+      const int64_t len = std::min(kChunkK, e - k);
+      for (int64_t c = 0; c < len; c += kBlockK) {
+        __m256i wv[4];
+        load_block<BITS>(panel, (k + c) / kBlockK, wv);
+        for (int r = 0; r < 4; ++r)
+          for (int q = 0; q < 4; ++q) _mm256_store_ps(&wf[r][c + 8 * q], decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi));
+      }
+      int64_t i = 0;
+      for (; i + 2 <= rows; i += 2) {
+        const float* x0 = a.x.xf + (m0 + i) * Kp + k;
+        const float* x1 = x0 + Kp;
+        __m256 f0[4], f1[4];
+        for (int r = 0; r < 4; ++r) f0[r] = f1[r] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < len; c += 8) {
+          __m256 xa = _mm256_loadu_ps(x0 + c), xb = _mm256_loadu_ps(x1 + c);
+          for (int r = 0; r < 4; ++r) {
+            __m256 wr = _mm256_load_ps(&wf[r][c]);
+            f0[r] = _mm256_fmadd_ps(wr, xa, f0[r]);
+            f1[r] = _mm256_fmadd_ps(wr, xb, f1[r]);
+          }
+        }
+        _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f0[0], f0[1], f0[2], f0[3])));
+        _mm_store_ps(dot[i + 1], _mm_add_ps(_mm_load_ps(dot[i + 1]), hsum4_ps(f1[0], f1[1], f1[2], f1[3])));
+      }
+      for (; i < rows; ++i) {
+        const float* x0 = a.x.xf + (m0 + i) * Kp + k;
+        __m256 f0[4];
+        for (int r = 0; r < 4; ++r) f0[r] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < len; c += 8) {
+          __m256 xa = _mm256_loadu_ps(x0 + c);
+          for (int r = 0; r < 4; ++r) f0[r] = _mm256_fmadd_ps(_mm256_load_ps(&wf[r][c]), xa, f0[r]);
+        }
+        _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f0[0], f0[1], f0[2], f0[3])));
+      }
+      k += len;
+    }
+    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
+    for (int64_t i = 0; i < rows; ++i) {
+      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m0 + i) * G + g]));
+      _mm_store_ps(acc[i], _mm_add_ps(_mm_load_ps(acc[i]), _mm_sub_ps(_mm_mul_ps(sw, _mm_load_ps(dot[i])), t2)));
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, _mm_load_ps(acc[i]), 1.0f);
+}
+
+template <int BITS, bool NF4>
+void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    if (m1 - m0 >= 3) {  // decode once into L1, reuse for every row (in slices of 64 rows)
+      for (int64_t m = m0; m < m1; m += 64) float_panel_rows<BITS, NF4>(a, m, std::min(m1, m + 64), p);
+      continue;
+    }
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) float_tile<2, BITS, NF4>(a, m, p);
+    if (m < m1) float_tile<1, BITS, NF4>(a, m, p);
+  }
+}
+
 template <typename Tile2, typename Tile1>
 inline void walk(int64_t m0, int64_t m1, int64_t p0, int64_t p1, Tile2 t2, Tile1 t1) {
   for (int64_t p = p0; p < p1; ++p) {
@@ -192,15 +268,9 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
 }
 
 void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (a.w.h->bits == 8)
-    walk(m0, m1, p0, p1, [&](int64_t m, int64_t p) { float_tile<2, 8, false>(a, m, p); },
-         [&](int64_t m, int64_t p) { float_tile<1, 8, false>(a, m, p); });
-  else if (a.w.h->scheme == int(Scheme::nf4))
-    walk(m0, m1, p0, p1, [&](int64_t m, int64_t p) { float_tile<2, 4, true>(a, m, p); },
-         [&](int64_t m, int64_t p) { float_tile<1, 4, true>(a, m, p); });
-  else
-    walk(m0, m1, p0, p1, [&](int64_t m, int64_t p) { float_tile<2, 4, false>(a, m, p); },
-         [&](int64_t m, int64_t p) { float_tile<1, 4, false>(a, m, p); });
+  if (a.w.h->bits == 8) float_walk<8, false>(a, m0, m1, p0, p1);
+  else if (a.w.h->scheme == int(Scheme::nf4)) float_walk<4, true>(a, m0, m1, p0, p1);
+  else float_walk<4, false>(a, m0, m1, p0, p1);
 }
 
 }  // namespace LOWBIT_ISA_NS
