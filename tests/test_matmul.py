@@ -153,6 +153,15 @@ def test_per_tensor_scale_torch():
         assert np.allclose(y, want, rtol=0.05 if ab else 1e-5, atol=0.05 * np.abs(want).max() if ab else 1e-4)
 
 
+def test_torch_requires_grad_and_strided():
+    torch = pytest.importorskip("torch")
+    x, w = _data(4, 12, 128, seed=8)
+    qt = lb.quantize(w, bits=4, group_size=64)
+    xt = torch.from_numpy(np.ascontiguousarray(x.T)).T.requires_grad_(True)  # non-contiguous
+    y = lb.matmul(xt, qt)
+    np.testing.assert_allclose(y.numpy(), _ref(x, qt), rtol=1e-5, atol=1e-4)
+
+
 def test_float16_numpy():
     x, w = _data(2, 12, 64, seed=4)
     qt = lb.quantize(w, bits=8, group_size=None, symmetric=True)

@@ -73,7 +73,7 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t mt = (m - m0) / 16, mi = (m - m0) % 16;
     for (int64_t k = 0; k < Kp; ++k)
-      bx[size_t(mt * Kp * 16 + (k / 4) * 64 + mi * 4 + (k % 4))] = a.x.xq[m * Kp + k];
+      bx[size_t(mt * Kp * 16 + (k / 4) * 64 + mi * 4 + (k % 4))] = a.x.xq[m * a.x.ld + k];
   }
   std::vector<uint8_t> aw(size_t(16 * Kp));
   alignas(64) int32_t c[16][16];

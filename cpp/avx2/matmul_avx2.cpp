@@ -63,63 +63,78 @@ inline void load_block(const uint8_t* panel, int64_t b, __m256i wv[4]) {
 // int4 pairs from vpmaddubsw are <= 2·15·127 = 3810, so up to 8 blocks (8·3810 = 30480 <
 // 32767) add exactly in int16 before one vpmaddwd widens them: 4 fewer uops per block and row.
 constexpr int kInt16Blocks = 8;
+constexpr int64_t kIntChunkK = kInt16Blocks * kBlockK;  // 256 k: X rows' chunk stays in L1
 
+// Rows [xrow, xrow + MR) of X against one panel over [k, stop): int32 sums of the 4 rows.
 template <int MR, int BITS>
-void int_tile(const MatmulArgs& a, int64_t m, int64_t p) {
-  const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, Kp = w.h->Kp;
-  const uint8_t* panel = w.panel(p);
+inline void int_chunk(const uint8_t* panel, const int8_t* const* xrow, int64_t k, int64_t stop,
+                      __m128i* out) {
   const __m256i ones16 = _mm256_set1_epi16(1);
-  const int8_t* xrow[MR];
-  for (int i = 0; i < MR; ++i) xrow[i] = a.x.xq + (m + i) * Kp;
-  __m128 acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm_setzero_ps();
-  int64_t k = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i dacc[MR][4];
-    for (int i = 0; i < MR; ++i)
-      for (int r = 0; r < 4; ++r) dacc[i][r] = _mm256_setzero_si256();
-    const int64_t e = w.group_end(g);
+  __m256i d[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 4; ++r) d[i][r] = _mm256_setzero_si256();
+  for (; k < stop; k += kBlockK) {
+    __m256i wv[4];
+    load_block<BITS>(panel, k / kBlockK, wv);
     if constexpr (BITS == 8) {
-      for (; k < e; k += kBlockK) {
-        __m256i wv[4], aw[4];
-        load_block<8>(panel, k / kBlockK, wv);
-        for (int r = 0; r < 4; ++r) aw[r] = _mm256_abs_epi8(wv[r]);
-        for (int i = 0; i < MR; ++i) {
-          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
-          for (int r = 0; r < 4; ++r)
-            dacc[i][r] = _mm256_add_epi32(dacc[i][r], _mm256_madd_epi16(
-                _mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones16));
-        }
+      __m256i aw[4];
+      for (int r = 0; r < 4; ++r) aw[r] = _mm256_abs_epi8(wv[r]);
+      for (int i = 0; i < MR; ++i) {
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
+        for (int r = 0; r < 4; ++r)
+          d[i][r] = _mm256_add_epi32(d[i][r], _mm256_madd_epi16(
+              _mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones16));
       }
-    } else {
-      while (k < e) {
-        const int64_t stop = std::min<int64_t>(e, k + kInt16Blocks * kBlockK);
-        __m256i s16[MR][4];
-        for (int i = 0; i < MR; ++i)
-          for (int r = 0; r < 4; ++r) s16[i][r] = _mm256_setzero_si256();
-        for (; k < stop; k += kBlockK) {
-          __m256i wv[4];
-          load_block<4>(panel, k / kBlockK, wv);
-          for (int i = 0; i < MR; ++i) {
-            __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
-            for (int r = 0; r < 4; ++r) s16[i][r] = _mm256_add_epi16(s16[i][r], _mm256_maddubs_epi16(wv[r], xv));
-          }
-        }
-        for (int i = 0; i < MR; ++i)
-          for (int r = 0; r < 4; ++r)
-            dacc[i][r] = _mm256_add_epi32(dacc[i][r], _mm256_madd_epi16(s16[i][r], ones16));
+    } else {  // int16 sums, widened once per chunk (<= 8 blocks)
+      for (int i = 0; i < MR; ++i) {
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
+        for (int r = 0; r < 4; ++r) d[i][r] = _mm256_add_epi16(d[i][r], _mm256_maddubs_epi16(wv[r], xv));
       }
     }
+  }
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (BITS == 4)
+      for (int r = 0; r < 4; ++r) d[i][r] = _mm256_madd_epi16(d[i][r], ones16);
+    out[i] = _mm_add_epi32(out[i], hsum4_epi32(d[i][0], d[i][1], d[i][2], d[i][3]));
+  }
+}
+
+// Rows [m0, m1) (<= 64) of X against panel p. Loops: group, 256-k chunk, pairs of X rows, so
+// the chunk of X (<= 16 KiB) stays in L1 while the panel's bytes are reused from L1.
+template <int BITS>
+void int_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G, rows = m1 - m0;
+  const uint8_t* panel = w.panel(p);
+  alignas(16) __m128i dot[64];
+  __m128 acc[64];
+  const int8_t* xr[64];
+  for (int64_t i = 0; i < rows; ++i) { acc[i] = _mm_setzero_ps(); xr[i] = a.x.xq + (m0 + i) * a.x.ld; }
+  int64_t k = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < rows; ++i) dot[i] = _mm_setzero_si128();
+    for (const int64_t e = w.group_end(g); k < e;) {
+      const int64_t stop = std::min(e, k + kIntChunkK);
+      int64_t i = 0;
+      for (; i + 2 <= rows; i += 2) int_chunk<2, BITS>(panel, xr + i, k, stop, dot + i);
+      if (i < rows) int_chunk<1, BITS>(panel, xr + i, k, stop, dot + i);
+      k = stop;
+    }
+    // the reference's exact float steps: acc += sw·float(dot) − swz·float(suma)
     const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
-    for (int i = 0; i < MR; ++i) {
-      __m128 dot = _mm_cvtepi32_ps(hsum4_epi32(dacc[i][0], dacc[i][1], dacc[i][2], dacc[i][3]));
-      __m128 t1 = _mm_mul_ps(sw, dot);
-      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(float(a.x.suma[(m + i) * G + g])));
+    for (int64_t i = 0; i < rows; ++i) {
+      __m128 t1 = _mm_mul_ps(sw, _mm_cvtepi32_ps(dot[i]));
+      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(float(a.x.suma[(m0 + i) * G + g])));
       acc[i] = _mm_add_ps(acc[i], _mm_sub_ps(t1, t2));
     }
   }
-  for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], a.x.sa[m + i]);
+  for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, acc[i], a.x.sa[m0 + i]);
+}
+
+template <int BITS>
+void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t m = m0; m < m1; m += 64) int_panel_rows<BITS>(a, m, std::min(m1, m + 64), p);
 }
 
 // Eight codes (bytes 8q .. 8q+7 of v) as floats: d(u) = u, NF4[u], or the int8 value.
@@ -139,7 +154,7 @@ inline __m256 decode8(__m256i v, int q, __m256 lut_lo, __m256 lut_hi) {
 template <int MR, int BITS, bool NF4>
 void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, Kp = w.h->Kp;
+  const int64_t G = w.h->G;
   const uint8_t* panel = w.panel(p);
   const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
   __m128 acc[MR];
@@ -154,7 +169,7 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
       load_block<BITS>(panel, k / kBlockK, wv);
       for (int q = 0; q < 4; ++q) {
         __m256 xv[MR];
-        for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * Kp + k + 8 * q);
+        for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 8 * q);
         for (int r = 0; r < 4; ++r) {
           __m256 wf = decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi);
           for (int i = 0; i < MR; ++i) facc[i][r] = _mm256_fmadd_ps(wf, xv[i], facc[i][r]);
@@ -179,7 +194,7 @@ constexpr int64_t kChunkK = 256;
 template <int BITS, bool NF4>
 void float_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, Kp = w.h->Kp, rows = m1 - m0;
+  const int64_t G = w.h->G, rows = m1 - m0;
   const uint8_t* panel = w.panel(p);
   const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
   alignas(32) float wf[4][kChunkK];
@@ -198,8 +213,8 @@ void float_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
       }
       int64_t i = 0;
       for (; i + 2 <= rows; i += 2) {
-        const float* x0 = a.x.xf + (m0 + i) * Kp + k;
-        const float* x1 = x0 + Kp;
+        const float* x0 = a.x.xf + (m0 + i) * a.x.ld + k;
+        const float* x1 = x0 + a.x.ld;
         __m256 f0[4], f1[4];
         for (int r = 0; r < 4; ++r) f0[r] = f1[r] = _mm256_setzero_ps();
         for (int64_t c = 0; c < len; c += 8) {
@@ -214,7 +229,7 @@ void float_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
         _mm_store_ps(dot[i + 1], _mm_add_ps(_mm_load_ps(dot[i + 1]), hsum4_ps(f1[0], f1[1], f1[2], f1[3])));
       }
       for (; i < rows; ++i) {
-        const float* x0 = a.x.xf + (m0 + i) * Kp + k;
+        const float* x0 = a.x.xf + (m0 + i) * a.x.ld + k;
         __m256 f0[4];
         for (int r = 0; r < 4; ++r) f0[r] = _mm256_setzero_ps();
         for (int64_t c = 0; c < len; c += 8) {
@@ -259,12 +274,8 @@ inline void walk(int64_t m0, int64_t m1, int64_t p0, int64_t p1, Tile2 t2, Tile1
 }  // namespace
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (a.w.h->bits == 4)
-    walk(m0, m1, p0, p1, [&](int64_t m, int64_t p) { int_tile<2, 4>(a, m, p); },
-         [&](int64_t m, int64_t p) { int_tile<1, 4>(a, m, p); });
-  else
-    walk(m0, m1, p0, p1, [&](int64_t m, int64_t p) { int_tile<2, 8>(a, m, p); },
-         [&](int64_t m, int64_t p) { int_tile<1, 8>(a, m, p); });
+  if (a.w.h->bits == 4) int_walk<4>(a, m0, m1, p0, p1);
+  else int_walk<8>(a, m0, m1, p0, p1);
 }
 
 void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {

@@ -35,7 +35,7 @@ inline __m512i broadcast32(const int8_t* p) {
 template <int MR, int BITS>
 void int_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, Kp = w.h->Kp;
+  const int64_t G = w.h->G;
   const uint8_t* panel = w.panel(p);
   const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
   __m128 acc[MR];
@@ -50,7 +50,7 @@ void int_tile(const MatmulArgs& a, int64_t m, int64_t p) {
         __m512i v = _mm512_loadu_si512(panel + b * sizeof(W4Block));
         __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         for (int i = 0; i < MR; ++i) {
-          __m512i xv = broadcast32(a.x.xq + (m + i) * Kp + k);
+          __m512i xv = broadcast32(a.x.xq + (m + i) * a.x.ld + k);
           d0[i] = _mm512_dpbusd_epi32(d0[i], lo, xv);
           d1[i] = _mm512_dpbusd_epi32(d1[i], hi, xv);
         }
@@ -60,7 +60,7 @@ void int_tile(const MatmulArgs& a, int64_t m, int64_t p) {
         __mmask64 n0 = _mm512_movepi8_mask(v0), n1 = _mm512_movepi8_mask(v1);  // w' < 0
         __m512i a0 = _mm512_abs_epi8(v0), a1 = _mm512_abs_epi8(v1);
         for (int i = 0; i < MR; ++i) {
-          __m512i xv = broadcast32(a.x.xq + (m + i) * Kp + k);
+          __m512i xv = broadcast32(a.x.xq + (m + i) * a.x.ld + k);
           d0[i] = _mm512_dpbusd_epi32(d0[i], a0, _mm512_mask_sub_epi8(xv, n0, zero, xv));
           d1[i] = _mm512_dpbusd_epi32(d1[i], a1, _mm512_mask_sub_epi8(xv, n1, zero, xv));
         }

@@ -60,6 +60,7 @@ struct PackedLinear {
 //                          padded; sumx [M][G] = Σ_group xf in float, k ascending
 struct PreparedAct {
   int64_t M, Kp, G;
+  int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets
   const int8_t* xq; const float* sa; const int32_t* suma;
   const float* xf; const float* sumx;
 };

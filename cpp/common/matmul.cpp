@@ -110,14 +110,15 @@ void matmul(const MatmulCall& c) {
   require(c.M > 0, "x is empty");
   require(c.act_bits == 0 || c.act_bits == 8, "act_bits must be None or 8, got " + std::to_string(c.act_bits));
   const int64_t M = c.M, K = c.K, Kp = w.h->Kp, G = w.h->G, N = w.h->N;
+  const int64_t ld = Kp + 64;  // a 4 KiB-multiple row stride would map every row to the same L1 sets
   const bool int_mode = use_int(w, c.act_bits);
 
   // Per-call activation preparation (scalar; O(M·K), small next to the O(M·N·K) product).
   std::vector<int8_t> xq;
   std::vector<float> sa, xf, sumx, bias;
   std::vector<int32_t> suma;
-  if (int_mode) { xq.assign(size_t(M * Kp), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
-  else { xf.assign(size_t(M * Kp), 0.f); sumx.assign(size_t(M * G), 0.f); }
+  if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
+  else { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
   std::atomic<int64_t> bad{-1};
   parallel_for(M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
     std::vector<float> row(static_cast<size_t>(K));
@@ -136,7 +137,7 @@ void matmul(const MatmulCall& c) {
         const float s = amax / 127.f, inv = inverse_scale(s);
         for (int64_t k = 0; k < K; ++k) {
           float q = std::min(std::max(std::nearbyint(row[k] * inv), -127.f), 127.f);
-          if (int_mode) xq[m * Kp + k] = int8_t(q); else row[k] = q * s;
+          if (int_mode) xq[m * ld + k] = int8_t(q); else row[k] = q * s;
         }
         if (int_mode) sa[m] = s;
       }
@@ -144,11 +145,11 @@ void matmul(const MatmulCall& c) {
         const int64_t k0 = g * w.h->group_size, k1 = std::min(K, k0 + w.h->group_size);
         if (int_mode) {
           int32_t t = 0;
-          for (int64_t k = k0; k < k1; ++k) t += xq[m * Kp + k];
+          for (int64_t k = k0; k < k1; ++k) t += xq[m * ld + k];
           suma[m * G + g] = t;
         } else {
           float t = 0.f;
-          for (int64_t k = k0; k < k1; ++k) { xf[m * Kp + k] = row[k]; t = t + row[k]; }
+          for (int64_t k = k0; k < k1; ++k) { xf[m * ld + k] = row[k]; t = t + row[k]; }
           sumx[m * G + g] = t;
         }
       }
@@ -159,7 +160,7 @@ void matmul(const MatmulCall& c) {
     bias.resize(size_t(N));
     for (int64_t n = 0; n < N; ++n) bias[n] = load_as_f32(c.bias, c.x_dtype, n);
   }
-  MatmulArgs a{w, PreparedAct{M, Kp, G, xq.data(), sa.data(), suma.data(), xf.data(), sumx.data()},
+  MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), xf.data(), sumx.data()},
                c.bias ? bias.data() : nullptr, c.y, c.x_dtype};
   const KernelTable& t = active();
   MatmulFn fn = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)

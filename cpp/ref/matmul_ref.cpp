@@ -30,13 +30,13 @@ inline int code_at(const PackedLinear& w, int64_t p, int r, int64_t k) {
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, Kp = w.h->Kp;
+  const int64_t G = w.h->G;
   for (int64_t p = p0; p < p1; ++p)
     for (int r = 0; r < kPanelRows; ++r) {
       const int64_t n = p * kPanelRows + r;
       if (n >= w.h->N) break;
       for (int64_t m = m0; m < m1; ++m) {
-        const int8_t* xq = a.x.xq + m * Kp;
+        const int8_t* xq = a.x.xq + m * a.x.ld;
         float acc = 0.f;
         for (int64_t g = 0, k = 0; g < G; ++g) {
           int32_t dot = 0;
@@ -52,14 +52,14 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
 
 void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, Kp = w.h->Kp;
+  const int64_t G = w.h->G;
   const bool nf4 = w.h->scheme == int(Scheme::nf4);
   for (int64_t p = p0; p < p1; ++p)
     for (int r = 0; r < kPanelRows; ++r) {
       const int64_t n = p * kPanelRows + r;
       if (n >= w.h->N) break;
       for (int64_t m = m0; m < m1; ++m) {
-        const float* xf = a.x.xf + m * Kp;
+        const float* xf = a.x.xf + m * a.x.ld;
         float acc = 0.f;
         for (int64_t g = 0, k = 0; g < G; ++g) {
           float dot = 0.f;

@@ -299,6 +299,8 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
         if tuple(int(s) for s in bias.shape) != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         bias = _interop.asarray_like(x, bias, dt)
+    if _interop.framework_of(x) == "torch" and x.requires_grad:
+        x = x.detach()  # inference kernel: no autograd graph (DLPack refuses tensors needing grad)
     x2 = _interop.contiguous(x.reshape(M, K))
     packed = _packed_weight(qt)
     if packed is None:
