@@ -162,6 +162,14 @@ def test_torch_requires_grad_and_strided():
     np.testing.assert_allclose(y.numpy(), _ref(x, qt), rtol=1e-5, atol=1e-4)
 
 
+def test_one_dimensional_x():
+    x, w = _data(1, 10, 64, seed=9)
+    qt = lb.quantize(w, bits=8, group_size=32)
+    y = lb.matmul(x[0], qt)
+    assert y.shape == (10,)
+    np.testing.assert_allclose(y, _ref(x, qt)[0], rtol=1e-5, atol=1e-4)
+
+
 def test_float16_numpy():
     x, w = _data(2, 12, 64, seed=4)
     qt = lb.quantize(w, bits=8, group_size=None, symmetric=True)

@@ -151,6 +151,16 @@ inline __m256 decode8(__m256i v, int q, __m256 lut_lo, __m256 lut_hi) {
   return _mm256_cvtepi32_ps(u);
 }
 
+// Eight int32 codes u in [0, 15] as floats: u, or NF4[u].
+template <bool NF4>
+inline __m256 decode_u32(__m256i u, __m256 lut_lo, __m256 lut_hi) {
+  if constexpr (NF4) {
+    __m256 lo = _mm256_permutevar8x32_ps(lut_lo, u), hi = _mm256_permutevar8x32_ps(lut_hi, u);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(u, 28)));
+  }
+  return _mm256_cvtepi32_ps(u);
+}
+
 template <int MR, int BITS, bool NF4>
 void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   const PackedLinear& w = a.w;
@@ -165,14 +175,33 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
     for (int i = 0; i < MR; ++i)
       for (int r = 0; r < 4; ++r) facc[i][r] = _mm256_setzero_ps();
     for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
-      __m256i wv[4];
-      load_block<BITS>(panel, k / kBlockK, wv);
-      for (int q = 0; q < 4; ++q) {
-        __m256 xv[MR];
-        for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 8 * q);
-        for (int r = 0; r < 4; ++r) {
-          __m256 wf = decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi);
-          for (int i = 0; i < MR; ++i) facc[i][r] = _mm256_fmadd_ps(wf, xv[i], facc[i][r]);
+      if constexpr (BITS == 4) {
+        // vpmovzxbd straight from memory: 8 bytes -> 8 lanes holding two rows' codes (lo | hi<<4)
+        const uint8_t* src = panel + (k / kBlockK) * sizeof(W4Block);
+        const __m256i low4 = _mm256_set1_epi32(15);
+        for (int q = 0; q < 4; ++q) {
+          __m256 xv[MR];
+          for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 8 * q);
+          for (int h = 0; h < 2; ++h) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 32 * h + 8 * q)));
+            __m256 wa = decode_u32<NF4>(_mm256_and_si256(v, low4), lut_lo, lut_hi);
+            __m256 wb = decode_u32<NF4>(_mm256_srli_epi32(v, 4), lut_lo, lut_hi);
+            for (int i = 0; i < MR; ++i) {
+              facc[i][2 * h] = _mm256_fmadd_ps(wa, xv[i], facc[i][2 * h]);
+              facc[i][2 * h + 1] = _mm256_fmadd_ps(wb, xv[i], facc[i][2 * h + 1]);
+            }
+          }
+        }
+      } else {
+        __m256i wv[4];
+        load_block<BITS>(panel, k / kBlockK, wv);
+        for (int q = 0; q < 4; ++q) {
+          __m256 xv[MR];
+          for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 8 * q);
+          for (int r = 0; r < 4; ++r) {
+            __m256 wf = decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi);
+            for (int i = 0; i < MR; ++i) facc[i][r] = _mm256_fmadd_ps(wf, xv[i], facc[i][r]);
+          }
         }
       }
     }
