@@ -6,8 +6,8 @@
 //   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8, so feed |w'| (<= 128) and
 //         x negated where w' < 0 (mask from vpmovb2m) — the AVX-512 form of the vpsignb trick.
 // Per group the int32 lanes are reduced to [row0..row3] and scaled with the reference's exact
-// float steps, so results are bit-exact with cpp/ref. Weight-only float activations reuse the
-// AVX2 kernel (see table.cpp). MR = 4 activation rows share each decoded weight register.
+// float steps, so results are bit-exact with cpp/ref. Weight-only float activations: matmul_float_avx512.cpp.
+// MR = 4 activation rows share each decoded weight register.
 // Compiled natively with AVX-512 flags, and as the avx512_emulated test variant through SIMDe.
 #include "avx512/intrin.h"
 #include "common/format.h"
