@@ -104,12 +104,23 @@ static std::string missing_for_avx512(const CpuFeatures& f) {
   return m;
 }
 
+static std::string missing_for_amx(const CpuFeatures& f) {
+  std::string m = missing_for_avx512(f);
+  if (!f.amx_tile) m += " amx_tile";
+  if (!f.amx_int8) m += " amx_int8";
+  if (!f.os_amx) m += " os-amx-tile-state";
+  return m;
+}
+
 std::vector<VariantInfo> variants() {
   const CpuFeatures& f = cpu_features();
   std::vector<VariantInfo> v;
   auto add = [&](const KernelTable* t, std::string missing) {
     v.push_back({t, true, missing.empty(), missing.empty() ? "" : "CPU lacks" + missing});
   };
+#ifdef LOWBIT_HAVE_AMX
+  add(&amx::kTable, missing_for_amx(f));
+#endif
   add(&avx512::kTable, missing_for_avx512(f));
   add(&avx2::kTable, missing_for_avx2(f));
 #ifdef LOWBIT_HAVE_AVX512_EMULATED
@@ -145,7 +156,7 @@ const KernelTable* select(const std::string& name) {
 
 #ifndef LOWBIT_HAVE_AVX512_EMULATED
 // Referenced by select() to exclude it from "auto"; never registered when not compiled.
-namespace avx512_emulated { const KernelTable kTable = {"avx512_emulated", nullptr, nullptr}; }
+namespace avx512_emulated { const KernelTable kTable = {"avx512_emulated", nullptr, nullptr, nullptr, nullptr}; }
 #endif
 
 const KernelTable& active() {

@@ -47,7 +47,21 @@ void dequantize(const DequantizeArgs& a);
 void pack_int4(const uint8_t* codes, int64_t rows, int64_t K, bool is_signed, uint8_t* packed);
 void unpack_int4(const uint8_t* packed, int64_t rows, int64_t K, bool sign_extend, uint8_t* codes);
 
-// Reads every byte of a buffer (all threads); returns a checksum so the reads are not elided.
-uint64_t read_buffer(const void* data, int64_t bytes);
+// matmul (cpp/common/matmul.cpp). Prepack W once into layout panel4_k32 (see layout_panel4.h):
+// packed_linear_bytes() says how big a buffer pack_linear() fills. codes/scales/zeros as in a
+// QuantizedTensor (scales/zeros [N, groups]; zeros only for asymmetric).
+int64_t packed_linear_bytes(int64_t N, int64_t K, const QuantFormat& f);
+void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t N,
+                 int64_t K, const QuantFormat& f, uint8_t* out, int64_t out_bytes);
+struct MatmulCall {
+  const void* x; DType x_dtype; int64_t M, K;   // x [M, K] contiguous
+  const uint8_t* packed; int64_t packed_bytes;  // from pack_linear
+  const void* bias;                             // [N] in x_dtype, or nullptr
+  void* y;                                      // [M, N] contiguous, x_dtype
+  int act_bits;                                 // 0 (float activations) or 8
+};
+void matmul(const MatmulCall& c);
+// Which kernel matmul() would run for this packed weight and act_bits ("avx2:int", "ref:float").
+std::string matmul_kernel_name(const uint8_t* packed, int act_bits);
 
 }  // namespace lowbit

@@ -58,11 +58,20 @@ struct DequantizeArgs {
 using QuantizeFn = int64_t (*)(const QuantizeArgs&, int64_t r0, int64_t r1);
 using DequantizeFn = void (*)(const DequantizeArgs&, int64_t r0, int64_t r1);
 
+}  // namespace lowbit
+#include "common/layout_panel4.h"
+namespace lowbit {
+// A matmul kernel computes Y rows [m0, m1) × panels [p0, p1) (columns 4·p0 .. min(4·p1, N)).
+// Integer kernels (act_bits=8, int4/int8 weights) use x.xq/sa/suma; float kernels x.xf/sumx.
+using MatmulFn = void (*)(const MatmulArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+
 // One ISA variant's kernels. A null entry means "use the reference".
 struct KernelTable {
   const char* name;
   QuantizeFn quantize;
   DequantizeFn dequantize;
+  MatmulFn matmul_int;    // W4A8 / W8A8 on layout panel4_k32
+  MatmulFn matmul_float;  // weight-only int4 / int8 / nf4, float activations, panel4_k32
 };
 
 // Each variant defines its table in cpp/<isa>/table.cpp, in namespace lowbit::<isa>.
@@ -70,12 +79,15 @@ namespace ref { extern const KernelTable kTable; }
 namespace avx2 { extern const KernelTable kTable; }
 namespace avx512 { extern const KernelTable kTable; }
 namespace avx512_emulated { extern const KernelTable kTable; }
+namespace amx { extern const KernelTable kTable; }
 
 #ifdef LOWBIT_ISA_NS
 // Kernel entry points, declared once for whichever variant this file is compiled as.
 namespace LOWBIT_ISA_NS {
 int64_t quantize_rows(const QuantizeArgs& a, int64_t r0, int64_t r1);
 void dequantize_rows(const DequantizeArgs& a, int64_t r0, int64_t r1);
+void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 }  // namespace LOWBIT_ISA_NS
 #define LOWBIT_STR2(x) #x
 #define LOWBIT_STR(x) LOWBIT_STR2(x)

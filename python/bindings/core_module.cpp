@@ -3,9 +3,11 @@
 // (Python side) and passed in, so every array lives in the caller's allocator.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <pybind11/numpy.h>
 
 #include "common/dispatch.h"
 #include "common/format.h"
+#include "common/peak.h"
 #include "dlpack_view.h"
 
 namespace py = pybind11;
@@ -122,6 +124,49 @@ void unpack_int4_py(py::handle packed, py::handle codes) {
                       static_cast<uint8_t*>(cv.data));
 }
 
+py::array_t<uint8_t> pack_linear_py(py::handle codes, py::handle scales, py::handle zeros, int64_t N,
+                                    int64_t K, int bits, int scheme, int64_t group_size) {
+  QuantFormat f = make_format(bits, scheme, group_size, 1.0f);
+  if (f.group_size <= 0) fail("group_size must be positive");
+  const int64_t G = num_groups(K, f.group_size);
+  ArrayView cv = view_exact(codes, "codes", bits == 8 && f.scheme == Scheme::symmetric ? "int8" : "uint8",
+                            {N, packed_row_bytes(K, bits)}, false);
+  ArrayView sv = view_exact(scales, "scales", "float32", {N, G}, false);
+  ArrayView zv;
+  if (f.scheme == Scheme::asymmetric) zv = view_exact(zeros, "zeros", "uint8", {N, G}, false);
+  int64_t bytes = 0;
+  try {
+    if (bits != 4 && bits != 8) fail("matmul kernels take 4- or 8-bit weights");
+    bytes = packed_linear_bytes(N, K, f);
+  } catch (const std::invalid_argument& e) { fail(e.what()); }
+  py::array_t<uint8_t> out(bytes);
+  uint8_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    lowbit::pack_linear(static_cast<const uint8_t*>(cv.data), static_cast<const float*>(sv.data),
+                        static_cast<const uint8_t*>(zv.data), N, K, f, o, bytes);
+  }
+  return out;
+}
+
+void matmul_py(py::handle x, py::array_t<uint8_t, py::array::c_style> packed, py::handle bias,
+               py::handle y, int act_bits) {
+  ArrayView xv = view_array(x, "x", false);
+  require_cpu(xv, "x");
+  if (xv.shape.size() != 2 || !xv.contiguous()) fail("x must be a contiguous 2-D array [M, K]");
+  const DType t = float_dtype(xv, "x");
+  const int64_t M = xv.shape[0], K = xv.shape[1];
+  if (M == 0 || K == 0) fail("x is empty");
+  if (packed.size() < int64_t(sizeof(PackedLinearHeader))) fail("packed weight is too small");
+  const int64_t N = reinterpret_cast<const PackedLinearHeader*>(packed.data())->N;
+  ArrayView bv;
+  if (!bias.is_none()) bv = view_exact(bias, "bias", xv.dtype, {N}, false);
+  ArrayView yv = view_exact(y, "out", xv.dtype, {M, N}, true);
+  MatmulCall c{xv.data, t, M, K, packed.data(), int64_t(packed.size()), bv.data, yv.data, act_bits};
+  py::gil_scoped_release nogil;
+  lowbit::matmul(c);
+}
+
 py::dict build_info_py() {
   py::dict d;
   py::list vs;
@@ -163,16 +208,32 @@ PYBIND11_MODULE(_core, m) {
     GroupParams p = params_from_range(f, lo, hi, amax);
     return py::make_tuple(p.scale, int(p.zero));
   }, "scale and zero of one group from its range, by the kernels' rule");
-  m.def("read_buffer", [](py::handle buf) {
-    ArrayView v = view_array(buf, "buffer", false);
-    require_cpu(v, "buffer");
-    if (!v.contiguous()) fail("buffer must be contiguous");
-    int64_t bytes = v.numel() * int64_t((v.dtype == "float32" || v.dtype == "int32") ? 4 :
-                                        (v.dtype == "uint8" || v.dtype == "int8") ? 1 : 0);
-    if (bytes == 0) throw py::type_error("buffer must be a non-empty uint8/int8/float32/int32 array");
+  m.def("pack_linear", &pack_linear_py, py::arg("codes"), py::arg("scales"), py::arg("zeros"),
+        py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("scheme"), py::arg("group_size"),
+        "prepack a quantized weight into layout panel4_k32 (a uint8 buffer)");
+  m.def("matmul", &matmul_py, py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("out"),
+        py::arg("act_bits"));
+  m.def("matmul_kernel", [](py::array_t<uint8_t, py::array::c_style> packed, int act_bits) {
+    return matmul_kernel_name(packed.data(), act_bits);
+  }, "which variant:mode matmul would run");
+  m.def("packed_layout", [] { return py::make_tuple("panel4_k32", int(kPanel4Version)); });
+  m.def("microbench", [](const std::string& kind, py::object arg) -> double {
+    bool avx2_ok = false;
+    for (const auto& v : variants()) avx2_ok |= v.runnable && std::string(v.table->name) == "avx2";
+    if (!avx2_ok) fail("the machine-limit microbenchmarks need the avx2 variant");
+    if (kind == "read") {
+      py::array_t<uint8_t, py::array::c_style> buf = arg.cast<py::array_t<uint8_t, py::array::c_style>>();
+      const uint8_t* p = buf.data();
+      int64_t n = buf.size();
+      py::gil_scoped_release nogil;
+      return avx2::peak_read_gbps(p, n, 5);
+    }
+    int64_t iters = arg.cast<int64_t>();
     py::gil_scoped_release nogil;
-    return read_buffer(v.data, bytes);
-  }, "memory-read microbenchmark: reads the whole buffer with all lowbit threads");
+    if (kind == "fma") return avx2::peak_fma_gflops(iters);
+    if (kind == "int8") return avx2::peak_int8_gops(iters);
+    throw py::value_error("microbench kind must be read, fma or int8");
+  }, py::arg("kind"), py::arg("arg"), "machine limits: read GB/s, fp32 FMA GFLOP/s, int8 dot GOP/s");
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));
   m.def("get_isa", [] { return active_isa(); });

@@ -272,3 +272,96 @@ def unpack_int4(packed: Any, K: Optional[int] = None, signed: bool = False) -> A
     mod, stream = _backend(p2, "unpack_int4")
     mod.unpack_int4(p2, out, **stream)
     return out.reshape(-1) if one_d else out
+
+
+_PACK_ATTR = "_lowbit_packed"  # cache on the QuantizedTensor: {(layout, version): packed uint8 buffer}
+
+
+def _packed_weight(qt: QuantizedTensor):
+    """qt prepacked for the CPU kernels, built once per QuantizedTensor and cached on it (the
+    cache key names the layout and its version, so a newer layout never reads a stale buffer).
+    None when no packed kernel takes this format (bits 2/3, or a group size that is not a
+    multiple of 32)."""
+    layout = _ext.core().packed_layout()
+    cache = qt.__dict__.setdefault(_PACK_ATTR, {})
+    if layout in cache:
+        return cache[layout]
+    rows, K = qt.shape
+    g = qt.format.kernel_group_size(K)
+    if qt.bits not in (4, 8) or (g < K and g % 32):
+        cache[layout] = None
+        return None
+    codes, scales, zeros = (None if a is None else np.ascontiguousarray(_interop.to_numpy(a))
+                            for a in (qt.codes, qt.scales, qt.zeros))
+    if qt.format.group_size == "tensor":
+        scales = np.ascontiguousarray(_tile_rows(scales, rows))
+        zeros = np.ascontiguousarray(_tile_rows(zeros, rows)) if zeros is not None else None
+    cache[layout] = _ext.core().pack_linear(codes, scales, zeros, rows, K, qt.bits,
+                                            SCHEMES[qt.format.scheme], g)
+    return cache[layout]
+
+
+def _fake_quant_act(x64: np.ndarray) -> np.ndarray:
+    """Dynamic per-token int8 rounding, the rule of the kernels (float32 steps)."""
+    x32 = x64.astype(np.float32)
+    s = (np.abs(x32).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(s >= np.finfo(np.float32).tiny, np.float32(1) / np.where(s > 0, s, 1), 0).astype(np.float32)
+    return np.clip(np.rint(x32 * inv), -127, 127).astype(np.float32) * s
+
+
+def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int] = None) -> Any:
+    """y = x @ dequantize(qt).T (+ bias), for x [..., K] (float32, bfloat16 or float16; numpy or
+    torch on the CPU) and qt a quantized [N, K] weight. Returns [..., N] in x's dtype.
+    act_bits=8 quantizes each row of x to int8 on the fly (scale max|x_row|/127) and multiplies
+    with integer dot products (W8A8 / W4A8; nf4 weights use the rounded activations in float).
+    The weight is prepacked on first use and the packed copy cached on qt."""
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+    if act_bits not in (None, 8):
+        raise ValueError(f"act_bits must be None or 8, got {act_bits!r}")
+    if not hasattr(x, "shape") or len(x.shape) < 1:
+        raise ValueError("x must be an array of shape [..., K]")
+    dt = _interop.dtype_name(x)
+    if dt not in _interop.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {dt}")
+    N, K = qt.shape
+    if int(x.shape[-1]) != K:
+        raise ValueError(f"x has {x.shape[-1]} features (last axis) but the weight expects K={K} "
+                         f"(weight shape [N, K] = {list(qt.shape)})")
+    lead = tuple(int(s) for s in x.shape[:-1])
+    M = int(np.prod(lead)) if lead else 1
+    if M == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+    if _interop.device_of(x)[0] != "cpu":
+        raise NotImplementedError("lowbit.matmul runs on the CPU; the CUDA matmul is not built yet")
+    _check_same_device("qt", qt.codes, x, "x")
+    qt.validate()
+    if bias is not None:
+        _check_same_device("bias", bias, x, "x")
+        if tuple(int(s) for s in bias.shape) != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        bias = _interop.asarray_like(x, bias, dt)
+    if _interop.framework_of(x) == "torch" and x.requires_grad:
+        x = x.detach()  # inference kernel: no autograd graph (DLPack refuses tensors needing grad)
+    x2 = _interop.contiguous(x.reshape(M, K))
+    packed = _packed_weight(qt)
+    if packed is None:
+        return _matmul_unpacked(x2, qt, bias, act_bits, lead, dt)
+    out = _interop.empty(x2, (M, N), dt)
+    _ext.core().matmul(x2, packed, bias, out, 0 if act_bits is None else int(act_bits))
+    return out.reshape(*lead, N)
+
+
+def _matmul_unpacked(x2, qt, bias, act_bits, lead, dt):
+    """Formats no packed kernel takes (2/3-bit codes, group sizes not a multiple of 32): a plain
+    float64 product with the dequantized weight. Correct, not fast."""
+    x64 = _interop.to_numpy(x2).astype(np.float64)
+    if not np.all(np.isfinite(x64)):
+        raise ValueError("x contains NaN or Inf")
+    if act_bits == 8:
+        x64 = _fake_quant_act(x64).astype(np.float64)
+    y = x64 @ _interop.to_numpy(dequantize(qt)).astype(np.float64).T
+    if bias is not None:
+        y = y + _interop.to_numpy(bias).astype(np.float64)
+    out = _interop.asarray_like(x2, y.astype(np.float32), dt)
+    return out.reshape(*lead, qt.shape[0])

@@ -1,0 +1,317 @@
+// AVX2 matmul kernels on layout panel4_k32 (see common/layout_panel4.h).
+//   matmul_int  : W4A8 / W8A8 integer dots. One k-block = 32 int8 activations in one ymm.
+//     int4: one 32-byte load holds two rows' 32 codes (lo / hi nibble), u in [0, 15] is the
+//           unsigned operand of vpmaddubsw, the int8 activation the signed one: pairs stay
+//           <= 2·15·127 = 3810, no int16 saturation; vpmaddwd(·, 1) widens to int32.
+//     int8: w' is signed, so use the sign trick: maddubs(|w'|, sign(x, w')); |w'| <= 128 and
+//           |x| <= 127 (activations are clamped to ±127) keep pairs <= 32512 < 32767.
+//     Per group the 4 rows' int32 sums are reduced to one xmm and scaled with exactly the
+//     reference's float steps (mul, mul, sub, add), so results are bit-exact with cpp/ref.
+//   matmul_float: weight-only; codes -> int32 -> float (nf4: two 8-entry vpermps tables and a
+//     blend on bit 3) fused with the FMA into per-row accumulators; the float weight matrix
+//     never exists in memory.
+// Tiling: the dispatcher hands a range of panels (4 rows of W) × rows of X; per panel we walk X
+// in blocks of MR = 2 rows, so each decoded weight register serves 2 activation rows.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "common/format.h"
+#include "common/matmul_epilogue.h"
+
+namespace lowbit {
+namespace LOWBIT_ISA_NS {
+namespace {
+
+// [a0+..+a7, b0+..+b7, c.., d..] for four int32x8
+inline __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+inline void store_tile(const MatmulArgs& a, int64_t m, int64_t p, __m128 acc, float row_scale) {
+  alignas(16) float out[4];
+  _mm_store_ps(out, acc);
+  for (int r = 0; r < kPanelRows; ++r) {
+    const int64_t n = p * kPanelRows + r;
+    if (n < a.w.h->N) store_matmul_out(a, m, n, out[r], row_scale);
+  }
+}
+
+// The 4 rows' 32 codes of block b as u8 (int4) or s8 (int8) registers.
+template <int BITS>
+inline void load_block(const uint8_t* panel, int64_t b, __m256i wv[4]) {
+  if constexpr (BITS == 4) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const uint8_t* src = panel + b * sizeof(W4Block);
+    __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32));
+    wv[0] = _mm256_and_si256(v0, low4);
+    wv[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
+    wv[2] = _mm256_and_si256(v1, low4);
+    wv[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
+  } else {
+    const uint8_t* src = panel + b * sizeof(W8Block);
+    for (int r = 0; r < 4; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * r));
+  }
+}
+
+// int4 pairs from vpmaddubsw are <= 2·15·127 = 3810, so up to 8 blocks (8·3810 = 30480 <
+// 32767) add exactly in int16 before one vpmaddwd widens them: 4 fewer uops per block and row.
+constexpr int kInt16Blocks = 8;
+constexpr int64_t kIntChunkK = kInt16Blocks * kBlockK;  // 256 k: X rows' chunk stays in L1
+
+// Rows [xrow, xrow + MR) of X against one panel over [k, stop): int32 sums of the 4 rows.
+template <int MR, int BITS>
+inline void int_chunk(const uint8_t* panel, const int8_t* const* xrow, int64_t k, int64_t stop,
+                      __m128i* out) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i d[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 4; ++r) d[i][r] = _mm256_setzero_si256();
+  for (; k < stop; k += kBlockK) {
+    __m256i wv[4];
+    load_block<BITS>(panel, k / kBlockK, wv);
+    if constexpr (BITS == 8) {
+      __m256i aw[4];
+      for (int r = 0; r < 4; ++r) aw[r] = _mm256_abs_epi8(wv[r]);
+      for (int i = 0; i < MR; ++i) {
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
+        for (int r = 0; r < 4; ++r)
+          d[i][r] = _mm256_add_epi32(d[i][r], _mm256_madd_epi16(
+              _mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones16));
+      }
+    } else {  // int16 sums, widened once per chunk (<= 8 blocks)
+      for (int i = 0; i < MR; ++i) {
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
+        for (int r = 0; r < 4; ++r) d[i][r] = _mm256_add_epi16(d[i][r], _mm256_maddubs_epi16(wv[r], xv));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (BITS == 4)
+      for (int r = 0; r < 4; ++r) d[i][r] = _mm256_madd_epi16(d[i][r], ones16);
+    out[i] = _mm_add_epi32(out[i], hsum4_epi32(d[i][0], d[i][1], d[i][2], d[i][3]));
+  }
+}
+
+// Rows [m0, m1) (<= 64) of X against panel p. Loops: group, 256-k chunk, pairs of X rows, so
+// the chunk of X (<= 16 KiB) stays in L1 while the panel's bytes are reused from L1.
+template <int BITS>
+void int_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G, rows = m1 - m0;
+  const uint8_t* panel = w.panel(p);
+  alignas(16) __m128i dot[64];
+  __m128 acc[64];
+  const int8_t* xr[64];
+  for (int64_t i = 0; i < rows; ++i) { acc[i] = _mm_setzero_ps(); xr[i] = a.x.xq + (m0 + i) * a.x.ld; }
+  int64_t k = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < rows; ++i) dot[i] = _mm_setzero_si128();
+    for (const int64_t e = w.group_end(g); k < e;) {
+      const int64_t stop = std::min(e, k + kIntChunkK);
+      int64_t i = 0;
+      for (; i + 2 <= rows; i += 2) int_chunk<2, BITS>(panel, xr + i, k, stop, dot + i);
+      if (i < rows) int_chunk<1, BITS>(panel, xr + i, k, stop, dot + i);
+      k = stop;
+    }
+    // the reference's exact float steps: acc += sw·float(dot) − swz·float(suma)
+    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
+    for (int64_t i = 0; i < rows; ++i) {
+      __m128 t1 = _mm_mul_ps(sw, _mm_cvtepi32_ps(dot[i]));
+      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(float(a.x.suma[(m0 + i) * G + g])));
+      acc[i] = _mm_add_ps(acc[i], _mm_sub_ps(t1, t2));
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, acc[i], a.x.sa[m0 + i]);
+}
+
+template <int BITS>
+void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t m = m0; m < m1; m += 64) int_panel_rows<BITS>(a, m, std::min(m1, m + 64), p);
+}
+
+// Eight codes (bytes 8q .. 8q+7 of v) as floats: d(u) = u, NF4[u], or the int8 value.
+template <int BITS, bool NF4>
+inline __m256 decode8(__m256i v, int q, __m256 lut_lo, __m256 lut_hi) {
+  __m128i h = q < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
+  if (q & 1) h = _mm_srli_si128(h, 8);
+  if constexpr (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h));
+  __m256i u = _mm256_cvtepu8_epi32(h);
+  if constexpr (NF4) {
+    __m256 lo = _mm256_permutevar8x32_ps(lut_lo, u), hi = _mm256_permutevar8x32_ps(lut_hi, u);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(u, 28)));  // bit 3 -> sign
+  }
+  return _mm256_cvtepi32_ps(u);
+}
+
+// Eight int32 codes u in [0, 15] as floats: u, or NF4[u].
+template <bool NF4>
+inline __m256 decode_u32(__m256i u, __m256 lut_lo, __m256 lut_hi) {
+  if constexpr (NF4) {
+    __m256 lo = _mm256_permutevar8x32_ps(lut_lo, u), hi = _mm256_permutevar8x32_ps(lut_hi, u);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(u, 28)));
+  }
+  return _mm256_cvtepi32_ps(u);
+}
+
+template <int MR, int BITS, bool NF4>
+void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G;
+  const uint8_t* panel = w.panel(p);
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
+  __m128 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm_setzero_ps();
+  int64_t k = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 facc[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int r = 0; r < 4; ++r) facc[i][r] = _mm256_setzero_ps();
+    for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
+      if constexpr (BITS == 4) {
+        // vpmovzxbd straight from memory: 8 bytes -> 8 lanes holding two rows' codes (lo | hi<<4)
+        const uint8_t* src = panel + (k / kBlockK) * sizeof(W4Block);
+        const __m256i low4 = _mm256_set1_epi32(15);
+        for (int q = 0; q < 4; ++q) {
+          __m256 xv[MR];
+          for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 8 * q);
+          for (int h = 0; h < 2; ++h) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 32 * h + 8 * q)));
+            __m256 wa = decode_u32<NF4>(_mm256_and_si256(v, low4), lut_lo, lut_hi);
+            __m256 wb = decode_u32<NF4>(_mm256_srli_epi32(v, 4), lut_lo, lut_hi);
+            for (int i = 0; i < MR; ++i) {
+              facc[i][2 * h] = _mm256_fmadd_ps(wa, xv[i], facc[i][2 * h]);
+              facc[i][2 * h + 1] = _mm256_fmadd_ps(wb, xv[i], facc[i][2 * h + 1]);
+            }
+          }
+        }
+      } else {
+        __m256i wv[4];
+        load_block<BITS>(panel, k / kBlockK, wv);
+        for (int q = 0; q < 4; ++q) {
+          __m256 xv[MR];
+          for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 8 * q);
+          for (int r = 0; r < 4; ++r) {
+            __m256 wf = decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi);
+            for (int i = 0; i < MR; ++i) facc[i][r] = _mm256_fmadd_ps(wf, xv[i], facc[i][r]);
+          }
+        }
+      }
+    }
+    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
+    for (int i = 0; i < MR; ++i) {
+      __m128 dot = hsum4_ps(facc[i][0], facc[i][1], facc[i][2], facc[i][3]);
+      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m + i) * G + g]));
+      acc[i] = _mm_add_ps(acc[i], _mm_sub_ps(_mm_mul_ps(sw, dot), t2));
+    }
+  }
+  for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
+}
+
+// Weight-only GEMM (several rows of X): decode a chunk of <= 256 k of the panel's 4 rows to
+// float once into an L1 scratch (8 KiB; never the whole matrix), then stream every activation
+// row against it: per 8 k and 2 rows of X, 4 weight loads feed 8 FMAs.
+constexpr int64_t kChunkK = 256;
+
+template <int BITS, bool NF4>
+void float_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G, rows = m1 - m0;
+  const uint8_t* panel = w.panel(p);
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
+  alignas(32) float wf[4][kChunkK];
+  alignas(16) float dot[64][4], acc[64][4];  // rows <= 64: the dispatcher's tiles
+  for (int64_t i = 0; i < rows; ++i) _mm_store_ps(acc[i], _mm_setzero_ps());
+  int64_t k = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < rows; ++i) _mm_store_ps(dot[i], _mm_setzero_ps());
+    for (const int64_t e = w.group_end(g); k < e;) {
+      const int64_t len = std::min(kChunkK, e - k);
+      for (int64_t c = 0; c < len; c += kBlockK) {
+        __m256i wv[4];
+        load_block<BITS>(panel, (k + c) / kBlockK, wv);
+        for (int r = 0; r < 4; ++r)
+          for (int q = 0; q < 4; ++q) _mm256_store_ps(&wf[r][c + 8 * q], decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi));
+      }
+      int64_t i = 0;
+      for (; i + 2 <= rows; i += 2) {
+        const float* x0 = a.x.xf + (m0 + i) * a.x.ld + k;
+        const float* x1 = x0 + a.x.ld;
+        __m256 f0[4], f1[4];
+        for (int r = 0; r < 4; ++r) f0[r] = f1[r] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < len; c += 8) {
+          __m256 xa = _mm256_loadu_ps(x0 + c), xb = _mm256_loadu_ps(x1 + c);
+          for (int r = 0; r < 4; ++r) {
+            __m256 wr = _mm256_load_ps(&wf[r][c]);
+            f0[r] = _mm256_fmadd_ps(wr, xa, f0[r]);
+            f1[r] = _mm256_fmadd_ps(wr, xb, f1[r]);
+          }
+        }
+        _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f0[0], f0[1], f0[2], f0[3])));
+        _mm_store_ps(dot[i + 1], _mm_add_ps(_mm_load_ps(dot[i + 1]), hsum4_ps(f1[0], f1[1], f1[2], f1[3])));
+      }
+      for (; i < rows; ++i) {
+        const float* x0 = a.x.xf + (m0 + i) * a.x.ld + k;
+        __m256 f0[4];
+        for (int r = 0; r < 4; ++r) f0[r] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < len; c += 8) {
+          __m256 xa = _mm256_loadu_ps(x0 + c);
+          for (int r = 0; r < 4; ++r) f0[r] = _mm256_fmadd_ps(_mm256_load_ps(&wf[r][c]), xa, f0[r]);
+        }
+        _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f0[0], f0[1], f0[2], f0[3])));
+      }
+      k += len;
+    }
+    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
+    for (int64_t i = 0; i < rows; ++i) {
+      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m0 + i) * G + g]));
+      _mm_store_ps(acc[i], _mm_add_ps(_mm_load_ps(acc[i]), _mm_sub_ps(_mm_mul_ps(sw, _mm_load_ps(dot[i])), t2)));
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, _mm_load_ps(acc[i]), 1.0f);
+}
+
+template <int BITS, bool NF4>
+void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    if (m1 - m0 >= 3) {  // decode once into L1, reuse for every row (in slices of 64 rows)
+      for (int64_t m = m0; m < m1; m += 64) float_panel_rows<BITS, NF4>(a, m, std::min(m1, m + 64), p);
+      continue;
+    }
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) float_tile<2, BITS, NF4>(a, m, p);
+    if (m < m1) float_tile<1, BITS, NF4>(a, m, p);
+  }
+}
+
+template <typename Tile2, typename Tile1>
+inline void walk(int64_t m0, int64_t m1, int64_t p0, int64_t p1, Tile2 t2, Tile1 t1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) t2(m, p);
+    if (m < m1) t1(m, p);
+  }
+}
+
+}  // namespace
+
+void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (a.w.h->bits == 4) int_walk<4>(a, m0, m1, p0, p1);
+  else int_walk<8>(a, m0, m1, p0, p1);
+}
+
+void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (a.w.h->bits == 8) float_walk<8, false>(a, m0, m1, p0, p1);
+  else if (a.w.h->scheme == int(Scheme::nf4)) float_walk<4, true>(a, m0, m1, p0, p1);
+  else float_walk<4, false>(a, m0, m1, p0, p1);
+}
+
+}  // namespace LOWBIT_ISA_NS
+}  // namespace lowbit

@@ -1,0 +1,89 @@
+// AVX2 microbenchmarks for the machine's limits (bench/bench_matmul.py): DRAM read bandwidth
+// (sum of 32-byte loads over a buffer much larger than the L3), peak fp32 FMA and peak int8-dot
+// throughput (independent dependency chains so the ports, not latency, bound the loop). They run
+// on the lowbit thread pool, one contiguous share per thread.
+#include <immintrin.h>
+
+#include <atomic>
+#include <chrono>
+
+#include "common/dispatch.h"
+#include "common/peak.h"
+
+namespace lowbit {
+namespace avx2 {
+
+static double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double peak_read_gbps(const uint8_t* buf, int64_t bytes, int reps) {
+  std::atomic<int64_t> sink{0};
+  const int64_t lines = bytes / 128;
+  double best = 0;
+  for (int r = 0; r < reps; ++r) {
+    double t0 = now();
+    parallel_for(lines, 1024, [&](int64_t l0, int64_t l1) {
+      __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+      for (int64_t l = l0; l < l1; ++l) {
+        const __m256i* p = reinterpret_cast<const __m256i*>(buf + l * 128);
+        a = _mm256_xor_si256(a, _mm256_loadu_si256(p));
+        b = _mm256_xor_si256(b, _mm256_loadu_si256(p + 1));
+        c = _mm256_xor_si256(c, _mm256_loadu_si256(p + 2));
+        d = _mm256_xor_si256(d, _mm256_loadu_si256(p + 3));
+      }
+      __m256i s = _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_xor_si256(c, d));
+      sink += _mm256_extract_epi64(s, 0);
+    });
+    double dt = now() - t0;
+    if (dt > 0 && lines * 128 / dt / 1e9 > best) best = lines * 128 / dt / 1e9;
+  }
+  return best + 0 * double(sink.load());
+}
+
+double peak_fma_gflops(int64_t iters) {
+  const int threads = get_num_threads();
+  std::atomic<int64_t> sink{0};
+  double t0 = now();
+  parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
+    for (int64_t t = t0_; t < t1_; ++t) {
+      __m256 acc[10];
+      for (int i = 0; i < 10; ++i) acc[i] = _mm256_set1_ps(float(i));
+      const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+      for (int64_t it = 0; it < iters; ++it)
+        for (int i = 0; i < 10; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, c);
+      __m256 s = acc[0];
+      for (int i = 1; i < 10; ++i) s = _mm256_add_ps(s, acc[i]);
+      sink += int64_t(_mm256_cvtss_f32(s));
+    }
+  });
+  double dt = now() - t0;
+  return double(threads) * iters * 10 * 8 * 2 / dt / 1e9 + 0 * double(sink.load());
+}
+
+double peak_int8_gops(int64_t iters) {
+  const int threads = get_num_threads();
+  std::atomic<int64_t> sink{0};
+  double t0 = now();
+  parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
+    for (int64_t t = t0_; t < t1_; ++t) {
+      __m256i acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_epi32(i);
+      const __m256i u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(-5), one = _mm256_set1_epi16(1);
+      __m256i x = s;
+      for (int64_t it = 0; it < iters; ++it) {
+        for (int i = 0; i < 8; ++i)
+          acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), one));
+        x = _mm256_xor_si256(x, _mm256_castps_si256(_mm256_castsi256_ps(acc[0])));  // keep it live
+      }
+      __m256i r = acc[0];
+      for (int i = 1; i < 8; ++i) r = _mm256_add_epi32(r, acc[i]);
+      sink += _mm256_extract_epi32(r, 0);
+    }
+  });
+  double dt = now() - t0;
+  return double(threads) * iters * 8 * 32 * 2 / dt / 1e9 + 0 * double(sink.load());
+}
+
+}  // namespace avx2
+}  // namespace lowbit

@@ -1,0 +1,76 @@
+// Layout "panel4_k32" v1: a QuantizedTensor W[N, K] (int4 / int8 / nf4 codes) prepacked once for
+// the CPU matmul kernels (Y = X · dequantize(W)ᵀ). One contiguous byte buffer:
+//   PackedLinearHeader (128 B)
+//   codes : [Np/4 panels][Kp/32 k-blocks] blocks, one block = 4 rows × 32 k
+//           bits=4: W4Block (64 B, one cache line). Byte j of half h holds row 2h k=j in its low
+//                   nibble and row 2h+1 k=j in its high nibble, so `v & 15` / `v >> 4` of one
+//                   32-byte load are two rows' 32 codes in natural k order.
+//                   Codes are unsigned u in [0, 15]: asym/nf4 codes as is, symmetric codes + 8.
+//           bits=8: W8Block (128 B), row r = 32 signed int8 w' (symmetric q, asymmetric q - 128).
+//   sw    : float [Np/4][G][4]   the group scale s
+//   swz   : float [Np/4][G][4]   s * z, z the integer offset to subtract from the stored code
+//                               (asym int4: zero, sym int4: 8, asym int8: zero - 128, else 0)
+// so that  w[n, k] = s · (d(code) − z)   with d(u) = u (int formats) or NF4[u] (nf4, z = 0).
+// Np = N rounded up to 4 (extra rows: codes 0, s = s·z = 0). Kp = K rounded up to 32; codes past
+// K are 0 and every kernel multiplies them by zero-padded activations. Groups must start on a
+// 32-element block (group_size % 32 == 0, or one group per row); the Python layer routes other
+// formats elsewhere.
+#pragma once
+#include <cstdint>
+
+namespace lowbit {
+
+constexpr uint32_t kPanel4Magic = 0x3450424Cu;  // "LBP4"
+constexpr uint32_t kPanel4Version = 1;
+constexpr int kPanelRows = 4;   // NR: rows of W per panel
+constexpr int kBlockK = 32;     // KB: k per block (one AVX2 register of int8)
+
+struct PackedLinearHeader {
+  uint32_t magic, version;
+  int32_t bits, scheme;          // Scheme as int (0 asym, 1 sym, 2 nf4)
+  int64_t N, K, Np, Kp, G, group_size;
+  int64_t codes_offset, sw_offset, swz_offset, total_bytes;
+  int64_t reserved[4];
+};
+static_assert(sizeof(PackedLinearHeader) == 128, "PackedLinearHeader is 128 bytes");
+
+struct W4Block { uint8_t half[2][32]; };   // rows (0,1) then (2,3): lo nibble = even row
+static_assert(sizeof(W4Block) == 64, "W4Block is one cache line");
+struct W8Block { int8_t row[4][32]; };
+static_assert(sizeof(W8Block) == 128, "W8Block is two cache lines");
+
+// A typed view of a packed buffer (validated once by the dispatcher).
+struct PackedLinear {
+  const PackedLinearHeader* h;
+  const uint8_t* codes;  // W4Block or W8Block array
+  const float* sw;
+  const float* swz;
+  int64_t panel_bytes() const { return (h->Kp / kBlockK) * (h->bits == 4 ? 64 : 128); }
+  const uint8_t* panel(int64_t p) const { return codes + p * panel_bytes(); }
+  int64_t group_end(int64_t g) const {  // exclusive k end of group g, rounded up to a block
+    int64_t e = (g + 1) * h->group_size;
+    return e >= h->K ? h->Kp : e;
+  }
+};
+
+// Activations prepared once per call (common code, identical for every variant):
+//   int mode (act_bits=8): xq [M][Kp] int8 = clamp(rint(x * inv_sa), -127, 127), zero padded,
+//                          sa [M] = max|x_row| / 127, suma [M][G] = Σ_group xq  (int32)
+//   float mode            : xf [M][Kp] float (x widened; act_bits=8 with nf4: xq * sa), zero
+//                          padded; sumx [M][G] = Σ_group xf in float, k ascending
+struct PreparedAct {
+  int64_t M, Kp, G;
+  int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets
+  const int8_t* xq; const float* sa; const int32_t* suma;
+  const float* xf; const float* sumx;
+};
+
+struct MatmulArgs {
+  PackedLinear w;
+  PreparedAct x;
+  const float* bias;  // [N] float32 or nullptr
+  void* y;            // [M, N] contiguous
+  DType y_dtype;
+};
+
+}  // namespace lowbit

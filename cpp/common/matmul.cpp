@@ -1,0 +1,185 @@
+// matmul: prepack (layout panel4_k32), per-call activation preparation, and the validated entry
+// that tiles the work over threads and calls the active variant's kernel (null entry: reference).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/convert.h"
+#include "common/dispatch.h"
+#include "common/format.h"
+
+namespace lowbit {
+
+static void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+int64_t packed_linear_bytes(int64_t N, int64_t K, const QuantFormat& f) {
+  const int64_t Np = round_up(N, kPanelRows), Kp = round_up(K, kBlockK), G = num_groups(K, f.group_size);
+  const int64_t codes = Np * Kp * (f.bits == 4 ? 1 : 2) / 2;
+  return int64_t(sizeof(PackedLinearHeader)) + round_up(codes, 64) + 2 * round_up(Np * G * 4, 64);
+}
+
+void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t N,
+                 int64_t K, const QuantFormat& f, uint8_t* out, int64_t out_bytes) {
+  require(N > 0 && K > 0, "cannot pack an empty weight");
+  require(f.bits == 4 || f.bits == 8, "matmul kernels take 4- or 8-bit weights, got bits=" +
+                                          std::to_string(f.bits));
+  require(f.scheme != Scheme::nf4 || f.bits == 4, "nf4 needs bits=4");
+  const int64_t G = num_groups(K, f.group_size);
+  require(G == 1 || f.group_size % kBlockK == 0,
+          "layout panel4_k32 needs group_size % 32 == 0 or one group per row, got " +
+              std::to_string(f.group_size));
+  require(out_bytes == packed_linear_bytes(N, K, f), "packed buffer has the wrong size");
+  require(f.scheme != Scheme::asymmetric || zeros, "asymmetric weights need zeros");
+  std::memset(out, 0, size_t(out_bytes));
+  PackedLinearHeader h{};
+  h.magic = kPanel4Magic; h.version = kPanel4Version; h.bits = f.bits; h.scheme = int(f.scheme);
+  h.N = N; h.K = K; h.Np = round_up(N, kPanelRows); h.Kp = round_up(K, kBlockK); h.G = G;
+  h.group_size = f.group_size;
+  h.codes_offset = sizeof(PackedLinearHeader);
+  h.sw_offset = h.codes_offset + round_up(h.Np * h.Kp * (f.bits == 4 ? 1 : 2) / 2, 64);
+  h.swz_offset = h.sw_offset + round_up(h.Np * G * 4, 64);
+  h.total_bytes = out_bytes;
+  std::memcpy(out, &h, sizeof h);
+  uint8_t* cbase = out + h.codes_offset;
+  float* sw = reinterpret_cast<float*>(out + h.sw_offset);
+  float* swz = reinterpret_cast<float*>(out + h.swz_offset);
+  const int64_t nb = h.Kp / kBlockK, row_bytes = packed_row_bytes(K, f.bits);
+  const bool sym = f.scheme == Scheme::symmetric, asym = f.scheme == Scheme::asymmetric;
+  parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t p = n / kPanelRows;
+      const int r = int(n % kPanelRows);
+      const uint8_t* src = codes + n * row_bytes;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t b = k / kBlockK, j = k % kBlockK;
+        if (f.bits == 4) {
+          uint8_t u = (src[k >> 1] >> ((k & 1) * 4)) & 15;
+          if (sym) u ^= 8;  // two's complement nibble + 8: flip the sign bit
+          W4Block* blk = reinterpret_cast<W4Block*>(cbase) + p * nb + b;
+          blk->half[r / 2][j] |= uint8_t((r & 1) ? u << 4 : u);
+        } else {
+          W8Block* blk = reinterpret_cast<W8Block*>(cbase + p * nb * sizeof(W8Block)) + b;
+          blk->row[r][j] = int8_t(sym ? int(int8_t(src[k])) : int(src[k]) - 128);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = scales[n * G + g];
+        float z = 0.f;
+        if (f.bits == 4 && sym) z = 8.f;
+        else if (asym) z = float(zeros[n * G + g]) - (f.bits == 8 ? 128.f : 0.f);
+        sw[(p * G + g) * kPanelRows + r] = s;
+        swz[(p * G + g) * kPanelRows + r] = s * z;
+      }
+    }
+  });
+}
+
+static PackedLinear view_packed(const uint8_t* packed) {
+  const auto* h = reinterpret_cast<const PackedLinearHeader*>(packed);
+  require(h->magic == kPanel4Magic, "packed weight is not in layout panel4_k32 (bad magic)");
+  require(h->version == kPanel4Version, "packed weight has layout panel4_k32 version " +
+                                            std::to_string(h->version) + ", expected " +
+                                            std::to_string(kPanel4Version) + "; repack it");
+  return PackedLinear{h, packed + h->codes_offset, reinterpret_cast<const float*>(packed + h->sw_offset),
+                      reinterpret_cast<const float*>(packed + h->swz_offset)};
+}
+
+static bool use_int(const PackedLinear& w, int act_bits) {
+  return act_bits == 8 && w.h->scheme != int(Scheme::nf4);
+}
+
+std::string matmul_kernel_name(const uint8_t* packed, int act_bits) {
+  PackedLinear w = view_packed(packed);
+  const bool i = use_int(w, act_bits);
+  const KernelTable& t = active();
+  bool has = i ? t.matmul_int != nullptr : t.matmul_float != nullptr;
+  return std::string(has ? t.name : reference().name) + (i ? ":int" : ":float");
+}
+
+void matmul(const MatmulCall& c) {
+  require(c.packed && c.packed_bytes >= int64_t(sizeof(PackedLinearHeader)), "packed weight is missing");
+  PackedLinear w = view_packed(c.packed);
+  require(w.h->total_bytes == c.packed_bytes, "packed weight buffer is truncated");
+  require(c.K == w.h->K, "x has K=" + std::to_string(c.K) + " but the weight has K=" + std::to_string(w.h->K));
+  require(c.M > 0, "x is empty");
+  require(c.act_bits == 0 || c.act_bits == 8, "act_bits must be None or 8, got " + std::to_string(c.act_bits));
+  const int64_t M = c.M, K = c.K, Kp = w.h->Kp, G = w.h->G, N = w.h->N;
+  const int64_t ld = Kp + 64;  // a 4 KiB-multiple row stride would map every row to the same L1 sets
+  const bool int_mode = use_int(w, c.act_bits);
+
+  // Per-call activation preparation (scalar; O(M·K), small next to the O(M·N·K) product).
+  std::vector<int8_t> xq;
+  std::vector<float> sa, xf, sumx, bias;
+  std::vector<int32_t> suma;
+  if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
+  else { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
+  std::atomic<int64_t> bad{-1};
+  parallel_for(M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(static_cast<size_t>(K));
+    for (int64_t m = r0; m < r1; ++m) {
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        float v = load_as_f32(c.x, c.x_dtype, m * K + k);
+        finite &= std::isfinite(v);
+        row[k] = v;
+        amax = std::max(amax, std::fabs(v));
+      }
+      if (!finite) { bad = m; continue; }
+      if (c.act_bits == 8) {
+        // Dynamic per-token int8: sa = max|x| / 127, q = clamp(rint(x / sa), -127, 127).
+        const float s = amax / 127.f, inv = inverse_scale(s);
+        for (int64_t k = 0; k < K; ++k) {
+          float q = std::min(std::max(std::nearbyint(row[k] * inv), -127.f), 127.f);
+          if (int_mode) xq[m * ld + k] = int8_t(q); else row[k] = q * s;
+        }
+        if (int_mode) sa[m] = s;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = g * w.h->group_size, k1 = std::min(K, k0 + w.h->group_size);
+        if (int_mode) {
+          int32_t t = 0;
+          for (int64_t k = k0; k < k1; ++k) t += xq[m * ld + k];
+          suma[m * G + g] = t;
+        } else {
+          float t = 0.f;
+          for (int64_t k = k0; k < k1; ++k) { xf[m * ld + k] = row[k]; t = t + row[k]; }
+          sumx[m * G + g] = t;
+        }
+      }
+    }
+  });
+  require(bad.load() < 0, "x contains NaN or Inf (row " + std::to_string(bad.load()) + ")");
+  if (c.bias) {
+    bias.resize(size_t(N));
+    for (int64_t n = 0; n < N; ++n) bias[n] = load_as_f32(c.bias, c.x_dtype, n);
+  }
+  MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), xf.data(), sumx.data()},
+               c.bias ? bias.data() : nullptr, c.y, c.x_dtype};
+  const KernelTable& t = active();
+  MatmulFn fn = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)
+                         : (t.matmul_float ? t.matmul_float : reference().matmul_float);
+  const int64_t P = w.h->Np / kPanelRows;
+  if (M <= 16) {  // decode: split N (panels) into contiguous streams, one per thread
+    parallel_for(P, 8, [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
+    return;
+  }
+  // prefill: tiles of 64 rows × 16 panels (16·4 rows of W ≈ K·32 bytes for int4, L2-resident);
+  // each kernel call walks its panels with the activation block reused from L2.
+  constexpr int64_t MT = 64, PT = 16;
+  const int64_t mt = (M + MT - 1) / MT, pt = (P + PT - 1) / PT;
+  parallel_for(mt * pt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pi = t / mt, mi = t % mt;  // consecutive tiles share a weight panel chunk
+      fn(a, mi * MT, std::min(M, mi * MT + MT), pi * PT, std::min(P, pi * PT + PT));
+    }
+  });
+}
+
+}  // namespace lowbit

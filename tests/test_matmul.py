@@ -1,0 +1,230 @@
+"""lowbit.matmul against a float64 numpy reference of x @ dequantize(qt).T (+ bias), on every
+runnable CPU variant, and the integer (act_bits=8) paths bit-exact against the reference kernel."""
+import numpy as np
+import pytest
+
+import lowbit as lb
+from lowbit import _ext
+
+VARIANTS = [v["name"] for v in lb.build_info()["cpu_variants"] if v["runnable"]]
+
+FORMATS = {
+    "int4-asym-g128": dict(bits=4, group_size=128),
+    "int4-sym-g64": dict(bits=4, group_size=64, symmetric=True),
+    "int4-asym-row": dict(bits=4, group_size=None),
+    "nf4-g64": dict(bits=4, codebook="nf4", group_size=64),
+    "int8-sym-row": dict(bits=8, group_size=None, symmetric=True),
+    "int8-asym-g32": dict(bits=8, group_size=32),
+}
+# (M, N, K): N, K off the tile sizes, K=576 with g=128 (ragged 64), odd K
+SHAPES = [(1, 37, 576), (3, 5, 131), (17, 64, 96), (64, 19, 300)]
+
+
+@pytest.fixture(params=VARIANTS)
+def isa(request):
+    _ext.core().set_isa(request.param)
+    yield request.param
+    _ext.core().set_isa("auto")
+
+
+def _data(M, N, K, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    return x, w
+
+
+def _ref(x, qt, bias=None):
+    y = np.asarray(x, np.float64) @ lb.dequantize(qt).astype(np.float64).T
+    return y if bias is None else y + np.asarray(bias, np.float64)
+
+
+def _fake_quant(x):  # the kernels' per-token int8 rule, float32 steps
+    x = np.asarray(x, np.float32)
+    s = (np.abs(x).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(s > 0, np.float32(1) / np.where(s > 0, s, 1), 0).astype(np.float32)
+    return np.clip(np.rint(x * inv), -127, 127) * s
+
+
+def _bound(x, qt, rel=2e-6):
+    """float32 accumulation bound: rel · Σ_k |x||w| per output, plus a tiny floor."""
+    return rel * (np.abs(np.asarray(x, np.float64)) @ np.abs(lb.dequantize(qt).astype(np.float64)).T) + 1e-6
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float_activations(isa, fmt, shape):
+    M, N, K = shape
+    x, w = _data(M, N, K)
+    qt = lb.quantize(w, **FORMATS[fmt])
+    bias = np.linspace(-1, 1, N).astype(np.float32)
+    y = lb.matmul(x, qt, bias=bias)
+    assert y.shape == (M, N) and y.dtype == np.float32
+    err = np.abs(y - _ref(x, qt, bias))
+    assert np.all(err <= 8 * _bound(x, qt)), (isa, fmt, shape, err.max())
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_act_int8(isa, fmt, shape):
+    M, N, K = shape
+    x, w = _data(M, N, K, seed=1)
+    qt = lb.quantize(w, **FORMATS[fmt])
+    y = lb.matmul(x, qt, act_bits=8)
+    # exact contract: the per-token-rounded x times dequantize(W) in float
+    err = np.abs(y - _ref(_fake_quant(x), qt))
+    assert np.all(err <= 8 * _bound(x, qt)), (isa, fmt, shape, err.max())
+    # and the rounding itself is bounded by half an activation step per element
+    step = np.abs(x).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(y - _ref(x, qt)) <= 0.5 * step * np.abs(lb.dequantize(qt)).sum(1)[None] + 1e-4)
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")])
+@pytest.mark.parametrize("shape", [(17, 37, 576), (130, 70, 512), (1, 9, 4099)], ids=lambda s: "x".join(map(str, s)))
+def test_integer_paths_bit_exact(fmt, shape):
+    M, N, K = shape
+    x, w = _data(M, N, K, seed=2)
+    qt = lb.quantize(w, **FORMATS[fmt])
+    bias = np.arange(N, dtype=np.float32) / 7
+    outs = {}
+    try:
+        for name in VARIANTS:
+            _ext.core().set_isa(name)
+            outs[name] = lb.matmul(x, qt, bias=bias, act_bits=8)
+    finally:
+        _ext.core().set_isa("auto")
+    for name, y in outs.items():
+        np.testing.assert_array_equal(y, outs["ref"], err_msg=name)
+
+
+def test_threads_agree():
+    x, w = _data(70, 300, 256, seed=7)
+    qt = lb.quantize(w, bits=4, group_size=64)
+    n = lb.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            lb.set_num_threads(t)
+            outs.append((lb.matmul(x, qt, act_bits=8), lb.matmul(x, qt)))
+    finally:
+        lb.set_num_threads(n)
+    for y8, yf in outs[1:]:
+        np.testing.assert_array_equal(y8, outs[0][0])
+        np.testing.assert_array_equal(yf, outs[0][1])
+
+
+def test_large_int8_group_accumulates_exactly():
+    # int32 dots near the int16 / float24 edges: all-max codes and activations, one group per row
+    K = 4096
+    w = np.ones((4, K), np.float32)
+    x = np.ones((1, K), np.float32)
+    for kw in (dict(bits=8, group_size=None, symmetric=True), dict(bits=4, group_size=None)):
+        qt = lb.quantize(w, **kw)
+        y = lb.matmul(x, qt, act_bits=8)
+        np.testing.assert_allclose(y, _ref(x, qt), rtol=1e-6)
+
+
+def test_torch_bfloat16_and_batch_dims(isa):
+    torch = pytest.importorskip("torch")
+    x, w = _data(6, 40, 256, seed=3)
+    qt = lb.quantize(w, bits=4, group_size=128)
+    xt = torch.from_numpy(x).to(torch.bfloat16).reshape(2, 3, 256)
+    bias = torch.linspace(-1, 1, 40, dtype=torch.bfloat16)
+    for act_bits in (None, 8):
+        y = lb.matmul(xt, qt, bias=bias, act_bits=act_bits)
+        assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and y.shape == (2, 3, 40)
+        xr = xt.float().reshape(6, 256).numpy()
+        if act_bits:
+            xr = _fake_quant(xr)
+        want = _ref(xr, qt, bias.float().numpy())
+        got = y.float().reshape(6, 40).numpy()
+        assert np.all(np.abs(got - want) <= 8 * _bound(xr, qt) + 2 ** -8 * np.abs(want) + 1e-3)
+
+
+def test_per_tensor_scale_torch():
+    # (torch weights: per-tensor quantize of a numpy array trips a foundation bug in ops.py)
+    torch = pytest.importorskip("torch")
+    x, w = _data(3, 10, 160, seed=6)
+    qt = lb.quantize(torch.from_numpy(w), bits=4, group_size="tensor", symmetric=True)
+    xt = torch.from_numpy(x)
+    want = x.astype(np.float64) @ lb.dequantize(qt).double().numpy().T
+    for ab in (None, 8):
+        y = lb.matmul(xt, qt, act_bits=ab).double().numpy()
+        assert np.allclose(y, want, rtol=0.05 if ab else 1e-5, atol=0.05 * np.abs(want).max() if ab else 1e-4)
+
+
+def test_torch_requires_grad_and_strided():
+    torch = pytest.importorskip("torch")
+    x, w = _data(4, 12, 128, seed=8)
+    qt = lb.quantize(w, bits=4, group_size=64)
+    xt = torch.from_numpy(np.ascontiguousarray(x.T)).T.requires_grad_(True)  # non-contiguous
+    y = lb.matmul(xt, qt)
+    np.testing.assert_allclose(y.numpy(), _ref(x, qt), rtol=1e-5, atol=1e-4)
+
+
+def test_one_dimensional_x():
+    x, w = _data(1, 10, 64, seed=9)
+    qt = lb.quantize(w, bits=8, group_size=32)
+    y = lb.matmul(x[0], qt)
+    assert y.shape == (10,)
+    np.testing.assert_allclose(y, _ref(x, qt)[0], rtol=1e-5, atol=1e-4)
+
+
+def test_float16_numpy():
+    x, w = _data(2, 12, 64, seed=4)
+    qt = lb.quantize(w, bits=8, group_size=None, symmetric=True)
+    x16 = x.astype(np.float16)
+    y = lb.matmul(x16, qt)
+    assert y.dtype == np.float16
+    want = _ref(x16.astype(np.float32), qt)
+    assert np.all(np.abs(y.astype(np.float64) - want) <= 2 ** -10 * np.abs(want) + 1e-2)
+
+
+def test_pack_once_and_cached():
+    x, w = _data(1, 8, 64)
+    qt = lb.quantize(w, bits=4, group_size=32)
+    lb.matmul(x, qt)
+    packed = qt._lowbit_packed[("panel4_k32", 1)]
+    lb.matmul(x, qt, act_bits=8)
+    assert qt._lowbit_packed[("panel4_k32", 1)] is packed
+
+
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=16), dict(bits=2, group_size=32),
+                                dict(bits=4, group_size=48, symmetric=True)])
+def test_unpacked_formats_fall_back(kw):
+    x, w = _data(3, 9, 96, seed=5)
+    qt = lb.quantize(w, **kw)
+    np.testing.assert_allclose(lb.matmul(x, qt), _ref(x, qt), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(lb.matmul(x, qt, act_bits=8), _ref(_fake_quant(x), qt), rtol=1e-5, atol=1e-4)
+
+
+def test_zero_rows_and_zero_weight():
+    x, w = _data(3, 8, 64)
+    x[1] = 0
+    w[2] = 0
+    qt = lb.quantize(w, bits=4, group_size=32)
+    for ab in (None, 8):
+        y = lb.matmul(x, qt, act_bits=ab)
+        assert np.all(y[1] == 0) and np.all(y[:, 2] == 0)
+
+
+def test_bad_inputs():
+    x, w = _data(2, 8, 64)
+    qt = lb.quantize(w, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="K=64"):
+        lb.matmul(x[:, :63], qt)
+    with pytest.raises(TypeError, match="float32"):
+        lb.matmul(x.astype(np.int32), qt)
+    with pytest.raises(ValueError, match="empty"):
+        lb.matmul(x[:0], qt)
+    with pytest.raises(ValueError, match="act_bits"):
+        lb.matmul(x, qt, act_bits=4)
+    with pytest.raises(ValueError, match="bias"):
+        lb.matmul(x, qt, bias=np.zeros(7, np.float32))
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        lb.matmul(x, w)
+    xn = x.copy()
+    xn[1, 5] = np.nan
+    for ab in (None, 8):
+        with pytest.raises(ValueError, match="NaN"):
+            lb.matmul(xn, qt, act_bits=ab)
