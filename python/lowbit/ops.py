@@ -311,7 +311,7 @@ def _fake_quant_act(x64: np.ndarray) -> np.ndarray:
 
 def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int] = None) -> Any:
     """y = x @ dequantize(qt).T (+ bias), for x [..., K] (float32, bfloat16 or float16; numpy or
-    torch on the CPU) and qt a quantized [N, K] weight. Returns [..., N] in x's dtype.
+    torch on the CPU; torch/CuPy float16/bfloat16 on CUDA) and qt a quantized [N, K] weight. Returns [..., N] in x's dtype.
     act_bits=8 quantizes each row of x to int8 on the fly (scale max|x_row|/127) and multiplies
     with integer dot products (W8A8 / W4A8; nf4 weights use the rounded activations in float).
     The weight is prepacked on first use and the packed copy cached on qt."""
@@ -333,7 +333,9 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
     if M == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
     if _interop.device_of(x)[0] != "cpu":
-        raise NotImplementedError("lowbit.matmul runs on the CPU; the CUDA matmul is not built yet")
+        from .ops_cuda import matmul_cuda  # tensor-core kernels (fp16/bf16 activations)
+
+        return matmul_cuda(x, qt, bias, act_bits)
     _check_same_device("qt", qt.codes, x, "x")
     qt.validate()
     if bias is not None:
