@@ -16,7 +16,7 @@ import pytest
 import lowbit
 from conftest import CPU_VARIANTS, NOT_RUNNABLE, rng_for
 
-ALL_NAMES = {"avx512", "avx2", "avx512_emulated", "ref"}
+ALL_NAMES = {"amx", "avx512", "avx2", "avx512_emulated", "ref"}
 
 
 def run_python(code, **env_extra):
