@@ -96,7 +96,8 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: Op
            bias: Optional[torch.Tensor], bits: int, scheme: int, group_size: int, act_bits: int) -> torch.Tensor:
     K = int(x.shape[-1])
     qt = _qt_from_buffers(codes, scales, zeros, bits, scheme, group_size, K)
-    y = ops.matmul(x, qt, bias=bias, act_bits=act_bits or None)
+    # the kernels read through DLPack, which refuses tensors that require grad: hand them plain views
+    y = ops.matmul(x.detach(), qt, bias=None if bias is None else bias.detach(), act_bits=act_bits or None)
     _remember(qt, codes, scales, zeros, bits, scheme, group_size, K)
     return y
 
