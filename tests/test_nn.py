@@ -179,6 +179,7 @@ def test_torch_export():
     assert torch.allclose(ep.module()(x2), m(x2), atol=1e-5)
 
 
+@torch.no_grad()
 def test_quantize_dynamic_against_torch_and_float():
     m = _MLP().eval()
     x = torch.randn(16, 64)
