@@ -12,7 +12,11 @@ from .tensor import QuantFormat, QuantizedTensor
 
 __version__ = "0.1.0"
 __all__ = ["quantize", "dequantize", "matmul", "pack_int4", "unpack_int4", "QuantizedTensor", "QuantFormat",
-           "build_info", "set_num_threads", "get_num_threads", "save", "load"]
+           "build_info", "set_num_threads", "get_num_threads", "save", "load",
+           "QuantLinear", "quantize_dynamic", "save_quantized_model", "load_quantized_model"]
+
+# torch integration (lowbit.nn, lowbit.torch_ops) is imported on first use: `import lowbit` stays torch-free.
+_NN_NAMES = ("QuantLinear", "quantize_dynamic", "save_quantized_model", "load_quantized_model")
 
 
 def __getattr__(name: str):
@@ -22,6 +26,11 @@ def __getattr__(name: str):
 
         io = importlib.import_module(".io", __name__)
         return io if name == "io" else getattr(io, name)
+    if name in ("nn", "torch_ops") + _NN_NAMES:
+        import importlib
+
+        mod = importlib.import_module(".nn" if name in _NN_NAMES else f".{name}", __name__)
+        return mod if name in ("nn", "torch_ops") else getattr(mod, name)
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 # A bad LOWBIT_ISA (unknown, or an ISA this CPU lacks) is reported here, at import.

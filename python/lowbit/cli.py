@@ -1,8 +1,14 @@
-"""The `lowbit` command. Subcommands: `inspect FILE` (more — quantize, bench, eval — can be added
-with `add_parser` in main).
+"""The `lowbit` command.
 
     lowbit inspect model.safetensors     lowbit files, GPTQ / AWQ checkpoints, plain safetensors
     lowbit inspect model.gguf            GGUF files
+    lowbit quantize MODEL_DIR OUT --method rtn|gptq|awq --bits 4 --group-size 128 --calib TEXT
+                                         a transformers causal LM -> a lowbit model folder
+    lowbit eval MODEL --text FILE        perplexity over non-overlapping windows
+    lowbit bench [ARGS...]               the matmul benchmark (python -m lowbit.bench ARGS)
+
+quantize / eval need torch and transformers. Text is tokenized with the model folder's tokenizer
+when it has one, else byte-wise (token = byte % vocab_size; enough for tests and toy models).
 """
 from __future__ import annotations
 
@@ -104,19 +110,183 @@ def inspect(path: str, out=None) -> int:
     return 0
 
 
+class Progress:
+    """tqdm when installed, else one printed line per step (to stderr)."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n = total, desc, 0
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr)
+        except ImportError:
+            self.bar = None
+
+    def update(self, what: str = "") -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
+            self.bar.update(1)
+        else:
+            print(f"{self.desc} [{self.n}/{self.total}] {what}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tokenize(folder: str, text: str, vocab_size: int):
+    """Token ids (a python list) of text: the folder's tokenizer, or bytes % vocab_size."""
+    import os
+
+    if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                             "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder).encode(text)
+    return [b % vocab_size for b in text.encode("utf-8")]
+
+
+def _load_any(model_dir: str):
+    """A lowbit model folder (model.lowbit.safetensors) or a transformers one, in float32, eval mode."""
+    import os
+
+    import torch
+    from .nn import MODEL_FILE, load_quantized_model
+
+    if os.path.exists(os.path.join(model_dir, MODEL_FILE)):
+        return load_quantized_model(model_dir)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def quantize_cmd(args, out=None) -> int:
+    import os
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .algorithms import AWQConfig, GPTQConfig, RTNConfig, apply_quantized, quantize_model
+    from .nn import save_quantized_model
+
+    out = out or sys.stdout
+    steps = Progress(5, f"lowbit quantize ({args.method})")
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    steps.update("loaded")
+    g = None if args.group_size <= 0 else args.group_size
+    common = dict(bits=args.bits, group_size=g, symmetric=args.symmetric, skip=tuple(args.skip))
+    calib = None
+    if args.method == "rtn":
+        cfg = RTNConfig(**common)
+    else:
+        if not args.calib:
+            print(f"lowbit quantize: --method {args.method} needs --calib TEXT_FILE", file=sys.stderr)
+            return 2
+        with open(args.calib, encoding="utf-8", errors="replace") as f:
+            ids = _tokenize(args.model_dir, f.read(), model.config.vocab_size)
+        L = args.seq_len
+        calib = [torch.tensor([ids[i:i + L]]) for i in range(0, len(ids) - L + 1, L)][: args.n_samples]
+        if not calib:
+            print(f"lowbit quantize: {args.calib} holds fewer than --seq-len={L} tokens", file=sys.stderr)
+            return 2
+        cfg = (GPTQConfig(act_order=args.act_order, **common) if args.method == "gptq" else AWQConfig(**common))
+    steps.update(f"{len(calib or [])} calibration windows")
+    with torch.no_grad():
+        results = quantize_model(model, cfg, calib, apply=False)
+    steps.update(f"{len(results)} Linears quantized")
+    apply_quantized(model, results)
+    steps.update("QuantLinear swapped in")
+    file = save_quantized_model(model, args.out)
+    for name in os.listdir(args.model_dir):  # tokenizer files etc.; not the float weights or config
+        src = os.path.join(args.model_dir, name)
+        if os.path.isfile(src) and (name.startswith("tokenizer") or name == "special_tokens_map.json"):
+            shutil.copy(src, os.path.join(args.out, name))
+    steps.update("saved")
+    steps.close()
+    print(f"wrote {file}: {len(results)} Linears as {cfg.bits}-bit g{g or 'row'} ({args.method})", file=out)
+    return 0
+
+
+def perplexity(model, ids, seq_len: int, max_windows: Optional[int] = None) -> Tuple[float, int]:
+    """exp(mean next-token NLL) over non-overlapping windows of seq_len tokens (a shorter tail
+    window is scored too); returns (perplexity, tokens scored)."""
+    import math
+
+    import torch
+
+    nll, count = 0.0, 0
+    starts = list(range(0, max(len(ids) - 1, 0), seq_len))[: max_windows]
+    with torch.no_grad():
+        for s in starts:
+            w = ids[s:s + seq_len]
+            if len(w) < 2:
+                continue
+            t = torch.tensor([w])
+            logits = model(t).logits.float()[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))
+            count += len(w) - 1
+    if count == 0:
+        raise ValueError("the text is too short to score (needs at least 2 tokens)")
+    return math.exp(nll / count), count
+
+
+def eval_cmd(args, out=None) -> int:
+    out = out or sys.stdout
+    model = _load_any(args.model)
+    with open(args.text, encoding="utf-8", errors="replace") as f:
+        ids = _tokenize(args.model, f.read(), model.config.vocab_size)
+    ppl, n = perplexity(model, ids, args.seq_len, args.max_windows)
+    if args.json:
+        print(json.dumps({"perplexity": ppl, "tokens": n, "seq_len": args.seq_len}), file=out)
+    else:
+        print(f"perplexity {ppl:.4f} over {n} tokens (windows of {args.seq_len})", file=out)
+    return 0
+
+
+def bench_cmd(rest: List[str]) -> int:
+    from . import bench
+
+    bench.main(rest)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="lowbit", description="lowbit command-line tools")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="list the tensors of a lowbit / GPTQ / AWQ safetensors or GGUF file")
     p.add_argument("file")
+    p = sub.add_parser("quantize", help="quantize a transformers causal LM folder into a lowbit model folder")
+    p.add_argument("model_dir")
+    p.add_argument("out")
+    p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn")
+    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    p.add_argument("--group-size", type=int, default=128, help="elements per group; 0 = one per row")
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    p.add_argument("--calib", help="calibration text file (gptq, awq)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration windows at most")
+    p.add_argument("--skip", nargs="*", default=["lm_head"], help="Linear name patterns left in float")
+    p = sub.add_parser("eval", help="perplexity of a lowbit or transformers model folder on a text file")
+    p.add_argument("model")
+    p.add_argument("--text", required=True)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    sub.add_parser("bench", help="the matmul benchmark; arguments go to python -m lowbit.bench",
+                   add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        return bench_cmd(argv[1:])
     args = ap.parse_args(argv)
-    if args.command == "inspect":
-        try:
-            return inspect(args.file)
-        except (OSError, ValueError, ImportError) as e:
-            print(f"lowbit inspect: {e}", file=sys.stderr)
-            return 1
-    return 2
+    handlers = {"inspect": lambda: inspect(args.file), "quantize": lambda: quantize_cmd(args),
+                "eval": lambda: eval_cmd(args)}
+    try:
+        return handlers[args.command]()
+    except (OSError, ValueError, ImportError) as e:
+        print(f"lowbit {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ Results are one LayerResult (a QuantizedTensor + input scale / permutation) per 
 apply_simulated writes them into a torch model as dequantized weights."""
 from .api import quantize_model
 from .awq import awq_quantize
-from .common import LayerResult, apply_simulated, find_linears, model_size_report
+from .common import LayerResult, apply_quantized, apply_simulated, find_linears, model_size_report
 from .config import (AWQConfig, GPTQConfig, KVCacheConfig, MixedPrecisionConfig, QATConfig, RTNConfig,
                      SmoothQuantConfig)
 from .gptq import gptq_quantize, gptq_quantize_weight
+from .lora import LoRALinear, add_lora
 from .kv_cache import KVLayerCache, QuantizedKV, QuantizedKVStore, kv_quantize
 from .mixed import (SensitivityReport, assign_configs, choose_configs, mixed_quantize,
                     output_error_metric, sensitivity_report)
@@ -17,7 +18,7 @@ from .qat import QATLinear, convert, prepare_qat
 from .rtn import rtn_quantize
 from .smoothquant import smoothquant_quantize
 
-__all__ = ["quantize_model", "LayerResult", "apply_simulated", "find_linears", "model_size_report",
+__all__ = ["quantize_model", "LayerResult", "apply_simulated", "apply_quantized", "LoRALinear", "add_lora", "find_linears", "model_size_report",
            "RTNConfig", "GPTQConfig", "AWQConfig", "SmoothQuantConfig", "QATConfig",
            "rtn_quantize", "gptq_quantize", "gptq_quantize_weight", "awq_quantize",
            "smoothquant_quantize", "prepare_qat", "convert", "QATLinear",

@@ -6,7 +6,7 @@ from typing import Dict, Iterable, Optional
 from torch import nn
 
 from .awq import awq_quantize
-from .common import LayerResult, apply_simulated
+from .common import LayerResult, apply_quantized, apply_simulated
 from .config import AWQConfig, GPTQConfig, MixedPrecisionConfig, RTNConfig, SmoothQuantConfig
 from .gptq import gptq_quantize
 from .rtn import rtn_quantize
@@ -16,9 +16,12 @@ _NEEDS_DATA = (GPTQConfig, AWQConfig, SmoothQuantConfig)
 
 
 def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable] = None,
-                   apply: bool = True) -> Dict[str, LayerResult]:
-    """Quantize the model's Linears with the algorithm named by the config's type and (apply=True)
-    write the simulated result into the model in place. Returns {linear name: LayerResult}.
+                   apply=True) -> Dict[str, LayerResult]:
+    """Quantize the model's Linears with the algorithm named by the config's type and apply the
+    result in place. Returns {linear name: LayerResult}.
+    apply: True or "simulated" (default; dequantized float weights, apply_simulated), "quantized"
+    (swap the Linears for lowbit.nn.QuantLinear: real quantized kernels, apply_quantized), or
+    False (leave the model as it is).
     calibration_data: batches (tensors, arg tuples or kwarg dicts) for GPTQ/AWQ/SmoothQuant.
     A MixedPrecisionConfig routes each Linear to its rule's config (see algorithms.mixed)."""
     if isinstance(config, MixedPrecisionConfig):
@@ -27,11 +30,16 @@ def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable
                                             [c for _, c in config.rules] + [config.default] if c is not None):
             raise ValueError("a MixedPrecisionConfig using GPTQ/AWQ/SmoothQuant needs calibration_data "
                              "(a list of input batches)")
-        return mixed_quantize(model, config, calibration_data, apply=apply)
+        results = mixed_quantize(model, config, calibration_data, apply=bool(apply))
+        if apply == "quantized":
+            apply_quantized(model, results)
+        return results
     if not isinstance(config, (RTNConfig,) + _NEEDS_DATA):
         raise TypeError(f"config must be RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig or "
                         f"MixedPrecisionConfig, "
                         f"got {type(config).__name__}")
+    if apply not in (True, False, "simulated", "quantized"):
+        raise ValueError(f"apply must be True/'simulated', 'quantized' or False, got {apply!r}")
     if isinstance(config, _NEEDS_DATA) and calibration_data is None:
         raise ValueError(f"{type(config).__name__} needs calibration_data (a list of input batches)")
     if isinstance(config, RTNConfig):
@@ -42,6 +50,8 @@ def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable
         results = awq_quantize(model, calibration_data, config)
     else:
         results = smoothquant_quantize(model, calibration_data, config)
-    if apply:
+    if apply == "quantized":
+        apply_quantized(model, results)
+    elif apply:
         apply_simulated(model, results)
     return results

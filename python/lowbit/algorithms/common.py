@@ -76,7 +76,7 @@ def _input_hook(scale: Optional[torch.Tensor], act_bits: Optional[int]):
 def apply_simulated(model: nn.Module, results: Dict[str, LayerResult]) -> nn.Module:
     """Replace each named Linear's weight by its dequantized weight (in place) and, where a result
     keeps an unfolded input scale or quantizes activations, add a forward pre-hook doing it.
-    This is the single place to swap for real quantized modules (lowbit.nn.QuantLinear) later."""
+    apply_quantized is the sibling that swaps in real quantized modules (lowbit.nn.QuantLinear)."""
     modules = dict(model.named_modules())
     for name, res in results.items():
         lin = modules[name]
@@ -89,6 +89,21 @@ def apply_simulated(model: nn.Module, results: Dict[str, LayerResult]) -> nn.Mod
             lin._lowbit_sim_hook = None
         if scale is not None or res.act_bits is not None:
             lin._lowbit_sim_hook = lin.register_forward_pre_hook(_input_hook(scale, res.act_bits))
+    return model
+
+
+def apply_quantized(model: nn.Module, results: Dict[str, LayerResult]) -> nn.Module:
+    """Replace each named Linear by a lowbit.nn.QuantLinear holding its result (codes, scales,
+    zeros, act-order perm, unfolded input scale, act_bits) and the Linear's bias, in place. The
+    forward runs lowbit's quantized matmul kernels instead of a dequantized float weight."""
+    from ..nn import QuantLinear, replace_module
+
+    for name, res in results.items():
+        lin = model.get_submodule(name) if name else model
+        q = QuantLinear.from_layer_result(res, lin)
+        if name == "":
+            return q
+        replace_module(model, name, q)
     return model
 
 

@@ -1,0 +1,126 @@
+"""transformers end to end (tiny random Llama): quantize with lowbit (RTN, GPTQ), save, load in a
+fresh process, generate; and the `lowbit` CLI (quantize / eval / bench) via subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import lowbit  # noqa: E402
+
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
+ENV = {**os.environ, "PYTHONPATH": PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
+        "it was the age of foolishness, it was the epoch of belief. ") * 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(d / "model"))
+    (d / "calib.txt").write_text(TEXT)
+    (d / "eval.txt").write_text(TEXT[::-1])
+    return d
+
+
+def _run(args, **kw):
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=120, **kw)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+GEN = """
+import sys, torch, lowbit
+from lowbit.nn import QuantLinear
+m = lowbit.load_quantized_model(sys.argv[1])
+n = sum(isinstance(x, QuantLinear) for x in m.modules())
+ids = m.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+print(n, ' '.join(map(str, ids[0].tolist())))
+"""
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_save_load_in_fresh_process_and_generate(tiny, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.algorithms import GPTQConfig, RTNConfig, quantize_model
+    from lowbit.nn import QuantLinear, save_quantized_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"), dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (1, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+    cfg = (RTNConfig(bits=4, group_size=32) if method == "rtn"
+           else GPTQConfig(bits=4, group_size=32, act_order=True))
+    data = None if method == "rtn" else [torch.randint(0, 128, (1, 32)) for _ in range(4)]
+    with torch.no_grad():
+        results = quantize_model(model, cfg, data, apply="quantized")
+    assert len(results) == 14 and sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert isinstance(model.lm_head, torch.nn.Linear)            # skipped by default
+    with torch.no_grad():
+        q_logits = model(ids).logits
+    rel = float((q_logits - ref).norm() / ref.norm())
+    assert 0 < rel < 0.3
+    out = save_quantized_model(model, str(tmp_path / "q"))
+    assert os.path.exists(out) and os.path.exists(tmp_path / "q" / "config.json")
+    with torch.no_grad():
+        want = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    r = _run(["-c", GEN, str(tmp_path / "q")])
+    n, toks = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(n) == 14
+    assert toks == " ".join(map(str, want[0].tolist()))          # same tokens as the in-process model
+    assert len(toks.split()) == 10
+
+
+def test_cli_quantize_eval_inspect_bench(tiny, tmp_path, capsys):
+    out = tmp_path / "q_gptq"
+    r = _run(["-m", "lowbit.cli", "quantize", str(tiny / "model"), str(out), "--method", "gptq", "--bits", "4",
+              "--group-size", "32", "--calib", str(tiny / "calib.txt"), "--seq-len", "64", "--n-samples", "4"])
+    assert "wrote" in r.stdout and "5/5" in r.stderr                        # progress reached the end
+    assert (out / "model.lowbit.safetensors").exists()
+    from lowbit import cli
+
+    assert cli.main(["inspect", str(out / "model.lowbit.safetensors")]) == 0   # in process: cheaper
+    assert "lowbit int4-asym-g32" in capsys.readouterr().out
+    assert cli.main(["eval", str(tiny / "model"), "--text", str(tiny / "eval.txt"), "--seq-len", "64", "--json"]) == 0
+    f = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = _run(["-m", "lowbit.cli", "eval", str(out), "--text", str(tiny / "eval.txt"), "--seq-len", "64", "--json"])
+    q = json.loads(r.stdout.strip().splitlines()[-1])
+    n_bytes = len(TEXT.encode())
+    assert f["tokens"] == q["tokens"] == n_bytes - (n_bytes + 63) // 64    # byte tokens, 63 scored per window
+    # a random model's perplexity is near the vocabulary size; quantization moves it only a little
+    assert 50 < f["perplexity"] < 300 and abs(q["perplexity"] / f["perplexity"] - 1) < 0.1
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])                                       # arguments reach lowbit.bench
+    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
+    assert cli.main(["quantize", str(tiny / "model"), str(tmp_path / "x"), "--method", "awq"]) == 2
+    assert "--calib" in capsys.readouterr().err
+
+
+def test_perplexity_matches_manual_computation(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.cli import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"), dtype=torch.float32).eval()
+    ids = list(range(100))
+    ppl, n = perplexity(model, ids, 40)
+    assert n == 39 + 39 + 19
+    with torch.no_grad():
+        nll = 0.0
+        for s in (0, 40, 80):
+            t = torch.tensor([ids[s:s + 40]])
+            nll += float(model(t, labels=t).loss) * (t.shape[1] - 1)
+    assert abs(ppl - float(torch.exp(torch.tensor(nll / n)))) < 1e-3 * ppl

@@ -1,0 +1,246 @@
+"""lowbit.nn: QuantLinear, the torch.library custom ops (torch.compile / torch.export / opcheck),
+quantize_dynamic, apply_quantized, and whole-model save / load. Skipped without torch."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import lowbit as lb  # noqa: E402
+from lowbit import torch_ops  # noqa: E402
+from lowbit.nn import QuantLinear, quantize_dynamic  # noqa: E402
+
+FORMATS = [
+    dict(bits=8, group_size=None, symmetric=True),
+    dict(bits=8, group_size=32, symmetric=False),
+    dict(bits=4, group_size=32, symmetric=False),
+    dict(bits=4, group_size=64, symmetric=True),
+    dict(bits=4, group_size=32, codebook="nf4"),
+    dict(bits=8, group_size=None, symmetric=True, act_bits=8),
+    dict(bits=4, group_size=32, act_bits=8),
+]
+
+
+def _linear(K=96, N=40, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(K, N, bias=bias)
+
+
+def _fake_act(x):
+    """Per-token symmetric int8 rounding (the kernels' rule)."""
+    s = x.abs().amax(-1, keepdim=True) / 127
+    return torch.clamp(torch.round(x / s), -127, 127) * s
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
+def test_forward_matches_dequantized_reference(fmt):
+    lin = _linear()
+    q = QuantLinear.from_linear(lin, **fmt)
+    qt = lb.quantize(lin.weight.detach(), fmt["bits"], fmt["group_size"], fmt.get("symmetric", False),
+                     codebook=fmt.get("codebook"))
+    w = lb.dequantize(qt)
+    assert torch.equal(q.dequantized_weight(), w)          # the layer holds exactly lowbit.quantize's result
+    x = torch.randn(2, 7, 96)
+    y = q(x)
+    assert y.shape == (2, 7, 40) and y.dtype == torch.float32
+    xr = _fake_act(x) if fmt.get("act_bits") else x
+    ref = xr.double() @ w.double().T + lin.bias.double()
+    tol = 2e-2 if fmt.get("act_bits") else 1e-4
+    assert torch.allclose(y.double(), ref, atol=tol, rtol=0), (y.double() - ref).abs().max()
+    # and close to the float layer (quantization error only)
+    err = (y - lin(x)).norm() / lin(x).norm()
+    assert err < (0.02 if fmt["bits"] == 8 else 0.15)
+    r = repr(q)
+    assert f"bits={fmt['bits']}" in r and f"act_bits={fmt.get('act_bits')}" in r and "scheme=" in r
+
+
+def test_input_gradient_is_grad_y_times_dequantized_weight():
+    lin = _linear()
+    q = QuantLinear.from_linear(lin, bits=4, group_size=32)
+    x = torch.randn(5, 96, requires_grad=True)
+    g = torch.randn(5, 40)
+    q(x).backward(g)
+    assert torch.allclose(x.grad, g @ q.dequantized_weight(), atol=1e-5)
+    assert all(not p.requires_grad for p in q.parameters())  # weights frozen
+    # a bias that is made trainable gets its gradient too
+    q.bias.requires_grad_(True)
+    q(torch.randn(5, 96)).backward(g)
+    assert torch.allclose(q.bias.grad, g.sum(0), atol=1e-5)
+
+
+def test_act_order_perm_and_input_scale():
+    """y = ((x / s)[perm]) @ dequantize(W)ᵀ + b, as GPTQ act-order / AWQ unfolded results ask."""
+    lin = _linear(K=64, N=24)
+    perm = torch.randperm(64)
+    s = torch.rand(64) + 0.5
+    w_dom = (lin.weight.detach() * s[None, :])[:, perm].contiguous()   # weight in the (x/s)[perm] domain
+    qt = lb.quantize(w_dom, 4, 32)
+    q = QuantLinear.from_quantized(qt, lin.bias, perm=perm, input_scale=s)
+    x = torch.randn(3, 64)
+    ref = (x / s)[:, perm] @ lb.dequantize(qt).T + lin.bias
+    assert torch.allclose(q(x), ref, atol=1e-4)
+    assert torch.allclose(x @ q.dequantized_weight().T + lin.bias, ref, atol=1e-4)
+    assert "act_order=True" in repr(q) and "input_scale=True" in repr(q)
+
+
+def test_state_dict_round_trip_and_dtype_casts():
+    lin = _linear()
+    q = QuantLinear.from_linear(lin, bits=4, group_size=32)
+    sd = q.state_dict()
+    assert set(sd) == {"codes", "scales", "zeros", "bias"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = QuantLinear(96, 40, bias=True, bits=4, group_size=32)   # zero skeleton of the same format
+    x = torch.randn(4, 96)
+    y0 = fresh(x)                                                   # packs the zero buffers
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh(x), q(x)) and not torch.equal(y0, q(x))  # re-packed after the in-place load
+    # casting the module keeps the format's float32 scales
+    h = copy.deepcopy(q).to(torch.bfloat16)
+    assert h.scales.dtype == torch.float32 and h.bias.dtype == torch.bfloat16
+    yb = h(x.bfloat16())
+    assert yb.dtype == torch.bfloat16 and torch.allclose(yb.float(), q(x), atol=0.1)
+
+
+def test_packing_is_cached_per_buffer_set():
+    q = QuantLinear.from_linear(_linear(), bits=4, group_size=32)
+    x = torch.randn(2, 96)
+    q(x)
+    before = dict(torch_ops.STATS)
+    for _ in range(3):
+        q(x)
+    assert torch_ops.STATS["misses"] == before["misses"] and torch_ops.STATS["hits"] == before["hits"] + 3
+
+
+def test_custom_ops_opcheck():
+    q = QuantLinear.from_linear(_linear(K=64, N=32), bits=4, group_size=32)
+    codes, scales, zeros, bits, scheme, g = q.op_args()
+    x = torch.randn(3, 64, requires_grad=True)
+    torch.library.opcheck(torch.ops.lowbit.matmul.default, (x, codes, scales, zeros, q.bias, bits, scheme, g, 0))
+    torch.library.opcheck(torch.ops.lowbit.dequantize.default, (codes, scales, zeros, bits, scheme, g, 64))
+    w = torch.randn(16, 64)
+    torch.library.opcheck(torch.ops.lowbit.quantize.default, (w, 4, 32, False, False))
+    c, s, z = torch.ops.lowbit.quantize(w, 4, 32, False, False)
+    ref = lb.quantize(w, 4, 32, False)
+    assert torch.equal(c, ref.codes) and torch.equal(s, ref.scales) and torch.equal(z, ref.zeros)
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 32)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _quantized_mlp():
+    m = _MLP().eval()
+    m.fc1 = QuantLinear.from_linear(m.fc1, bits=4, group_size=32)
+    m.fc2 = QuantLinear.from_linear(m.fc2, bits=8, group_size=None, symmetric=True, act_bits=8)
+    return m
+
+
+def test_torch_compile_fullgraph_no_repacking():
+    torch._dynamo.reset()
+    m = _quantized_mlp()
+    x = torch.randn(3, 64)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True)  # fullgraph: any graph break raises
+    y = compiled(x)
+    assert torch.allclose(y, eager, atol=1e-5)
+    before = dict(torch_ops.STATS)
+    for _ in range(3):
+        y = compiled(x)
+    assert torch_ops.STATS["misses"] == before["misses"]  # prepacked weights reused inside the graph
+    assert torch_ops.STATS["hits"] >= before["hits"] + 6
+    # autograd through a compiled graph reaches the input (aot_eager: the same AOT-autograd
+    # tracing of the op's backward, without inductor's C++ compile time)
+    xg = torch.randn(3, 64, requires_grad=True)
+    torch.compile(m, fullgraph=True, backend="aot_eager")(xg).sum().backward()
+    xe = xg.detach().clone().requires_grad_(True)
+    m(xe).sum().backward()
+    assert torch.allclose(xg.grad, xe.grad, atol=1e-4)
+
+
+def test_torch_export():
+    m = _quantized_mlp()
+    x = torch.randn(3, 64)
+    ep = torch.export.export(m, (x,))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.lowbit.matmul.default) == 2
+    x2 = torch.randn(3, 64)
+    assert torch.allclose(ep.module()(x2), m(x2), atol=1e-5)
+
+
+@torch.no_grad()
+def test_quantize_dynamic_against_torch_and_float():
+    m = _MLP().eval()
+    x = torch.randn(16, 64)
+    ref = m(x)
+    ql = quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
+    assert isinstance(ql.fc1, QuantLinear) and ql.fc1.act_bits == 8 and ql.fc1.bits == 8
+    assert isinstance(m.fc1, nn.Linear)  # not in place by default, like torch
+    y = ql(x)
+    rel = float((y - ref).norm() / ref.norm())
+    assert rel < 0.02
+    try:
+        tq = torch.ao.quantization.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
+        yt = tq(x)
+    except Exception as e:  # noqa: BLE001 - torch built without a quantized engine
+        pytest.skip(f"torch quantize_dynamic unavailable: {e}")
+    rel_t = float((yt - ref).norm() / ref.norm())
+    assert float((y - yt).norm() / yt.norm()) < 0.03   # close to torch's, not equal
+    assert not torch.equal(y, yt)
+    assert rel <= 2 * rel_t + 1e-3                      # per-channel / per-token is not worse than torch's
+    # names select modules; other dtypes are refused
+    only2 = quantize_dynamic(m, {"fc2"})
+    assert isinstance(only2.fc1, nn.Linear) and isinstance(only2.fc2, QuantLinear)
+    with pytest.raises(ValueError, match="qint8"):
+        quantize_dynamic(m, dtype=torch.float16)
+
+
+def test_apply_quantized_matches_apply_simulated():
+    from lowbit.algorithms import GPTQConfig, RTNConfig, apply_quantized, quantize_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    x = torch.randn(8, 64)
+    for cfg, data in [(RTNConfig(bits=4, group_size=32), None),
+                      (GPTQConfig(bits=4, group_size=32, act_order=True), [torch.randn(16, 64) for _ in range(2)])]:
+        sim, real = copy.deepcopy(base), copy.deepcopy(base)
+        res = quantize_model(sim, cfg, data)                       # default: simulated
+        res_q = quantize_model(real, cfg, data, apply="quantized")
+        assert isinstance(real[0], QuantLinear) and isinstance(sim[0], nn.Linear)
+        assert torch.allclose(real(x), sim(x), atol=1e-4)
+        if isinstance(cfg, GPTQConfig):
+            assert any(r.perm is not None for r in res_q.values()) and real[0].perm is not None
+        again = apply_quantized(copy.deepcopy(base), res)
+        assert torch.allclose(again(x), sim(x), atol=1e-4)
+
+
+def test_save_load_quantized_model_fresh_module(tmp_path):
+    from lowbit.nn import load_quantized_model, save_quantized_model
+
+    m = _quantized_mlp()
+    x = torch.randn(4, 64)
+    f = save_quantized_model(m, str(tmp_path / "m.safetensors"))
+    assert set(lb.load(f)) >= {"fc1.weight", "fc2.weight", "fc1.bias", "fc2.lowbit_act_bits"}
+    back = load_quantized_model(f, _MLP())
+    assert isinstance(back.fc2, QuantLinear) and back.fc2.act_bits == 8
+    assert torch.equal(back(x), m(x))
+
+
+def test_import_lowbit_stays_torch_free():
+    import subprocess
+    import sys
+
+    code = "import sys, lowbit; assert 'torch' not in sys.modules; print(lowbit.__all__[-1])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
