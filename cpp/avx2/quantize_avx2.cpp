@@ -107,6 +107,14 @@ int64_t quantize_rows_t(const QuantizeArgs& a, int64_t r0, int64_t r1) {
   std::vector<float> lo_g(static_cast<size_t>(G)), hi_g(static_cast<size_t>(G));
   for (int64_t r = r0; r < r1; ++r) {
     const void* w = static_cast<const char*>(a.w) + r * a.ld_w * int64_t(dtype_size(T));
+    // Pass 2 runs from L1 and leaves DRAM idle: it prefetches the next row meanwhile, so the next
+    // pass 1 finds its data in cache and the two overlap (a 2x difference when w is in DRAM).
+    const char* next_row = r + 1 < r1 ? static_cast<const char*>(w) + a.ld_w * int64_t(dtype_size(T)) : nullptr;
+    auto prefetch_next = [&](int64_t k, int64_t n) {  // elements [k, k + n) of the next row
+      if (!next_row) return;
+      for (int64_t b = 0; b < n * int64_t(dtype_size(T)); b += 64)
+        _mm_prefetch(next_row + k * int64_t(dtype_size(T)) + b, _MM_HINT_T0);
+    };
     uint8_t* codes = a.codes + r * row_bytes;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k0 = g * f.group_size, k1 = std::min(a.K, k0 + f.group_size);
@@ -176,6 +184,7 @@ int64_t quantize_rows_t(const QuantizeArgs& a, int64_t r0, int64_t r1) {
         const __m256 vlo = _mm256_set1_ps(qmin_of(f) - p.zero), vhi = _mm256_set1_ps(qmax_of(f) - p.zero);
         const __m256i zero16 = _mm256_set1_epi16(int16_t(p.zero));
         for (; k + 32 <= kv; k += 32) {
+          prefetch_next(k, 32);
           __m256i q[4];
           for (int i = 0; i < 4; ++i)
             q[i] = _mm256_cvtps_epi32(
@@ -189,12 +198,14 @@ int64_t quantize_rows_t(const QuantizeArgs& a, int64_t r0, int64_t r1) {
         }
       }
       for (; k < kv; k += 16) {
+        prefetch_next(k, 16);
         __m256i q0 = codes8<S>(load8<T>(w, k), inv, zero, qmin, qmax, mids);
         __m256i q1 = codes8<S>(load8<T>(w, k + 8), inv, zero, qmin, qmax, mids);
         __m128i b = bytes16(q0, q1, unsigned8 && f.bits == 8);
         if (f.bits == 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), b);
         else _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + k / 2), nibbles8(b));
       }
+      prefetch_next(kv, k1 - kv);
       for (int64_t k = kv; k < k1; ++k) {
         uint8_t q = code_of(f, p, load_as_f32(w, T, k));
         if (f.bits == 8) codes[k] = q;
