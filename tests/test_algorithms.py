@@ -355,3 +355,74 @@ def test_import_lowbit_does_not_import_torch():
     import sys
     code = "import sys, lowbit; assert 'torch' not in sys.modules; import lowbit.algorithms"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (3, False), (4, True), (3, True), (8, True)])
+def test_gptq_column_rounding_matches_lowbit(bits, sym):
+    """GPTQ rounds columns with a torch transcription of lowbit's rule: it must be bit-identical
+    to lowbit.quantize(col, scales=, zeros=) + dequantize, ties and clamping included."""
+    from lowbit.algorithms.gptq import _ColumnRounder, _qdq_column
+    g = torch.Generator().manual_seed(bits * 2 + sym)
+    w = torch.randn(64, 16, generator=g)
+    qt = lowbit.quantize(w, bits, None, sym)
+    s, z = qt.scales, qt.zeros
+    s[0] = 0.0                                   # a zero scale: everything to the zero point
+    cols = [w[:, 3] * 1.7, w[:, 5], (w[:, 7] / s.reshape(-1).clamp(min=1e-3)).round() * s.reshape(-1)
+            + 0.5 * s.reshape(-1)]               # exact ties
+    r = _ColumnRounder(bits, sym, s, z)
+    for c in cols:
+        c = c.contiguous()
+        assert torch.equal(r(c), _qdq_column(c, bits, sym, s, z))
+
+
+class KwBlock(nn.Module):
+    """A block taking its hidden state and per-block keyword arguments (like transformers
+    decoder layers): a positional table that differs between blocks, and a KV cache list."""
+
+    def __init__(self, idx):
+        super().__init__()
+        self.idx = idx
+        self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
+
+    def forward(self, hidden_states, pos=None, past_key_values=None):
+        h = hidden_states + pos
+        k = self.k(h)
+        if past_key_values is not None:            # a growing cache, as a real one would
+            past_key_values.setdefault(self.idx, []).append(k)
+            k = torch.cat(past_key_values[self.idx], dim=1)
+        v = self.v(h) if past_key_values is None else k
+        a = torch.softmax(self.q(h) @ k.transpose(-1, -2) / math.sqrt(H), -1) @ v
+        return hidden_states + self.o(a)
+
+
+class KwModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.layers = nn.ModuleList([KwBlock(i) for i in range(2)])
+        self.pos = [torch.randn(T, H, generator=g), 3 * torch.randn(T, H, generator=g)]
+
+    def forward(self, x, use_cache=True):
+        cache = {} if use_cache else None
+        for i, blk in enumerate(self.layers):
+            x = blk(hidden_states=x, pos=self.pos[i], past_key_values=cache)
+        return x
+
+
+def test_sequential_uses_each_blocks_own_arguments_and_no_cache():
+    """Block 1 must be calibrated with its own `pos` (not block 0's) and without a KV cache that
+    grows each time the block is re-run: its stats equal those of a plain float forward."""
+    from lowbit.algorithms.sequential import quantize_sequential
+    net = KwModel().eval()
+    data = [torch.randn(2, T, H) for _ in range(3)]
+    ref = A.collect_stats(net, {"layers.1.q": net.layers[1].q}, [{"x": d, "use_cache": False} for d in data])
+    seen = {}
+
+    def stage_fn(stage):
+        for n in stage.names:
+            seen[n] = stage.stats[n]
+        return {}                                  # quantize nothing: inputs stay float
+    quantize_sequential(net, data, A.find_linears(net), stage_fn)
+    assert set(seen) == {f"layers.{i}.{p}" for i in range(2) for p in "qkvo"}
+    assert torch.allclose(seen["layers.1.q"].abs_max, ref["layers.1.q"].abs_max, rtol=1e-5, atol=1e-6)
+    assert seen["layers.1.o"].n == ref["layers.1.q"].n

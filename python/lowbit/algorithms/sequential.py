@@ -60,14 +60,59 @@ def _normalize(batch) -> Tuple[tuple, dict]:
     return (batch,), {}
 
 
-def _capture_inputs(model, block, data) -> List[Tuple[tuple, dict]]:
-    store = []
+def _no_cache(kwargs: dict) -> dict:
+    """Blocks are re-run several times on the same stored inputs: a KV cache passed along (e.g. a
+    transformers DynamicCache) would grow on every run, so calibration never uses one."""
+    kwargs = dict(kwargs)
+    if "past_key_values" in kwargs:
+        kwargs["past_key_values"] = None
+    if "past_key_value" in kwargs:
+        kwargs["past_key_value"] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
 
-    def pre(module, args, kwargs):
-        store.append((tuple(args), dict(kwargs)))
-        raise _Stop
 
-    h = block.register_forward_pre_hook(pre, with_kwargs=True)
+def _capture_inputs(model, blocks, data) -> Tuple[List[Tuple[tuple, dict]], List[List[Tuple[tuple, dict]]]]:
+    """Inputs of the first block per batch, and every block's *other* arguments per batch.
+
+    Blocks may get different arguments (Gemma-3 passes sliding- vs full-attention masks and local
+    vs global rotary embeddings per layer), so they are recorded per block. To keep this cheap the
+    blocks are not computed: each block's forward is swapped for a stub that records its arguments
+    and passes the hidden state through (the model's own mask/position code still runs). Stored
+    tensors are shared between blocks, as the model shares them.
+    Returns (first-block inputs, extras[block][batch] = (args[1:], kwargs without hidden state))."""
+    firsts: List[Tuple[tuple, dict]] = []
+    extras: List[List[Tuple[tuple, dict]]] = [[] for _ in blocks]
+    template = {}
+    originals = []
+
+    def make_stub(i, block, orig):
+        def stub(*args, **kwargs):
+            if "out" not in template:
+                # learn the block's output structure once (one real forward on the first batch)
+                template["out"] = orig(*args, **kwargs)
+            kwargs = _no_cache(kwargs)
+            if args:
+                h, rest = args[0], tuple(args[1:])
+            else:
+                h, rest = kwargs.get("hidden_states"), ()
+            if i == 0:
+                firsts.append(((h,) + rest, dict(kwargs)) if args else ((), dict(kwargs)))
+            extras[i].append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            if i == len(blocks) - 1:
+                raise _Stop
+            out = template["out"]
+            if isinstance(out, torch.Tensor):
+                return h
+            if isinstance(out, (tuple, list)):
+                return (h,) + (None,) * (len(out) - 1)
+            raise TypeError(f"cannot pass a block output of type {type(out).__name__} through")
+        return stub
+
+    for i, (_, blk) in enumerate(blocks):
+        originals.append(blk.__dict__.get("forward"))
+        blk.forward = make_stub(i, blk, type(blk).forward.__get__(blk))
     try:
         with torch.no_grad():
             for batch in data:
@@ -77,8 +122,15 @@ def _capture_inputs(model, block, data) -> List[Tuple[tuple, dict]]:
                 except _Stop:
                     pass
     finally:
-        h.remove()
-    return store
+        for (_, blk), orig in zip(blocks, originals):
+            if orig is None:
+                del blk.forward
+            else:
+                blk.forward = orig
+    if len(firsts) != len(data) or any(len(e) != len(data) for e in extras):
+        raise RuntimeError("calibration forward did not reach every block once per batch; the "
+                           "blocks found are not called in sequence by the model")
+    return firsts, extras
 
 
 def _run(block, inputs):
@@ -89,17 +141,33 @@ def _run(block, inputs):
     return outs
 
 
-def _next_inputs(inputs, outputs):
-    nxt = []
-    for (a, k), out in zip(inputs, outputs):
-        h = out[0] if isinstance(out, (tuple, list)) else out
-        if a:
-            nxt.append(((h,) + tuple(a[1:]), k))
-        else:
-            k = dict(k)
-            k["hidden_states"] = h
-            nxt.append(((), k))
-    return nxt
+def _run_until(block, inputs, stop_after: List[nn.Module]) -> None:
+    """Forward each batch through the block only until every module in stop_after has run (their
+    forward hooks registered earlier, e.g. calibration hooks, still fire); the rest is skipped."""
+    pending = {id(m) for m in stop_after}
+    seen = set()
+
+    def hook(module, args, out):
+        seen.add(id(module))
+        if seen >= pending:
+            raise _Stop
+
+    handles = [m.register_forward_hook(hook) for m in stop_after]
+    try:
+        with torch.no_grad():
+            for a, k in inputs:
+                seen.clear()
+                try:
+                    block(*a, **k)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hidden_of(outputs):
+    return [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
 
 
 def _probe(block, prefix, linears: Dict[str, nn.Linear], first_input) -> List[Stage]:
@@ -207,18 +275,26 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
     blocks = find_blocks(model) if sequential else []
     done = set()
     if blocks:
-        inputs = _capture_inputs(model, blocks[0][1], data)
-        for prefix, block in blocks:
+        firsts, extras = _capture_inputs(model, blocks, data)
+        kw_hidden = not firsts[0][0]      # the model passes the hidden state by keyword
+        inputs = firsts
+        for bi, (prefix, block) in enumerate(blocks):
+            if bi > 0:
+                if kw_hidden:
+                    inputs = [((), dict(k, hidden_states=h)) for h, (_, k) in zip(hidden, extras[bi])]
+                else:
+                    inputs = [((h,) + tuple(r), dict(k)) for h, (r, k) in zip(hidden, extras[bi])]
             blk_lin = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
             if blk_lin:
                 for stage in _probe(block, prefix, blk_lin, inputs[0]):
-                    _calibrate_stage(lambda: _run(block, inputs), stage, hessian, sample_rows)
+                    mods = list(stage.linears.values())
+                    _calibrate_stage(lambda: _run_until(block, inputs, mods), stage, hessian, sample_rows)
                     stage.quantized = frozenset(results)
                     res = stage_fn(stage)
                     apply_simulated(model, res)
                     results.update(res)
                 done.update(blk_lin)
-            inputs = _next_inputs(inputs, _run(block, inputs))
+            hidden = _hidden_of(_run(block, inputs))
     rest = {n: m for n, m in linears.items() if n not in done}
     if rest:
         # one stage per Linear, calibrated from full-model forwards
