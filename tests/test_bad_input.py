@@ -363,7 +363,7 @@ def test_core_rejects_mismatched_buffers():
         core.quantize(w, scales, zeros, codes, 5, 0, 16, 1.0, False)
     with pytest.raises(ValueError, match=r"^scheme must be"):
         core.quantize(w, scales, zeros, codes, 4, 3, 16, 1.0, False)
-    with pytest.raises(ValueError, match=r"zeros must be in \[0, 15\]"):
+    with pytest.raises(ValueError, match=r"zeros must be integers in \[0, 15\] for 4-bit codes"):
         core.quantize(w, np.ones((2, 2), np.float32), np.full((2, 2), 16, np.uint8), codes, 4, 0, 16, 1.0, True)
     with pytest.raises(ValueError, match=r"^codes is read-only|^codes must|read-only"):
         ro = np.empty((2, 16), np.uint8)

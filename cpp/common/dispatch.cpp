@@ -331,10 +331,12 @@ void quantize(const QuantizeArgs& a) {
   const int64_t G = num_groups(a.K, a.fmt.group_size);
   if (a.params_given) {
     const int qmax = (1 << a.fmt.bits) - 1;
-    for (int64_t i = 0; i < a.rows * G; ++i) {
-      require(std::isfinite(a.scales[i]) && a.scales[i] >= 0.f,
-              "scales must be finite and >= 0 (index " + std::to_string(i) + ")");
-      if (asym) require(a.zeros[i] <= qmax, "zeros must be in [0, " + std::to_string(qmax) + "]");
+    for (int64_t i = 0; i < a.rows * G; ++i) {  // messages are built only on failure
+      if (!(std::isfinite(a.scales[i]) && a.scales[i] >= 0.f))
+        require(false, "scales must be finite and >= 0 (index " + std::to_string(i) + ")");
+      if (asym && a.zeros[i] > qmax)
+        require(false, "zeros must be integers in [0, " + std::to_string(qmax) + "] for " +
+                           std::to_string(a.fmt.bits) + "-bit codes");
     }
   }
   QuantizeFn fn = active().quantize ? active().quantize : reference().quantize;

@@ -143,6 +143,13 @@ def _given_param(w, value, name, dtype, fmt, rows, G):
     here (zeros: integers in [0, 2^bits - 1]; scales: finite, >= 0) so nothing wraps silently."""
     if _interop._is_framework_array(value):
         _check_same_device(name, value, w, "w")
+        if (fmt.group_size != "tensor" and _interop.dtype_name(value) == dtype
+                and _interop.framework_of(value) == _interop.framework_of(w)
+                and tuple(int(d) for d in value.shape) == (rows, G)):
+            # Already the kernel's dtype and shape: nothing can wrap, and the compiled kernels
+            # validate the values themselves (scales finite and >= 0, zeros <= 2^bits - 1), so
+            # skip the host copy — GPTQ makes one such call per weight column.
+            return _interop.contiguous(value)
         host = _interop.to_numpy(value)
     else:
         host = np.asarray(value)

@@ -7,13 +7,10 @@ update direction for column i once columns < i are fixed. Columns are processed 
 error of a block is applied to the columns after it with one matmul.
 
 Rounding is lowbit's: at the start of each group, lowbit.quantize on the group's current
-(error-updated) columns chooses that group's scales/zeros; each column is then rounded with those
-parameters by _ColumnRounder, a torch transcription of lowbit's documented rounding rule (see
-lowbit.ops: inv_scale = 1/scale or 0, rint half-to-even, clamp), bit-identical to
-lowbit.quantize(col, scales=, zeros=) + dequantize (tests check this) but without the per-call
-overhead (argument checks, DLPack, host copies of the parameters), which made a call per column
-~2 ms: most of GPTQ's time on a real model. The final codes still come from lowbit.quantize on the
-result, whose values lie exactly on each group's grid.
+(error-updated) columns chooses that group's scales/zeros; each column is then rounded by
+lowbit.quantize(col, scales=, zeros=) + lowbit.dequantize with those parameters (no rounding code
+here). The final codes come from lowbit.quantize on the result, whose values lie exactly on each
+group's grid.
 """
 from __future__ import annotations
 
@@ -26,36 +23,15 @@ from .common import LayerResult
 from .config import GPTQConfig
 
 
-_FLT_MIN = torch.finfo(torch.float32).tiny
-
-
 def _qdq_column(col: torch.Tensor, bits: int, symmetric: bool, scale, zero) -> torch.Tensor:
     """Reference: one column through lowbit.quantize/dequantize with given parameters."""
     qt = quantize(col.reshape(-1, 1).contiguous(), bits, None, symmetric, scales=scale, zeros=zero)
     return dequantize(qt).reshape(-1)
 
 
-class _ColumnRounder:
-    """Rounds columns [N] with fixed per-row parameters (scale [N, 1], zero [N, 1] or None) by
-    lowbit's rule, in float32: q = clamp(rint(w * inv_scale) (+ zero)), w' = (q - zero) * scale."""
-
-    def __init__(self, bits: int, symmetric: bool, scale: torch.Tensor, zero):
-        self.scale = scale.reshape(-1).float()
-        self.inv = torch.where(self.scale < _FLT_MIN, torch.zeros_like(self.scale),
-                               1.0 / self.scale)
-        if symmetric:
-            self.lo, self.hi = float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
-            self.zero = None
-        else:
-            self.lo, self.hi = 0.0, float((1 << bits) - 1)
-            self.zero = zero.reshape(-1).float()
-
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        q = torch.round(w.float() * self.inv)        # torch.round: half to even, like rint
-        if self.zero is not None:
-            q = (q + self.zero).clamp_(self.lo, self.hi)
-            return (q - self.zero) * self.scale
-        return q.clamp_(self.lo, self.hi) * self.scale
+def _column_rounder(bits: int, symmetric: bool, scale, zero):
+    """Rounds a column [N] onto the grid of per-row parameters scale/zero [N, 1] through lowbit."""
+    return lambda w: _qdq_column(w.contiguous(), bits, symmetric, scale, zero)
 
 
 def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> LayerResult:
@@ -108,19 +84,19 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConf
             col = i1 + i
             if per_row:
                 if rounder is None:
-                    rounder = _ColumnRounder(bits, sym, static_s, static_z)
+                    rounder = _column_rounder(bits, sym, static_s, static_z)
             elif config.static_groups:
                 g = int(perm[col]) // gs if perm is not None else col // gs
                 cur_s = static_s[:, g:g + 1].contiguous()
                 cur_z = static_z[:, g:g + 1].contiguous() if static_z is not None else None
-                rounder = _ColumnRounder(bits, sym, cur_s, cur_z)
+                rounder = _column_rounder(bits, sym, cur_s, cur_z)
             elif col % gs == 0:
                 qg = quantize(W1[:, i:i + gs].contiguous(), bits, None, sym)
                 cur_s, cur_z = qg.scales, qg.zeros
                 S[:, col // gs] = cur_s[:, 0]
                 if Z is not None:
                     Z[:, col // gs] = cur_z[:, 0]
-                rounder = _ColumnRounder(bits, sym, cur_s, cur_z)
+                rounder = _column_rounder(bits, sym, cur_s, cur_z)
             w = W1[:, i]
             q = rounder(w)
             Q1[:, i] = q
