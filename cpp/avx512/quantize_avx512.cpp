@@ -54,6 +54,9 @@ int64_t quantize_rows_t(const QuantizeArgs& a, int64_t r0, int64_t r1) {
 
   for (int64_t r = r0; r < r1; ++r) {
     const void* w = static_cast<const char*>(a.w) + r * a.ld_w * int64_t(dtype_size(T));
+    // Pass 2 works from L1; it prefetches the next row meanwhile so DRAM reads overlap it (as in
+    // the AVX2 variant, where this took int4 g128 from 39% to ~55% of DRAM bandwidth).
+    const char* next_row = r + 1 < r1 ? static_cast<const char*>(w) + a.ld_w * int64_t(dtype_size(T)) : nullptr;
     uint8_t* codes = a.codes + r * row_bytes;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k0 = g * f.group_size, k1 = std::min(a.K, k0 + f.group_size);
@@ -83,6 +86,7 @@ int64_t quantize_rows_t(const QuantizeArgs& a, int64_t r0, int64_t r1) {
       // Pass 2: codes.
       const __m512 inv = _mm512_set1_ps(p.inv_scale), zero = _mm512_set1_ps(p.zero);
       for (int64_t k = k0; k < k1; k += 16) {
+        if (next_row) _mm_prefetch(next_row + k * int64_t(dtype_size(T)), _MM_HINT_T0);  // 16 elements <= 64 B
         const int64_t n = std::min<int64_t>(16, k1 - k);
         __m512i q = codes16<S>(load16<T>(w, k, first_n(n)), inv, zero, qmin, qmax, mids);
         if (f.bits == 8) {
