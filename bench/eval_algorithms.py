@@ -177,15 +177,20 @@ def make_configs(A, skip):
         "gptq_w4g128_asym_actorder": A.GPTQConfig(4, 128, False, act_order=True, skip=skip),
         "rtn_w8_perchannel_sym": A.RTNConfig(8, None, True, skip=skip),
         "smoothquant_w8a8_a0.5": A.SmoothQuantConfig(alpha=0.5, skip=skip),
+        "smoothquant_w8a8_search": A.SmoothQuantConfig(alpha=0.5, search_alpha=True, skip=skip),
         "awq_w4g128_sym": A.AWQConfig(4, 128, True, skip=skip),
         "awq_w3g128_asym": A.AWQConfig(3, 128, False, skip=skip),
         "rtn_w3g32_asym": A.RTNConfig(3, 32, False, skip=skip),
         "gptq_w3g32_asym": A.GPTQConfig(3, 32, False, skip=skip),
+        "gptq_w4g128_asym_clip": A.GPTQConfig(4, 128, False, clip_search=True, skip=skip),
+        "gptq_w4g128_asym_actorder_clip": A.GPTQConfig(4, 128, False, act_order=True, clip_search=True,
+                                                       skip=skip),
     }
 
 
 # the RTN baseline each configuration's "gap closed" is measured against
-BASELINE = {"gptq_w4g128_asym": "rtn_w4g128_asym", "awq_w4g128_asym": "rtn_w4g128_asym",
+BASELINE = {"gptq_w4g128_asym": "rtn_w4g128_asym", "gptq_w4g128_asym_clip": "rtn_w4g128_asym",
+            "gptq_w4g128_asym_actorder_clip": "rtn_w4g128_asym", "awq_w4g128_asym": "rtn_w4g128_asym",
             "gptq_w4g128_asym_actorder": "rtn_w4g128_asym", "gptq_w4g128_sym": "rtn_w4g128_sym",
             "awq_w4g128_sym": "rtn_w4g128_sym", "gptq_w3g128_asym": "rtn_w3g128_asym",
             "awq_w3g128_asym": "rtn_w3g128_asym", "gptq_w3g32_asym": "rtn_w3g32_asym"}

@@ -204,6 +204,17 @@ def test_calibration_hooks_hessian(model, calib):
     torch.testing.assert_close(stats.abs_max, X.abs().amax(0))
 
 
+def test_calibration_hooks_share_stats_of_a_shared_input(model, calib):
+    """q/k/v read one tensor: one LinearStats (computed once per batch) serves all three."""
+    blk = model.layers[1]
+    lins = {"q": blk.q, "k": blk.k, "v": blk.v, "o": blk.o}
+    stats = A.collect_stats(model, lins, calib[:3], hessian=True)
+    assert stats["q"] is stats["k"] is stats["v"] and stats["o"] is not stats["q"]
+    alone = A.collect_stats(model, {"v": blk.v}, calib[:3], hessian=True)["v"]
+    assert stats["v"].n == alone.n
+    torch.testing.assert_close(stats["v"].hessian, alone.hessian)
+
+
 # ------------------------------------------------------------------ algorithms
 
 def test_rtn_is_lowbit_quantize(model, rtn):
@@ -230,6 +241,18 @@ def test_gptq_beats_rtn(model, calib, fp_inputs, rtn, act_order, static):
         assert r.perm is None
     # the simulated model carries exactly the dequantized weights
     torch.testing.assert_close(m.layers[0].up.weight.detach(), r.weight())
+
+
+def test_gptq_clip_search_beats_rtn_and_stays_on_grid(model, calib, fp_inputs, rtn):
+    cfg = A.GPTQConfig(bits=3, group_size=64, clip_search=True, n_clip_grid=8)
+    m, res = run_algo(model, cfg, calib)
+    rtn3 = run_algo(model, A.RTNConfig(bits=3, group_size=64), None)[1]
+    assert layer_error(model, res, fp_inputs) < 0.8 * layer_error(model, rtn3, fp_inputs)
+    r = res["layers.1.down"]
+    # the stored codes reproduce the weights the simulated model runs with
+    torch.testing.assert_close(m.layers[1].down.weight.detach(), r.weight())
+    assert torch.equal(lowbit.quantize(r.weight().contiguous(), 3, 64, scales=r.qt.scales,
+                                       zeros=r.qt.zeros).codes, r.qt.codes)
 
 
 def test_gptq_dead_columns_and_per_channel():
@@ -283,6 +306,21 @@ def test_smoothquant_reduces_w8a8_error(model, calib, fp_inputs):
     _ERRS["w8a8 smoothquant (model out mse)"] = e_smooth
     assert e_smooth < 0.7 * e_plain, (e_smooth, e_plain)
     assert res["layers.1.k"].scale_folded and res["layers.1.k"].qt.bits == 8
+    searched, res_s = run_algo(model, A.SmoothQuantConfig(alpha=0.5, search_alpha=True, n_grid=5), calib)
+    e_search = model_err(searched)
+    _ERRS["w8a8 smoothquant alpha search (model out mse)"] = e_search
+    assert e_search < 0.7 * e_plain, (e_search, e_plain)
+    # the searched α minimizes the calibration-row error among its candidates, α = 0.5 included
+    x = torch.randn(64, H, generator=torch.Generator().manual_seed(5)) * 3
+    ws = [l.weight.detach() for l in (model.layers[0].q, model.layers[0].k)]
+    cfg = A.SmoothQuantConfig(alpha=0.5, search_alpha=True, n_grid=5)
+    from lowbit.algorithms.sequential import Stage
+    from lowbit.algorithms.smoothquant import choose_alpha, smooth_scales, w8a8_error
+    st = Stage(["q", "k"], {}, x=x)
+    amax = x.abs().amax(0)
+    best = choose_alpha(st, amax, ws, cfg)
+    errs = [w8a8_error(x, ws, smooth_scales(amax, ws, a), cfg) for a in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert w8a8_error(x, ws, smooth_scales(amax, ws, best), cfg) == min(errs)
 
 
 @pytest.mark.parametrize("learnable", [False, True])

@@ -217,6 +217,23 @@ def test_caller_supplied_scales_and_zeros(isa, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_fake_quantize_is_dequantize_of_quantize(isa, fmt):
+    bits, scheme = fmt
+    for (rows, K), group_size in [((17, 576), 128), ((3, 100), 16), ((64, 33), None), ((3, 1000), "tensor")]:
+        w = random_weights(rng_for("fq", rows, K, bits, scheme, str(group_size)), rows, K, "outliers")
+        kw = lb_kwargs(bits, scheme, group_size, clip=0.9)
+        qt = lowbit.quantize(w, **kw)
+        assert_same_bits(lowbit.fake_quantize(w, **kw), lowbit.dequantize(qt), f"{isa} {fmt} g={group_size}")
+        if group_size not in (None, "tensor"):
+            continue
+        # with caller parameters (GPTQ rounds one column at a time this way)
+        p = dict(scales=qt.scales, zeros=qt.zeros) if scheme == "asymmetric" else dict(scales=qt.scales)
+        assert_same_bits(lowbit.fake_quantize(w, **lb_kwargs(bits, scheme, group_size), **p),
+                         lowbit.dequantize(lowbit.quantize(w, **lb_kwargs(bits, scheme, group_size), **p)),
+                         f"{isa} {fmt} g={group_size} given")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 def test_constant_and_zero_groups(isa, fmt):
     """All-equal and all-zero groups (scale 0 must give codes = zero point and no NaN/Inf)."""
     bits, scheme = fmt

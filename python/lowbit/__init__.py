@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 from . import _ext
-from .ops import dequantize, matmul, pack_int4, quantize, unpack_int4
+from .ops import dequantize, fake_quantize, matmul, pack_int4, quantize, unpack_int4
 from .tensor import QuantFormat, QuantizedTensor
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "dequantize", "matmul", "pack_int4", "unpack_int4", "QuantizedTensor", "QuantFormat",
+__all__ = ["quantize", "dequantize", "fake_quantize", "matmul", "pack_int4", "unpack_int4", "QuantizedTensor", "QuantFormat",
            "build_info", "set_num_threads", "get_num_threads", "save", "load",
            "QuantLinear", "quantize_dynamic", "save_quantized_model", "load_quantized_model"]
 

@@ -1,4 +1,4 @@
-"""The primitives: quantize, dequantize, pack_int4, unpack_int4.
+"""The primitives: quantize, dequantize, fake_quantize, pack_int4, unpack_int4.
 
 Rounding convention (bit-exact on every CPU variant and GPU; float32 arithmetic throughout):
   inv_scale = 1 / scale, or 0 when scale < FLT_MIN (such a group quantizes to its zero point)
@@ -136,6 +136,26 @@ def quantize(w: Any, bits: int = 4, group_size: GroupSize = 128, symmetric: bool
         scales_k = scales_k[:1]
         zeros_k = zeros_k[:1] if zeros_k is not None else None
     return QuantizedTensor(codes, scales_k, zeros_k, (rows, K), fmt)
+
+
+def fake_quantize(w: Any, bits: int = 4, group_size: GroupSize = 128, symmetric: bool = False, *,
+                  codebook: Optional[str] = None, clip_ratio: float = 1.0,
+                  scales: Any = None, zeros: Any = None) -> Any:
+    """dequantize(quantize(w, ...)) as float32 in w's framework and device: the values w rounds
+    to on its group grid ("fake quantization", as QAT and GPTQ use it). Same arguments and
+    rounding as quantize; one call, without re-validating the QuantizedTensor it just made."""
+    qt = quantize(w, bits, group_size, symmetric, codebook=codebook, clip_ratio=clip_ratio,
+                  scales=scales, zeros=zeros)
+    rows, K = qt.shape
+    s, z = qt.scales, qt.zeros
+    if qt.format.group_size == "tensor":
+        s = _interop.asarray_like(qt.codes, _tile_rows(s, rows), "float32")
+        z = _interop.asarray_like(qt.codes, _tile_rows(z, rows), "uint8") if z is not None else None
+    out = _interop.empty(qt.codes, (rows, K), "float32")
+    mod, stream = _backend(qt.codes, "dequantize")
+    mod.dequantize(qt.codes, _interop.contiguous(s), None if z is None else _interop.contiguous(z),
+                   out, qt.bits, SCHEMES[qt.format.scheme], qt.format.kernel_group_size(K), **stream)
+    return out
 
 
 def _given_param(w, value, name, dtype, fmt, rows, G):

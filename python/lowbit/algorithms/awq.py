@@ -13,15 +13,15 @@ from typing import Dict
 
 import torch
 
-from ..ops import dequantize, quantize
-from .common import LayerResult, find_linears, group_index
+from ..ops import fake_quantize, quantize
+from .common import LayerResult, find_linears
 from .config import AWQConfig
 from .observers import search_clip
 from .sequential import Stage, quantize_sequential, try_fold
 
 
 def _qdq(w, config: AWQConfig, **kw):
-    return dequantize(quantize(w.contiguous(), config.bits, config.group_size, config.symmetric, **kw))
+    return fake_quantize(w.contiguous(), config.bits, config.group_size, config.symmetric, **kw)
 
 
 def search_scales(x: torch.Tensor, act_mean: torch.Tensor, weights: Dict[str, torch.Tensor],

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..ops import dequantize, quantize
+from ..ops import dequantize, fake_quantize, quantize
 from ..tensor import QuantizedTensor
 
 
@@ -59,7 +59,7 @@ def fake_quant_tokens(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Dynamic per-token symmetric quantize+dequantize of activations [..., K] via lowbit."""
     shape, dtype = x.shape, x.dtype
     x2 = x.detach().reshape(-1, shape[-1]).float().contiguous()
-    return dequantize(quantize(x2, bits, None, True)).reshape(shape).to(dtype)
+    return fake_quantize(x2, bits, None, True).reshape(shape).to(dtype)
 
 
 def _input_hook(scale: Optional[torch.Tensor], act_bits: Optional[int]):

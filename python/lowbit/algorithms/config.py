@@ -2,7 +2,7 @@
 bad value fails where it was written, with a message that says what would work."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 GroupSize = Union[int, None]
@@ -59,7 +59,10 @@ class GPTQConfig:
     """GPTQ (Frantar et al. 2022). percdamp: dampening as a fraction of the mean Hessian diagonal.
     block_size: columns per lazy batch update. act_order: quantize columns by decreasing Hessian
     diagonal (the result carries a permutation / g_idx). static_groups: group scales fixed from the
-    original weights before any update (keeps groups in original column order with act_order)."""
+    original weights before any update (keeps groups in original column order with act_order).
+    clip_search: each group's scale/zero is the clip ratio in [min_clip, 1] (n_clip_grid points)
+    with the least squared rounding error of the group's columns when it is reached, instead of
+    plain min-max."""
     bits: int = 4
     group_size: GroupSize = 128
     symmetric: bool = False
@@ -68,6 +71,9 @@ class GPTQConfig:
     percdamp: float = 0.01
     block_size: int = 128
     sequential: bool = True
+    clip_search: bool = False
+    n_clip_grid: int = 20
+    min_clip: float = 0.5
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
@@ -76,6 +82,9 @@ class GPTQConfig:
             raise ValueError(f"GPTQConfig.percdamp must be in (0, 1] (typical 0.01), got {self.percdamp}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"GPTQConfig.block_size must be a positive int, got {self.block_size!r}")
+        if self.n_clip_grid < 1:
+            raise ValueError(f"GPTQConfig.n_clip_grid must be >= 1, got {self.n_clip_grid}")
+        _check_fraction("GPTQConfig.min_clip", self.min_clip, lo_open=True)
         self.skip = _check_skip("GPTQConfig", self.skip)
 
 
@@ -107,15 +116,22 @@ class AWQConfig:
 class SmoothQuantConfig:
     """SmoothQuant (Xiao et al. 2022): s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the
     preceding norm where possible; then int8 per-channel weights and dynamic per-token int8
-    activations (simulated)."""
+    activations (simulated). search_alpha: per stage, the α of least W8A8 output error among
+    n_grid points in [0, 1] (and alpha itself), measured on up to max_tokens calibration rows."""
     alpha: float = 0.5
     weight_bits: int = 8
     act_bits: Optional[int] = 8
     fold: bool = True
+    search_alpha: bool = False
+    n_grid: int = 11
+    max_tokens: int = 2048
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
         _check_fraction("SmoothQuantConfig.alpha", self.alpha)
+        if self.n_grid < 2 or self.max_tokens < 1:
+            raise ValueError(f"SmoothQuantConfig.n_grid must be >= 2 and max_tokens >= 1, got "
+                             f"{self.n_grid}, {self.max_tokens}")
         _check_weight_format("SmoothQuantConfig", self.weight_bits, None, True)
         if self.act_bits not in (None, 8):
             raise ValueError(f"SmoothQuantConfig.act_bits must be 8 or None, got {self.act_bits!r}")

@@ -7,31 +7,32 @@ update direction for column i once columns < i are fixed. Columns are processed 
 error of a block is applied to the columns after it with one matmul.
 
 Rounding is lowbit's: at the start of each group, lowbit.quantize on the group's current
-(error-updated) columns chooses that group's scales/zeros; each column is then rounded by
-lowbit.quantize(col, scales=, zeros=) + lowbit.dequantize with those parameters (no rounding code
-here). The final codes come from lowbit.quantize on the result, whose values lie exactly on each
+(error-updated) columns chooses that group's scales/zeros (min-max, or the least-error clip ratio
+with clip_search); each column is then rounded by lowbit.fake_quantize(col, scales=, zeros=)
+with those parameters (no rounding code here). The final codes come from lowbit.quantize on the result, whose values lie exactly on each
 group's grid.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-from ..ops import dequantize, quantize
+from ..ops import fake_quantize, quantize
 from .common import LayerResult
 from .config import GPTQConfig
+from .observers import search_clip
 
 
-def _qdq_column(col: torch.Tensor, bits: int, symmetric: bool, scale, zero) -> torch.Tensor:
-    """Reference: one column through lowbit.quantize/dequantize with given parameters."""
-    qt = quantize(col.reshape(-1, 1).contiguous(), bits, None, symmetric, scales=scale, zeros=zero)
-    return dequantize(qt).reshape(-1)
-
-
-def _column_rounder(bits: int, symmetric: bool, scale, zero):
-    """Rounds a column [N] onto the grid of per-row parameters scale/zero [N, 1] through lowbit."""
-    return lambda w: _qdq_column(w.contiguous(), bits, symmetric, scale, zero)
+def _group_params(Wg: torch.Tensor, config: GPTQConfig):
+    """Scales/zeros [N, 1] for one group's current (error-updated) columns Wg [N, gs]: lowbit's
+    min-max rule, or with config.clip_search the per-row clip ratio of least squared error."""
+    if config.clip_search:
+        ratios = torch.linspace(1.0, config.min_clip, config.n_clip_grid).tolist()
+        s, z, _ = search_clip(Wg, config.bits, None, config.symmetric, ratios)
+        return s, z
+    qg = quantize(Wg, config.bits, None, config.symmetric)
+    return qg.scales, qg.zeros
 
 
 def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> LayerResult:
@@ -53,8 +54,7 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConf
     static_s = static_z = None
     if per_row or config.static_groups:
         # parameters fixed up front from the original weights (per row: the whole row is one group)
-        qt0 = quantize(W.contiguous(), bits, gs, sym)
-        static_s, static_z = qt0.scales, qt0.zeros
+        static_s, static_z = _group_params(W, config) if per_row else _static_params(W, config)
 
     perm = None
     if config.act_order:
@@ -66,45 +66,42 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConf
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
     U = torch.linalg.cholesky(Hinv, upper=True)
+    u_diag = torch.diagonal(U).tolist()
 
-    Q = torch.zeros_like(W)
+    # Work on Wᵀ [K, N]: weight column k is the contiguous row Wt[k], so every per-column step
+    # (round, error, rank-1 update of the block's later columns) reads and writes whole rows.
+    Wt = W.t().contiguous()
+    Qt = torch.empty_like(Wt)
     S = torch.zeros(N, G, dtype=torch.float32)
     Z = torch.zeros(N, G, dtype=torch.uint8) if not sym else None
     # lazy block: a multiple of the group size so a group never straddles two blocks
     B = config.block_size if per_row else max(1, -(-config.block_size // gs)) * gs
-    cur_s = cur_z = None
-    rounder = None
+    cur_s, cur_z = static_s, static_z
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2]                    # a view: updated in place
+        E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if per_row:
-                if rounder is None:
-                    rounder = _column_rounder(bits, sym, static_s, static_z)
-            elif config.static_groups:
+            if config.static_groups and not per_row:
                 g = int(perm[col]) // gs if perm is not None else col // gs
                 cur_s = static_s[:, g:g + 1].contiguous()
                 cur_z = static_z[:, g:g + 1].contiguous() if static_z is not None else None
-                rounder = _column_rounder(bits, sym, cur_s, cur_z)
-            elif col % gs == 0:
-                qg = quantize(W1[:, i:i + gs].contiguous(), bits, None, sym)
-                cur_s, cur_z = qg.scales, qg.zeros
+            elif not per_row and col % gs == 0:
+                cur_s, cur_z = _group_params(W1[i:i + gs].t().contiguous(), config)
                 S[:, col // gs] = cur_s[:, 0]
                 if Z is not None:
                     Z[:, col // gs] = cur_z[:, 0]
-                rounder = _column_rounder(bits, sym, cur_s, cur_z)
-            w = W1[:, i]
-            q = rounder(w)
-            Q1[:, i] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            w = W1[i]
+            q = fake_quantize(w.view(N, 1), bits, None, sym, scales=cur_s, zeros=cur_z).view(N)
+            Qt[col] = q
+            torch.sub(w, q, out=E1[i]).div_(u_diag[col])
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], E1[i], alpha=-1.0)
+        if i2 < K:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    Q = Qt.t()
 
     if per_row or config.static_groups:
         # groups (or rows) are in original column order: store unpermuted, no perm needed
@@ -115,6 +112,16 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConf
     # Q holds values on each group's grid; re-quantizing with the same parameters returns the codes
     qt = quantize(Q.contiguous(), bits, gs, sym, scales=S, zeros=Z)
     return LayerResult(qt, perm=perm)
+
+
+def _static_params(W: torch.Tensor, config: GPTQConfig):
+    """Group scales/zeros [N, G] of the original weight (static_groups)."""
+    if config.clip_search:
+        ratios = torch.linspace(1.0, config.min_clip, config.n_clip_grid).tolist()
+        s, z, _ = search_clip(W, config.bits, config.group_size, config.symmetric, ratios)
+        return s, z
+    qt = quantize(W.contiguous(), config.bits, config.group_size, config.symmetric)
+    return qt.scales, qt.zeros
 
 
 def gptq_quantize(model, calibration_data, config: GPTQConfig) -> Dict[str, LayerResult]:

@@ -10,7 +10,7 @@ ragged last group).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -264,33 +264,43 @@ class CalibrationHooks:
         with CalibrationHooks(linears, hessian=True) as cal:
             for batch in data: model(batch)
         cal.stats["layers.0.q_proj"].hessian
+
+    Linears called one after another on the very same input tensor (q/k/v, gate/up) share one
+    LinearStats object: its statistics are accumulated once per batch, not once per Linear.
     """
 
     def __init__(self, linears: Dict[str, nn.Module], hessian: bool = False, abs_stats: bool = True):
         self.linears, self.hessian, self.abs_stats = linears, hessian, abs_stats
         self.stats: Dict[str, LinearStats] = {n: LinearStats() for n in linears}
         self._handles = []
+        self._last = None   # (input tensor, its LinearStats) of the latest hook call
+
+    def _accumulate(self, st: LinearStats, x2: torch.Tensor) -> None:
+        m = x2.shape[0]
+        if self.abs_stats:
+            a = x2.abs()
+            s, mx = a.sum(0), a.amax(0)
+            st.abs_sum = s if st.abs_sum is None else st.abs_sum + s
+            st.abs_max = mx if st.abs_max is None else torch.maximum(st.abs_max, mx)
+        if self.hessian:
+            K = x2.shape[1]
+            if st.hessian is None:
+                st.hessian = torch.zeros(K, K, dtype=torch.float32, device=x2.device)
+            # running mean of 2 xᵀx: H_new = H * n/(n+m) + 2/(n+m) XᵀX
+            st.hessian.mul_(st.n / (st.n + m))
+            xs = x2 * (2.0 / (st.n + m)) ** 0.5
+            st.hessian.addmm_(xs.t(), xs)
+        st.n += m
 
     def _hook(self, name):
-        st = self.stats[name]
-
         def hook(module, args, output):
-            x = _as_2d(args[0])
-            m = x.shape[0]
-            if self.abs_stats:
-                a = x.abs()
-                s, mx = a.sum(0), a.amax(0)
-                st.abs_sum = s if st.abs_sum is None else st.abs_sum + s
-                st.abs_max = mx if st.abs_max is None else torch.maximum(st.abs_max, mx)
-            if self.hessian:
-                K = x.shape[1]
-                if st.hessian is None:
-                    st.hessian = torch.zeros(K, K, dtype=torch.float32, device=x.device)
-                # running mean of 2 xᵀx: H_new = H * n/(n+m) + 2/(n+m) XᵀX
-                st.hessian.mul_(st.n / (st.n + m))
-                xs = x * (2.0 / (st.n + m)) ** 0.5
-                st.hessian.addmm_(xs.t(), xs)
-            st.n += m
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                self.stats[name] = self._last[1]      # same input as the previous Linear: share
+                return
+            st = self.stats[name]
+            self._accumulate(st, _as_2d(x))
+            self._last = (x, st)
         return hook
 
     def __enter__(self):
@@ -305,6 +315,7 @@ class CalibrationHooks:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._last = None
 
 
 def run_batches(model: nn.Module, data: Iterable) -> None:

@@ -13,12 +13,12 @@ gradient scaled by 1/sqrt(numel · qmax). Zero points stay at their initial inte
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
 
-from ..ops import dequantize, quantize
+from ..ops import fake_quantize, quantize
 from .common import LayerResult, apply_simulated, fake_quant_tokens, find_linears, group_index
 from .config import QATConfig
 
@@ -28,7 +28,7 @@ class _FakeQuantWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, bits, group_size, symmetric):
-        return dequantize(quantize(w.detach().float().contiguous(), bits, group_size, symmetric)).to(w.dtype)
+        return fake_quantize(w.detach().float().contiguous(), bits, group_size, symmetric).to(w.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -41,8 +41,8 @@ class _FakeQuantLSQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, scales, zeros, bits, group_size, symmetric, gidx, grad_scale):
         s_pos = scales.detach().float().clamp(min=1e-8).contiguous()
-        qt = quantize(w.detach().float().contiguous(), bits, group_size, symmetric, scales=s_pos, zeros=zeros)
-        w_hat = dequantize(qt)
+        w_hat = fake_quantize(w.detach().float().contiguous(), bits, group_size, symmetric, scales=s_pos,
+                              zeros=zeros)
         ctx.save_for_backward(w.detach().float(), w_hat, s_pos, gidx)
         ctx.grad_scale = grad_scale
         return w_hat.to(w.dtype)
