@@ -243,6 +243,25 @@ def test_gptq_beats_rtn(model, calib, fp_inputs, rtn, act_order, static):
     torch.testing.assert_close(m.layers[0].up.weight.detach(), r.weight())
 
 
+@pytest.mark.parametrize("sequential,true_sequential", [(True, False), (False, True)])
+def test_gptq_one_calibration_pass_per_block_or_model(model, calib, fp_inputs, rtn, sequential,
+                                                      true_sequential):
+    cfg = A.GPTQConfig(bits=4, group_size=64, sequential=sequential, true_sequential=true_sequential)
+    calls = []
+    hooks = [blk.register_forward_pre_hook(lambda *a: calls.append(1)) for blk in model.layers]
+    try:
+        m, res = run_algo(model, cfg, calib)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(res) == 12 and layer_error(model, res, fp_inputs) < 0.8 * _ERRS["rtn"]
+    # block calls per batch. sequential: input capture + one calibration pass + the output pass
+    # per block (+ one probe per block, on the first batch only); else one float-model forward
+    per_batch = len(calls) / len(calib)
+    L = len(model.layers)
+    assert per_batch == (3 * L + L / len(calib) if sequential else L), per_batch
+
+
 def test_gptq_clip_search_beats_rtn_and_stays_on_grid(model, calib, fp_inputs, rtn):
     cfg = A.GPTQConfig(bits=3, group_size=64, clip_search=True, n_clip_grid=8)
     m, res = run_algo(model, cfg, calib)

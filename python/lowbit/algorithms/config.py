@@ -60,6 +60,10 @@ class GPTQConfig:
     block_size: columns per lazy batch update. act_order: quantize columns by decreasing Hessian
     diagonal (the result carries a permutation / g_idx). static_groups: group scales fixed from the
     original weights before any update (keeps groups in original column order with act_order).
+    sequential: each block is calibrated on the outputs of the already-quantized blocks before it;
+    true_sequential: also, inside a block, each group of Linears sharing an input (q/k/v, o,
+    gate/up, down) on the outputs of those quantized before it (one block forward per group
+    instead of one for the whole block).
     clip_search: each group's scale/zero is the clip ratio in [min_clip, 1] (n_clip_grid points)
     with the least squared rounding error of the group's columns when it is reached, instead of
     plain min-max."""
@@ -71,6 +75,7 @@ class GPTQConfig:
     percdamp: float = 0.01
     block_size: int = 128
     sequential: bool = True
+    true_sequential: bool = True
     clip_search: bool = False
     n_clip_grid: int = 20
     min_clip: float = 0.5

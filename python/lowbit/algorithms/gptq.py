@@ -135,4 +135,5 @@ def gptq_quantize(model, calibration_data, config: GPTQConfig) -> Dict[str, Laye
                 for n in stage.names}
 
     return quantize_sequential(model, calibration_data, find_linears(model, config.skip), stage_fn,
-                               hessian=True, sequential=config.sequential)
+                               hessian=True, sequential=config.sequential,
+                               true_sequential=config.true_sequential)

@@ -11,6 +11,7 @@ Linears outside the blocks are handled last, from full-model forwards.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -239,35 +240,59 @@ def _sample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
     return x
 
 
-def _calibrate_stage(block_fn, stage: Stage, hessian: bool, sample_rows: int) -> None:
-    """Run block_fn() with hooks filling stage.stats (and stage.x, sampled rows of the input)."""
-    xs = []
-    handle = None
-    if sample_rows:
-        first = stage.linears[stage.names[0]]
-        handle = first.register_forward_hook(lambda m, a, o: xs.append(_sample_rows(a[0], sample_rows)))
-    try:
-        with CalibrationHooks(stage.linears, hessian=hessian) as cal:
-            block_fn()
-    finally:
-        if handle is not None:
-            handle.remove()
-    stage.stats = cal.stats
-    if xs:
-        x = torch.cat(xs)
-        stage.x = _sample_rows(x, sample_rows)
+class _StageCalibration:
+    """Context: while active, hooks fill stage.stats (and stage.x, sampled input rows); finish()
+    stores them on the stage."""
+
+    def __init__(self, stage: Stage, hessian: bool, sample_rows: int):
+        self.stage, self.hessian, self.sample_rows = stage, hessian, sample_rows
+        self.xs: List[torch.Tensor] = []
+
+    def __enter__(self):
+        st = self.stage
+        self.handle = None
+        if self.sample_rows:
+            first = st.linears[st.names[0]]
+            self.handle = first.register_forward_hook(
+                lambda m, a, o: self.xs.append(_sample_rows(a[0], self.sample_rows)))
+        self.cal = CalibrationHooks(st.linears, hessian=self.hessian).__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.cal.__exit__(*exc)
+        if self.handle is not None:
+            self.handle.remove()
+
+    def finish(self) -> None:
+        self.stage.stats = self.cal.stats
+        if self.xs:
+            self.stage.x = _sample_rows(torch.cat(self.xs), self.sample_rows)
 
 
 StageFn = Callable[[Stage], Dict[str, LayerResult]]
 
 
+def _calibrate_stages(run_fn, stages: List[Stage], hessian: bool, sample_rows: int) -> None:
+    """One run_fn() filling the statistics of several stages at once (their Linears' inputs)."""
+    with contextlib.ExitStack() as stack:
+        fills = []
+        for st in stages:
+            fills.append(stack.enter_context(_StageCalibration(st, hessian, sample_rows)))
+        run_fn()
+    for f in fills:
+        f.finish()
+
+
 def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.Linear],
                         stage_fn: StageFn, hessian: bool = False, sample_rows: int = 0,
-                        sequential: bool = True) -> Dict[str, LayerResult]:
+                        sequential: bool = True, true_sequential: bool = True) -> Dict[str, LayerResult]:
     """Drive stage_fn over the model's Linears (see module docstring). stage_fn gets a calibrated
     Stage and returns LayerResults for its Linears; they are applied (simulated) at once so later
-    stages and blocks see quantized inputs. sequential=False calibrates every stage on the float
-    model (all statistics collected first, from full-model forwards)."""
+    stages and blocks see quantized inputs. true_sequential=False calibrates all stages of a block
+    in one forward (block inputs from the quantized blocks before it, but the block's own Linears
+    still float): two block forwards instead of one per stage plus one. sequential=False
+    calibrates every stage on the float model (all statistics from one pass of full-model
+    forwards)."""
     data = list(data)
     if not data:
         raise ValueError("calibration_data is empty; pass a list of input batches")
@@ -286,9 +311,14 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
                     inputs = [((h,) + tuple(r), dict(k)) for h, (r, k) in zip(hidden, extras[bi])]
             blk_lin = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
             if blk_lin:
-                for stage in _probe(block, prefix, blk_lin, inputs[0]):
-                    mods = list(stage.linears.values())
-                    _calibrate_stage(lambda: _run_until(block, inputs, mods), stage, hessian, sample_rows)
+                stages = _probe(block, prefix, blk_lin, inputs[0])
+                if not true_sequential:
+                    _calibrate_stages(lambda: _run_until(block, inputs, list(blk_lin.values())), stages,
+                                      hessian, sample_rows)
+                for stage in stages:
+                    if true_sequential:
+                        mods = list(stage.linears.values())
+                        _calibrate_stages(lambda: _run_until(block, inputs, mods), [stage], hessian, sample_rows)
                     stage.quantized = frozenset(results)
                     res = stage_fn(stage)
                     apply_simulated(model, res)
@@ -301,13 +331,13 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
         stages = [Stage([n], {n: m}) for n, m in rest.items()]
         if sequential:
             for st in stages:
-                _calibrate_stage(lambda: run_batches(model, data), st, hessian, sample_rows)
+                _calibrate_stages(lambda: run_batches(model, data), [st], hessian, sample_rows)
                 res = stage_fn(st)
                 apply_simulated(model, res)
                 results.update(res)
         else:
-            for st in stages:   # all stats from the float model first
-                _calibrate_stage(lambda: run_batches(model, data), st, hessian, sample_rows)
+            # all statistics from the float model, in one pass over the data
+            _calibrate_stages(lambda: run_batches(model, data), stages, hessian, sample_rows)
             for st in stages:
                 results.update(stage_fn(st))
             apply_simulated(model, results)
