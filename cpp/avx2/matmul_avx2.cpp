@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
@@ -131,8 +132,83 @@ void int_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
   for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, acc[i], a.x.sa[m0 + i]);
 }
 
+// Decode (a few rows of X): one panel against one row of X, with no horizontal sum until the
+// panel ends. Per row r the lanes of s16[r] (int16, <= 8 int4 blocks) are widened into s32[r]
+// (int32), and per group f[r] += float(s32[r]) · sw[g][r] lane-wise. The zero-point term
+// Σ_g swz[g][r]·suma[g] is a separate 8-wide dot over the panel's [G][4] swz array against
+// suma4 = suma[g] repeated 4 times (float, exact below 2^24), prepared once per row of X.
+// ONE_BATCH: every group fits one int16 batch (int4 and group <= 256 k), so s32 is skipped.
+template <int BITS, bool ONE_BATCH>
+inline __m128 int_gemv_panel(const PackedLinear& w, const int8_t* x, const float* suma4, int64_t p) {
+  const int64_t G = w.h->G;
+  const uint8_t* panel = w.panel(p);
+  const float* sw = w.sw + p * G * 4;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256 f[4];
+  for (int r = 0; r < 4; ++r) f[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t e = w.group_end(g);
+    __m256i s32[4];
+    for (int r = 0; r < 4; ++r) s32[r] = _mm256_setzero_si256();
+    do {
+      const int64_t stop = (ONE_BATCH || BITS == 8) ? e : std::min(e, k + kIntChunkK);
+      __m256i s16[4];
+      for (int r = 0; r < 4; ++r) s16[r] = _mm256_setzero_si256();
+      for (; k < stop; k += kBlockK) {
+        const int64_t b = k / kBlockK;
+        _mm_prefetch(reinterpret_cast<const char*>(panel + (b + 32) * (BITS == 4 ? 64 : 128)), _MM_HINT_T0);
+        __m256i wv[4];
+        load_block<BITS>(panel, b, wv);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+        for (int r = 0; r < 4; ++r) {
+          if constexpr (BITS == 8)  // int8 pairs may reach 32512: widen every block
+            s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xv, wv[r])), ones16));
+          else
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(wv[r], xv));
+        }
+      }
+      if constexpr (BITS == 4) {
+        for (int r = 0; r < 4; ++r)
+          s32[r] = ONE_BATCH ? _mm256_madd_epi16(s16[r], ones16)
+                             : _mm256_add_epi32(s32[r], _mm256_madd_epi16(s16[r], ones16));
+      }
+    } while (k < e);
+    for (int r = 0; r < 4; ++r)
+      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_broadcast_ss(sw + g * 4 + r), f[r]);
+  }
+  const float* swz = w.swz + p * G * 4;
+  __m256 z = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) z = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(suma4 + g * 4), z);
+  __m128 z4 = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+  if (g < G) z4 = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(suma4 + g * 4), z4);
+  return _mm_sub_ps(hsum4_ps(f[0], f[1], f[2], f[3]), z4);
+}
+
+template <int BITS, bool ONE_BATCH>
+void int_gemv(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t G = a.w.h->G;
+  std::vector<float> suma4(size_t((m1 - m0) * G * 4));
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      _mm_storeu_ps(&suma4[((m - m0) * G + g) * 4], _mm_set1_ps(float(a.x.suma[m * G + g])));
+  for (int64_t p = p0; p < p1; ++p)  // the panel (<= Kp/2 bytes) stays in L1 for the next rows
+    for (int64_t m = m0; m < m1; ++m)
+      store_tile(a, m, p, int_gemv_panel<BITS, ONE_BATCH>(a.w, a.x.xq + m * a.x.ld, &suma4[(m - m0) * G * 4], p),
+                 a.x.sa[m]);
+}
+
+// Rows of X up to which the decode kernel (weights read once, decoded per row) beats the tiled one.
+constexpr int64_t kGemvMaxRows = 4;
+
 template <int BITS>
 void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (m1 - m0 <= kGemvMaxRows) {
+    if (BITS == 4 && a.w.h->group_size <= kIntChunkK) return int_gemv<BITS, true>(a, m0, m1, p0, p1);
+    return int_gemv<BITS, false>(a, m0, m1, p0, p1);
+  }
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m = m0; m < m1; m += 64) int_panel_rows<BITS>(a, m, std::min(m1, m + 64), p);
 }
