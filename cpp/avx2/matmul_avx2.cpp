@@ -132,71 +132,118 @@ void int_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
   for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, acc[i], a.x.sa[m0 + i]);
 }
 
-// Decode (a few rows of X): one panel against one row of X, with no horizontal sum until the
-// panel ends. Per row r the lanes of s16[r] (int16, <= 8 int4 blocks) are widened into s32[r]
-// (int32), and per group f[r] += float(s32[r]) · sw[g][r] lane-wise. The zero-point term
-// Σ_g swz[g][r]·suma[g] is a separate 8-wide dot over the panel's [G][4] swz array against
-// suma4 = suma[g] repeated 4 times (float, exact below 2^24), prepared once per row of X.
-// ONE_BATCH: every group fits one int16 batch (int4 and group <= 256 k), so s32 is skipped.
-template <int BITS, bool ONE_BATCH>
-inline __m128 int_gemv_panel(const PackedLinear& w, const int8_t* x, const float* suma4, int64_t p) {
-  const int64_t G = w.h->G;
-  const uint8_t* panel = w.panel(p);
-  const float* sw = w.sw + p * G * 4;
+// Decode (a few rows of X): one panel against one row of X, no horizontal sum per block.
+// Per group the 4 rows' sums are folded with vphadd into one register [r0 r1 r2 r3 | r0 r1 r2 r3]
+// (the halves hold k mod 32 < 16 and >= 16), converted and scaled by [sw | sw] in one FMA.
+// int4 folds start in int16: a vpmaddubsw lane is <= 2·15·127 = 3810, so a lane summed over
+// <= 4 blocks and then pairwise (vphaddw) stays <= 30480; over <= 2 blocks even a second
+// vphaddw fits. The zero-point term Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] swz
+// against nsuma4 = −suma[g] repeated 4 times (float, exact below 2^24), once per row of X.
+constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
+
+// int4, NB (1, 2 or 4) blocks known at compile time: the group's sums, folded.
+template <int NB>
+inline __m256i w4_group_fixed(const uint8_t* wp, const int8_t* xp) {
   const __m256i ones16 = _mm256_set1_epi16(1);
-  __m256 f[4];
-  for (int r = 0; r < 4; ++r) f[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t e = w.group_end(g);
-    __m256i s32[4];
-    for (int r = 0; r < 4; ++r) s32[r] = _mm256_setzero_si256();
-    do {
-      const int64_t stop = (ONE_BATCH || BITS == 8) ? e : std::min(e, k + kIntChunkK);
-      __m256i s16[4];
-      for (int r = 0; r < 4; ++r) s16[r] = _mm256_setzero_si256();
-      for (; k < stop; k += kBlockK) {
-        const int64_t b = k / kBlockK;
-        _mm_prefetch(reinterpret_cast<const char*>(panel + (b + 32) * (BITS == 4 ? 64 : 128)), _MM_HINT_T0);
-        __m256i wv[4];
-        load_block<BITS>(panel, b, wv);
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-        for (int r = 0; r < 4; ++r) {
-          if constexpr (BITS == 8)  // int8 pairs may reach 32512: widen every block
-            s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(
-                _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xv, wv[r])), ones16));
-          else
-            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(wv[r], xv));
-        }
-      }
-      if constexpr (BITS == 4) {
-        for (int r = 0; r < 4; ++r)
-          s32[r] = ONE_BATCH ? _mm256_madd_epi16(s16[r], ones16)
-                             : _mm256_add_epi32(s32[r], _mm256_madd_epi16(s16[r], ones16));
-      }
-    } while (k < e);
-    for (int r = 0; r < 4; ++r)
-      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_broadcast_ss(sw + g * 4 + r), f[r]);
+  __m256i s[4];
+  for (int b = 0; b < NB; ++b) {
+    __m256i wv[4];
+    load_block<4>(wp + b * kW4Bytes, 0, wv);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + b * kBlockK));
+    for (int r = 0; r < 4; ++r) {
+      const __m256i d = _mm256_maddubs_epi16(wv[r], xv);
+      s[r] = b == 0 ? d : _mm256_add_epi16(s[r], d);
+    }
   }
-  const float* swz = w.swz + p * G * 4;
-  __m256 z = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 2 <= G; g += 2) z = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(suma4 + g * 4), z);
-  __m128 z4 = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
-  if (g < G) z4 = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(suma4 + g * 4), z4);
-  return _mm_sub_ps(hsum4_ps(f[0], f[1], f[2], f[3]), z4);
+  const __m256i h01 = _mm256_hadd_epi16(s[0], s[1]), h23 = _mm256_hadd_epi16(s[2], s[3]);
+  if constexpr (NB <= 2) return _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), ones16);
+  return _mm256_hadd_epi32(_mm256_madd_epi16(h01, ones16), _mm256_madd_epi16(h23, ones16));
 }
 
-template <int BITS, bool ONE_BATCH>
+// Any number of blocks (int4 in batches of 4; int8 widened every block: its pairs reach 32512).
+template <int BITS>
+inline __m256i group_any(const uint8_t* wp, const int8_t* xp, int64_t nb) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  if constexpr (BITS == 8) {
+    __m256i s[4];
+    for (int r = 0; r < 4; ++r) s[r] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; ++b, wp += kW8Bytes, xp += kBlockK) {
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
+      __m256i wv[4];
+      load_block<8>(wp, 0, wv);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+      for (int r = 0; r < 4; ++r)
+        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xv, wv[r])), ones16));
+    }
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+  } else {
+    __m256i a01 = _mm256_setzero_si256(), a23 = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb;) {
+      const int64_t stop = std::min(nb, b + 4);
+      __m256i s[4];
+      for (int r = 0; r < 4; ++r) s[r] = _mm256_setzero_si256();
+      for (; b < stop; ++b, wp += kW4Bytes, xp += kBlockK) {
+        _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
+        __m256i wv[4];
+        load_block<4>(wp, 0, wv);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+        for (int r = 0; r < 4; ++r) s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(wv[r], xv));
+      }
+      a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(_mm256_hadd_epi16(s[0], s[1]), ones16));
+      a23 = _mm256_add_epi32(a23, _mm256_madd_epi16(_mm256_hadd_epi16(s[2], s[3]), ones16));
+    }
+    return _mm256_hadd_epi32(a01, a23);
+  }
+}
+
+// NB > 0: every group has exactly NB int4 blocks (K = G · group_size); NB = 0: any layout.
+template <int BITS, int NB>
+inline __m128 int_gemv_panel(const PackedLinear& w, const int8_t* x, const float* nsuma4, int64_t p) {
+  const int64_t G = w.h->G;
+  const uint8_t* wp = w.panel(p);
+  const float* sw = w.sw + p * G * 4;
+  __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+  auto scale = [&](__m256i d, int64_t g, __m256 f) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ps(reinterpret_cast<const __m128*>(sw + g * 4)), f);
+  };
+  if constexpr (NB > 0) {  // small groups: two accumulators, so the FMA latency is hidden
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2, wp += 2 * NB * kW4Bytes, x += 2 * NB * kBlockK) {
+      _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
+      if (NB == 4) _mm_prefetch(reinterpret_cast<const char*>(wp + 2048 + 256), _MM_HINT_T0);
+      f0 = scale(w4_group_fixed<NB>(wp, x), g, f0);
+      f1 = scale(w4_group_fixed<NB>(wp + NB * kW4Bytes, x + NB * kBlockK), g + 1, f1);
+    }
+    if (g < G) f0 = scale(w4_group_fixed<NB>(wp, x), g, f0);
+  } else {
+    const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t n = g + 1 < G ? nb : (w.h->Kp - g * w.h->group_size) / kBlockK;
+      f0 = scale(group_any<BITS>(wp, x, n), g, f0);
+      wp += n * (BITS == 4 ? kW4Bytes : kW8Bytes);
+      x += n * kBlockK;
+    }
+  }
+  const float* swz = w.swz + p * G * 4;
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) f1 = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(nsuma4 + g * 4), f1);
+  const __m256 f = _mm256_add_ps(f0, f1);
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+  if (g < G) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma4 + g * 4), t);
+  return t;
+}
+
+template <int BITS, int NB>
 void int_gemv(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G;
-  std::vector<float> suma4(size_t((m1 - m0) * G * 4));
+  std::vector<float> nsuma4(size_t((m1 - m0) * G * 4));
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t g = 0; g < G; ++g)
-      _mm_storeu_ps(&suma4[((m - m0) * G + g) * 4], _mm_set1_ps(float(a.x.suma[m * G + g])));
+      _mm_storeu_ps(&nsuma4[((m - m0) * G + g) * 4], _mm_set1_ps(-float(a.x.suma[m * G + g])));
   for (int64_t p = p0; p < p1; ++p)  // the panel (<= Kp/2 bytes) stays in L1 for the next rows
     for (int64_t m = m0; m < m1; ++m)
-      store_tile(a, m, p, int_gemv_panel<BITS, ONE_BATCH>(a.w, a.x.xq + m * a.x.ld, &suma4[(m - m0) * G * 4], p),
+      store_tile(a, m, p, int_gemv_panel<BITS, NB>(a.w, a.x.xq + m * a.x.ld, &nsuma4[(m - m0) * G * 4], p),
                  a.x.sa[m]);
 }
 
@@ -206,8 +253,13 @@ constexpr int64_t kGemvMaxRows = 4;
 template <int BITS>
 void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m1 - m0 <= kGemvMaxRows) {
-    if (BITS == 4 && a.w.h->group_size <= kIntChunkK) return int_gemv<BITS, true>(a, m0, m1, p0, p1);
-    return int_gemv<BITS, false>(a, m0, m1, p0, p1);
+    const int64_t gs = a.w.h->group_size, G = a.w.h->G;
+    if (BITS == 4 && G > 1 && a.w.h->K == G * gs) {  // every group whole: unrolled group bodies
+      if (gs == 32) return int_gemv<4, 1>(a, m0, m1, p0, p1);
+      if (gs == 64) return int_gemv<4, 2>(a, m0, m1, p0, p1);
+      if (gs == 128) return int_gemv<4, 4>(a, m0, m1, p0, p1);
+    }
+    return int_gemv<BITS, 0>(a, m0, m1, p0, p1);
   }
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m = m0; m < m1; m += 64) int_panel_rows<BITS>(a, m, std::min(m1, m + 64), p);

@@ -375,8 +375,13 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
     packed = _packed_weight(qt)
     if packed is None:
         return _matmul_unpacked(x2, qt, bias, act_bits, lead, dt)
-    out = np.empty((M, N), dt) if numpy_x and dt != "bfloat16" else _interop.empty(x2, (M, N), dt)
-    _ext.core().matmul(x2, packed, bias, out, 0 if act_bits is None else act_bits)
+    out = np.empty((M, N), dt) if numpy_x else _interop.empty(x2, (M, N), dt)
+    if numpy_x or dt == "bfloat16":
+        _ext.core().matmul(x2, packed, bias, out, 0 if act_bits is None else act_bits)
+    else:  # torch float32/float16 on the CPU: numpy views of the same memory cross the binding
+        # far faster than torch's Python-level __dlpack__
+        _ext.core().matmul(x2.numpy(), packed, None if bias is None else bias.numpy(), out.numpy(),
+                           0 if act_bits is None else act_bits)
     return out.reshape(*lead, N)
 
 
