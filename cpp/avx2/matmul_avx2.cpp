@@ -141,6 +141,12 @@ void int_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
 // against nsuma4 = −suma[g] repeated 4 times (float, exact below 2^24), once per row of X.
 constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 
+// Software prefetch of every weight line 2 KiB ahead (about one DRAM latency at full bandwidth):
+// measured 65% -> 80-90% of the DRAM read rate for M=1, next to the hardware prefetcher alone.
+inline void prefetch_weights(const uint8_t* line) {
+  _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
+}
+
 // int4, NB (1, 2 or 4) blocks known at compile time: the group's sums, folded.
 template <int NB>
 inline __m256i w4_group_fixed(const uint8_t* wp, const int8_t* xp) {
@@ -168,7 +174,8 @@ inline __m256i group_any(const uint8_t* wp, const int8_t* xp, int64_t nb) {
     __m256i s[4];
     for (int r = 0; r < 4; ++r) s[r] = _mm256_setzero_si256();
     for (int64_t b = 0; b < nb; ++b, wp += kW8Bytes, xp += kBlockK) {
-      _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
+      prefetch_weights(wp);
+      prefetch_weights(wp + 64);
       __m256i wv[4];
       load_block<8>(wp, 0, wv);
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
@@ -184,7 +191,7 @@ inline __m256i group_any(const uint8_t* wp, const int8_t* xp, int64_t nb) {
       __m256i s[4];
       for (int r = 0; r < 4; ++r) s[r] = _mm256_setzero_si256();
       for (; b < stop; ++b, wp += kW4Bytes, xp += kBlockK) {
-        _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
+        prefetch_weights(wp);
         __m256i wv[4];
         load_block<4>(wp, 0, wv);
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
@@ -210,8 +217,7 @@ inline __m128 int_gemv_panel(const PackedLinear& w, const int8_t* x, const float
   if constexpr (NB > 0) {  // small groups: two accumulators, so the FMA latency is hidden
     int64_t g = 0;
     for (; g + 2 <= G; g += 2, wp += 2 * NB * kW4Bytes, x += 2 * NB * kBlockK) {
-      _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
-      if (NB == 4) _mm_prefetch(reinterpret_cast<const char*>(wp + 2048 + 256), _MM_HINT_T0);
+      for (int i = 0; i < 2 * NB; ++i) prefetch_weights(wp + 64 * i);
       f0 = scale(w4_group_fixed<NB>(wp, x), g, f0);
       f1 = scale(w4_group_fixed<NB>(wp + NB * kW4Bytes, x + NB * kBlockK), g + 1, f1);
     }
