@@ -24,11 +24,6 @@ namespace lowbit {
 namespace LOWBIT_ISA_NS {
 namespace {
 
-// [a0+..+a7, b0+..+b7, c.., d..] for four int32x8
-inline __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
-  __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
 inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
   __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -61,84 +56,15 @@ inline void load_block(const uint8_t* panel, int64_t b, __m256i wv[4]) {
   }
 }
 
-// int4 pairs from vpmaddubsw are <= 2·15·127 = 3810, so up to 8 blocks (8·3810 = 30480 <
-// 32767) add exactly in int16 before one vpmaddwd widens them: 4 fewer uops per block and row.
-constexpr int kInt16Blocks = 8;
-constexpr int64_t kIntChunkK = kInt16Blocks * kBlockK;  // 256 k: X rows' chunk stays in L1
-
-// Rows [xrow, xrow + MR) of X against one panel over [k, stop): int32 sums of the 4 rows.
-template <int MR, int BITS>
-inline void int_chunk(const uint8_t* panel, const int8_t* const* xrow, int64_t k, int64_t stop,
-                      __m128i* out) {
-  const __m256i ones16 = _mm256_set1_epi16(1);
-  __m256i d[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < 4; ++r) d[i][r] = _mm256_setzero_si256();
-  for (; k < stop; k += kBlockK) {
-    __m256i wv[4];
-    load_block<BITS>(panel, k / kBlockK, wv);
-    if constexpr (BITS == 8) {
-      __m256i aw[4];
-      for (int r = 0; r < 4; ++r) aw[r] = _mm256_abs_epi8(wv[r]);
-      for (int i = 0; i < MR; ++i) {
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
-        for (int r = 0; r < 4; ++r)
-          d[i][r] = _mm256_add_epi32(d[i][r], _mm256_madd_epi16(
-              _mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones16));
-      }
-    } else {  // int16 sums, widened once per chunk (<= 8 blocks)
-      for (int i = 0; i < MR; ++i) {
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
-        for (int r = 0; r < 4; ++r) d[i][r] = _mm256_add_epi16(d[i][r], _mm256_maddubs_epi16(wv[r], xv));
-      }
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    if constexpr (BITS == 4)
-      for (int r = 0; r < 4; ++r) d[i][r] = _mm256_madd_epi16(d[i][r], ones16);
-    out[i] = _mm_add_epi32(out[i], hsum4_epi32(d[i][0], d[i][1], d[i][2], d[i][3]));
-  }
-}
-
-// Rows [m0, m1) (<= 64) of X against panel p. Loops: group, 256-k chunk, pairs of X rows, so
-// the chunk of X (<= 16 KiB) stays in L1 while the panel's bytes are reused from L1.
-template <int BITS>
-void int_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
-  const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, rows = m1 - m0;
-  const uint8_t* panel = w.panel(p);
-  alignas(16) __m128i dot[64];
-  __m128 acc[64];
-  const int8_t* xr[64];
-  for (int64_t i = 0; i < rows; ++i) { acc[i] = _mm_setzero_ps(); xr[i] = a.x.xq + (m0 + i) * a.x.ld; }
-  int64_t k = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t i = 0; i < rows; ++i) dot[i] = _mm_setzero_si128();
-    for (const int64_t e = w.group_end(g); k < e;) {
-      const int64_t stop = std::min(e, k + kIntChunkK);
-      int64_t i = 0;
-      for (; i + 2 <= rows; i += 2) int_chunk<2, BITS>(panel, xr + i, k, stop, dot + i);
-      if (i < rows) int_chunk<1, BITS>(panel, xr + i, k, stop, dot + i);
-      k = stop;
-    }
-    // the reference's exact float steps: acc += sw·float(dot) − swz·float(suma)
-    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
-    for (int64_t i = 0; i < rows; ++i) {
-      __m128 t1 = _mm_mul_ps(sw, _mm_cvtepi32_ps(dot[i]));
-      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(float(a.x.suma[(m0 + i) * G + g])));
-      acc[i] = _mm_add_ps(acc[i], _mm_sub_ps(t1, t2));
-    }
-  }
-  for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, acc[i], a.x.sa[m0 + i]);
-}
-
-// Decode (a few rows of X): one panel against one row of X, no horizontal sum per block.
-// Per group the 4 rows' sums are folded with vphadd into one register [r0 r1 r2 r3 | r0 r1 r2 r3]
-// (the halves hold k mod 32 < 16 and >= 16), converted and scaled by [sw | sw] in one FMA.
-// int4 folds start in int16: a vpmaddubsw lane is <= 2·15·127 = 3810, so a lane summed over
-// <= 4 blocks and then pairwise (vphaddw) stays <= 30480; over <= 2 blocks even a second
-// vphaddw fits. The zero-point term Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] swz
-// against nsuma4 = −suma[g] repeated 4 times (float, exact below 2^24), once per row of X.
+// Integer kernel: MR (1 or 2) rows of X against one panel, no horizontal sum per block. Per group
+// each X row's 4 panel-row sums are folded with vphadd into one register
+// [r0 r1 r2 r3 | r0 r1 r2 r3] (the halves hold k mod 32 < 16 and >= 16), converted and scaled by
+// [sw | sw] in one FMA; one horizontal add per panel. int4 folds start in int16: a vpmaddubsw
+// lane is <= 2·15·127 = 3810, so a lane summed over <= 4 blocks and then pairwise (vphaddw) stays
+// <= 30480, and over <= 2 blocks even a second vphaddw fits. The zero-point term
+// Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] swz against −suma (float, exact below
+// 2^24). The same kernel serves decode (MR = 1, weights streamed from DRAM once) and GEMM (the
+// dispatcher's tile of X rows walked in pairs while the panel stays in L1).
 constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 
 // Software prefetch of every weight line 2 KiB ahead (about one DRAM latency at full bandwidth):
@@ -147,128 +73,143 @@ inline void prefetch_weights(const uint8_t* line) {
   _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
 }
 
-// int4, NB (1, 2 or 4) blocks known at compile time: the group's sums, folded.
-template <int NB>
-inline __m256i w4_group_fixed(const uint8_t* wp, const int8_t* xp) {
+// int4: blocks [0, nb) (nb <= 4; NB > 0 fixes it at compile time) of a panel against MR rows of
+// X (x[i] at the first block's k), folded per row of X.
+template <int MR, int NB>
+inline void w4_batch(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
   const __m256i ones16 = _mm256_set1_epi16(1);
-  __m256i s[4];
-  for (int b = 0; b < NB; ++b) {
-    __m256i wv[4];
-    load_block<4>(wp + b * kW4Bytes, 0, wv);
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + b * kBlockK));
-    for (int r = 0; r < 4; ++r) {
-      const __m256i d = _mm256_maddubs_epi16(wv[r], xv);
-      s[r] = b == 0 ? d : _mm256_add_epi16(s[r], d);
+  __m256i s[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 4; ++r) s[i][r] = _mm256_setzero_si256();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < (NB > 0 ? NB : nb); ++b) {
+    if (MR == 1) prefetch_weights(wp + b * kW4Bytes);  // GEMM re-reads the panel from L1
+    __m256i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
+    for (int h = 0; h < 2; ++h) {  // one unpacked row at a time keeps MR·4 sums in registers
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + b * kW4Bytes + 32 * h));
+      const __m256i lo = _mm256_and_si256(v, low4);
+      for (int i = 0; i < MR; ++i) s[i][2 * h] = _mm256_add_epi16(s[i][2 * h], _mm256_maddubs_epi16(lo, xv[i]));
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      for (int i = 0; i < MR; ++i) s[i][2 * h + 1] = _mm256_add_epi16(s[i][2 * h + 1], _mm256_maddubs_epi16(hi, xv[i]));
     }
   }
-  const __m256i h01 = _mm256_hadd_epi16(s[0], s[1]), h23 = _mm256_hadd_epi16(s[2], s[3]);
-  if constexpr (NB <= 2) return _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), ones16);
-  return _mm256_hadd_epi32(_mm256_madd_epi16(h01, ones16), _mm256_madd_epi16(h23, ones16));
+  for (int i = 0; i < MR; ++i) {
+    const __m256i h01 = _mm256_hadd_epi16(s[i][0], s[i][1]), h23 = _mm256_hadd_epi16(s[i][2], s[i][3]);
+    if (NB == 1 || NB == 2) out[i] = _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), ones16);
+    else out[i] = _mm256_hadd_epi32(_mm256_madd_epi16(h01, ones16), _mm256_madd_epi16(h23, ones16));
+  }
 }
 
-// Any number of blocks (int4 in batches of 4; int8 widened every block: its pairs reach 32512).
-template <int BITS>
-inline __m256i group_any(const uint8_t* wp, const int8_t* xp, int64_t nb) {
+// int8: nb blocks, widened every block (its pairs reach 32512), folded per row of X.
+template <int MR>
+inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
   const __m256i ones16 = _mm256_set1_epi16(1);
-  if constexpr (BITS == 8) {
-    __m256i s[4];
-    for (int r = 0; r < 4; ++r) s[r] = _mm256_setzero_si256();
-    for (int64_t b = 0; b < nb; ++b, wp += kW8Bytes, xp += kBlockK) {
+  __m256i s[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 4; ++r) s[i][r] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nb; ++b, wp += kW8Bytes) {
+    if (MR == 1) {  // GEMM re-reads the panel from L1
       prefetch_weights(wp);
       prefetch_weights(wp + 64);
-      __m256i wv[4];
-      load_block<8>(wp, 0, wv);
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
-      for (int r = 0; r < 4; ++r)
-        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(
-            _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xv, wv[r])), ones16));
     }
-    return _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+    __m256i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
+    for (int r = 0; r < 4; ++r) {
+      const __m256i wr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * r));
+      const __m256i aw = _mm256_abs_epi8(wr);
+      for (int i = 0; i < MR; ++i)
+        s[i][r] = _mm256_add_epi32(s[i][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wr)), ones16));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    out[i] = _mm256_hadd_epi32(_mm256_hadd_epi32(s[i][0], s[i][1]), _mm256_hadd_epi32(s[i][2], s[i][3]));
+}
+
+// One group of nb blocks (NB > 0: exactly NB int4 blocks), folded per row of X.
+template <int BITS, int MR, int NB>
+inline void int_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
+  if constexpr (BITS == 8) {
+    w8_group<MR>(wp, x, nb, out);
+  } else if constexpr (NB > 0) {
+    w4_batch<MR, NB>(wp, x, NB, out);
   } else {
-    __m256i a01 = _mm256_setzero_si256(), a23 = _mm256_setzero_si256();
-    for (int64_t b = 0; b < nb;) {
-      const int64_t stop = std::min(nb, b + 4);
-      __m256i s[4];
-      for (int r = 0; r < 4; ++r) s[r] = _mm256_setzero_si256();
-      for (; b < stop; ++b, wp += kW4Bytes, xp += kBlockK) {
-        prefetch_weights(wp);
-        __m256i wv[4];
-        load_block<4>(wp, 0, wv);
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
-        for (int r = 0; r < 4; ++r) s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(wv[r], xv));
-      }
-      a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(_mm256_hadd_epi16(s[0], s[1]), ones16));
-      a23 = _mm256_add_epi32(a23, _mm256_madd_epi16(_mm256_hadd_epi16(s[2], s[3]), ones16));
+    for (int i = 0; i < MR; ++i) out[i] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b += 4) {
+      const int8_t* xb[MR];
+      for (int i = 0; i < MR; ++i) xb[i] = x[i] + b * kBlockK;
+      __m256i d[MR];
+      w4_batch<MR, 0>(wp + b * kW4Bytes, xb, std::min<int64_t>(4, nb - b), d);
+      for (int i = 0; i < MR; ++i) out[i] = _mm256_add_epi32(out[i], d[i]);
     }
-    return _mm256_hadd_epi32(a01, a23);
   }
 }
 
-// NB > 0: every group has exactly NB int4 blocks (K = G · group_size); NB = 0: any layout.
-template <int BITS, int NB>
-inline __m128 int_gemv_panel(const PackedLinear& w, const int8_t* x, const float* nsuma4, int64_t p) {
-  const int64_t G = w.h->G;
-  const uint8_t* wp = w.panel(p);
+// Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats) against panel p: [y_r0..y_r3] per row,
+// before the activation scale.
+template <int BITS, int MR, int NB>
+inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float* const* nsuma,
+                      int64_t p, __m128* out) {
+  const int64_t G = w.h->G, gs = w.h->group_size;
+  const int64_t nb = std::min(gs, w.h->Kp) / kBlockK;
+  const uint8_t* panel = w.panel(p);
   const float* sw = w.sw + p * G * 4;
-  __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
-  auto scale = [&](__m256i d, int64_t g, __m256 f) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ps(reinterpret_cast<const __m128*>(sw + g * 4)), f);
+  auto group = [&](int64_t g, __m256* f) {
+    const int64_t k0 = g * gs, n = NB > 0 ? NB : (g + 1 < G ? nb : (w.h->Kp - k0) / kBlockK);
+    const int8_t* xg[MR];
+    for (int i = 0; i < MR; ++i) xg[i] = x[i] + k0;
+    __m256i d[MR];
+    int_group<BITS, MR, NB>(panel + k0 / kBlockK * (BITS == 4 ? kW4Bytes : kW8Bytes), xg, n, d);
+    const __m256 s = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(sw + g * 4));
+    for (int i = 0; i < MR; ++i) f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), s, f[i]);
   };
-  if constexpr (NB > 0) {  // small groups: two accumulators, so the FMA latency is hidden
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2, wp += 2 * NB * kW4Bytes, x += 2 * NB * kBlockK) {
-      for (int i = 0; i < 2 * NB; ++i) prefetch_weights(wp + 64 * i);
-      f0 = scale(w4_group_fixed<NB>(wp, x), g, f0);
-      f1 = scale(w4_group_fixed<NB>(wp + NB * kW4Bytes, x + NB * kBlockK), g + 1, f1);
+  __m256 f0[MR], f1[MR];
+  for (int i = 0; i < MR; ++i) f0[i] = f1[i] = _mm256_setzero_ps();
+  int64_t g2 = 0;
+  if (MR == 1)  // even / odd groups in two chains: small groups do not wait on the FMA latency
+    for (; g2 + 2 <= G; g2 += 2) {
+      group(g2, f0);
+      group(g2 + 1, f1);
     }
-    if (g < G) f0 = scale(w4_group_fixed<NB>(wp, x), g, f0);
-  } else {
-    const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t n = g + 1 < G ? nb : (w.h->Kp - g * w.h->group_size) / kBlockK;
-      f0 = scale(group_any<BITS>(wp, x, n), g, f0);
-      wp += n * (BITS == 4 ? kW4Bytes : kW8Bytes);
-      x += n * kBlockK;
-    }
-  }
+  for (; g2 < G; ++g2) group(g2, f0);
   const float* swz = w.swz + p * G * 4;
-  int64_t g = 0;
-  for (; g + 2 <= G; g += 2) f1 = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(nsuma4 + g * 4), f1);
-  const __m256 f = _mm256_add_ps(f0, f1);
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
-  if (g < G) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma4 + g * 4), t);
-  return t;
+  for (int i = 0; i < MR; ++i) {
+    __m256 z = _mm256_add_ps(f0[i], f1[i]);
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2)  // [swz_g | swz_g+1] · [−suma_g ×4 | −suma_g+1 ×4]
+      z = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(nsuma[i] + g * 4), z);
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+    if (g < G) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
+    out[i] = t;
+  }
 }
 
+// Rows [m0, m1) × panels [p0, p1): per panel, the rows in pairs (the panel, <= Kp bytes, stays
+// in L1 while the rows stream from L1/L2; for decode the panel is read from DRAM once).
 template <int BITS, int NB>
-void int_gemv(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G;
-  std::vector<float> nsuma4(size_t((m1 - m0) * G * 4));
+  std::vector<float> nsuma(size_t((m1 - m0) * G * 4));  // −suma, each repeated 4 times
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t g = 0; g < G; ++g)
-      _mm_storeu_ps(&nsuma4[((m - m0) * G + g) * 4], _mm_set1_ps(-float(a.x.suma[m * G + g])));
-  for (int64_t p = p0; p < p1; ++p)  // the panel (<= Kp/2 bytes) stays in L1 for the next rows
-    for (int64_t m = m0; m < m1; ++m)
-      store_tile(a, m, p, int_gemv_panel<BITS, NB>(a.w, a.x.xq + m * a.x.ld, &nsuma4[(m - m0) * G * 4], p),
-                 a.x.sa[m]);
-}
-
-// Rows of X up to which the decode kernel (weights read once, decoded per row) beats the tiled one.
-constexpr int64_t kGemvMaxRows = 4;
-
-template <int BITS>
-void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (m1 - m0 <= kGemvMaxRows) {
-    const int64_t gs = a.w.h->group_size, G = a.w.h->G;
-    if (BITS == 4 && G > 1 && a.w.h->K == G * gs) {  // every group whole: unrolled group bodies
-      if (gs == 32) return int_gemv<4, 1>(a, m0, m1, p0, p1);
-      if (gs == 64) return int_gemv<4, 2>(a, m0, m1, p0, p1);
-      if (gs == 128) return int_gemv<4, 4>(a, m0, m1, p0, p1);
+      _mm_storeu_ps(&nsuma[((m - m0) * G + g) * 4], _mm_set1_ps(-float(a.x.suma[m * G + g])));
+  const int8_t* x[2];
+  const float* ns[2];
+  __m128 out[2];
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) {
+      for (int i = 0; i < 2; ++i) { x[i] = a.x.xq + (m + i) * a.x.ld; ns[i] = &nsuma[(m + i - m0) * G * 4]; }
+      int_panel<BITS, 2, NB>(a.w, x, ns, p, out);
+      for (int i = 0; i < 2; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
     }
-    return int_gemv<BITS, 0>(a, m0, m1, p0, p1);
+    if (m < m1) {
+      x[0] = a.x.xq + m * a.x.ld;
+      ns[0] = &nsuma[(m - m0) * G * 4];
+      int_panel<BITS, 1, NB>(a.w, x, ns, p, out);
+      store_tile(a, m, p, out[0], a.x.sa[m]);
+    }
   }
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t m = m0; m < m1; m += 64) int_panel_rows<BITS>(a, m, std::min(m1, m + 64), p);
 }
 
 // Eight codes (bytes 8q .. 8q+7 of v) as floats: d(u) = u, NF4[u], or the int8 value.
@@ -425,20 +366,18 @@ void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
   }
 }
 
-template <typename Tile2, typename Tile1>
-inline void walk(int64_t m0, int64_t m1, int64_t p0, int64_t p1, Tile2 t2, Tile1 t1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t m = m0;
-    for (; m + 2 <= m1; m += 2) t2(m, p);
-    if (m < m1) t1(m, p);
-  }
-}
-
 }  // namespace
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (a.w.h->bits == 4) int_walk<4>(a, m0, m1, p0, p1);
-  else int_walk<8>(a, m0, m1, p0, p1);
+  if (a.w.h->bits == 8) return int_walk<8, 0>(a, m0, m1, p0, p1);
+  // int4 with every group whole (K = G · group_size): unrolled group bodies
+  const int64_t gs = a.w.h->group_size, G = a.w.h->G;
+  if (G > 1 && a.w.h->K == G * gs) {
+    if (gs == 32) return int_walk<4, 1>(a, m0, m1, p0, p1);
+    if (gs == 64) return int_walk<4, 2>(a, m0, m1, p0, p1);
+    if (gs == 128) return int_walk<4, 4>(a, m0, m1, p0, p1);
+  }
+  int_walk<4, 0>(a, m0, m1, p0, p1);
 }
 
 void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
