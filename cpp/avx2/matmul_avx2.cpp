@@ -290,76 +290,88 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
 
-// Weight-only GEMM (several rows of X): decode a chunk of <= 256 k of the panel's 4 rows to
-// float once into an L1 scratch (8 KiB; never the whole matrix), then stream every activation
-// row against it: per 8 k and 2 rows of X, 4 weight loads feed 8 FMAs.
-constexpr int64_t kChunkK = 256;
+// Weight-only GEMM (several rows of X). Loops: group, chunk of <= 128 k, panel, rows of X. Each
+// panel's chunk (4 rows × 128 k) is decoded to float once into an L1 scratch (2 KiB; never the
+// whole matrix) and every row of X streams against it, 3 rows at a time: per 8 k, 4 weight loads
+// feed 12 FMAs. Chunk-major order keeps the X chunk (<= 64 rows × 512 B) in L1 across the
+// (<= 16) panels of the dispatcher's tile; float activations are 4× the int8 ones, so a panel-
+// major order would re-read all of X from L2/L3 per panel.
+constexpr int64_t kChunkK = 128;
+constexpr int64_t kTileRows = 64, kTilePanels = 16;
 
+// MR rows of X (stride ld) against the decoded chunk wf[4][len]: dot[i][r] += Σ x_i·w_r.
+// MR = 3: 12 accumulators, so 2 FMAs per cycle never wait on the 4-cycle FMA latency.
+template <int MR>
+inline void float_rows_chunk(const float* x, int64_t ld, const float (*wf)[kChunkK], int64_t len,
+                             float (*dot)[4]) {
+  __m256 f[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 4; ++r) f[i][r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < len; c += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ld + c);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 wr = _mm256_load_ps(&wf[r][c]);
+      for (int i = 0; i < MR; ++i) f[i][r] = _mm256_fmadd_ps(wr, xv[i], f[i][r]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f[i][0], f[i][1], f[i][2], f[i][3])));
+}
+
+// Rows [m0, m1) (<= kTileRows) × panels [p0, p1) (<= kTilePanels).
 template <int BITS, bool NF4>
-void float_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
+void float_gemm_tile(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, rows = m1 - m0;
-  const uint8_t* panel = w.panel(p);
+  const int64_t G = w.h->G, rows = m1 - m0, np = p1 - p0;
   const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
   alignas(32) float wf[4][kChunkK];
-  alignas(16) float dot[64][4], acc[64][4];  // rows <= 64: the dispatcher's tiles
-  for (int64_t i = 0; i < rows; ++i) _mm_store_ps(acc[i], _mm_setzero_ps());
+  alignas(16) float dot[kTilePanels][kTileRows][4], acc[kTilePanels][kTileRows][4];
+  for (int64_t q = 0; q < np; ++q)
+    for (int64_t i = 0; i < rows; ++i) _mm_store_ps(acc[q][i], _mm_setzero_ps());
+  const float* x0 = a.x.xf + m0 * a.x.ld;
   int64_t k = 0;
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t i = 0; i < rows; ++i) _mm_store_ps(dot[i], _mm_setzero_ps());
+    for (int64_t q = 0; q < np; ++q)
+      for (int64_t i = 0; i < rows; ++i) _mm_store_ps(dot[q][i], _mm_setzero_ps());
     for (const int64_t e = w.group_end(g); k < e;) {
       const int64_t len = std::min(kChunkK, e - k);
-      for (int64_t c = 0; c < len; c += kBlockK) {
-        __m256i wv[4];
-        load_block<BITS>(panel, (k + c) / kBlockK, wv);
-        for (int r = 0; r < 4; ++r)
-          for (int q = 0; q < 4; ++q) _mm256_store_ps(&wf[r][c + 8 * q], decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi));
-      }
-      int64_t i = 0;
-      for (; i + 2 <= rows; i += 2) {
-        const float* x0 = a.x.xf + (m0 + i) * a.x.ld + k;
-        const float* x1 = x0 + a.x.ld;
-        __m256 f0[4], f1[4];
-        for (int r = 0; r < 4; ++r) f0[r] = f1[r] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < len; c += 8) {
-          __m256 xa = _mm256_loadu_ps(x0 + c), xb = _mm256_loadu_ps(x1 + c);
-          for (int r = 0; r < 4; ++r) {
-            __m256 wr = _mm256_load_ps(&wf[r][c]);
-            f0[r] = _mm256_fmadd_ps(wr, xa, f0[r]);
-            f1[r] = _mm256_fmadd_ps(wr, xb, f1[r]);
-          }
+      for (int64_t q = 0; q < np; ++q) {
+        const uint8_t* panel = w.panel(p0 + q);
+        for (int64_t c = 0; c < len; c += kBlockK) {
+          __m256i wv[4];
+          load_block<BITS>(panel, (k + c) / kBlockK, wv);
+          for (int r = 0; r < 4; ++r)
+            for (int j = 0; j < 4; ++j) _mm256_store_ps(&wf[r][c + 8 * j], decode8<BITS, NF4>(wv[r], j, lut_lo, lut_hi));
         }
-        _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f0[0], f0[1], f0[2], f0[3])));
-        _mm_store_ps(dot[i + 1], _mm_add_ps(_mm_load_ps(dot[i + 1]), hsum4_ps(f1[0], f1[1], f1[2], f1[3])));
-      }
-      for (; i < rows; ++i) {
-        const float* x0 = a.x.xf + (m0 + i) * a.x.ld + k;
-        __m256 f0[4];
-        for (int r = 0; r < 4; ++r) f0[r] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < len; c += 8) {
-          __m256 xa = _mm256_loadu_ps(x0 + c);
-          for (int r = 0; r < 4; ++r) f0[r] = _mm256_fmadd_ps(_mm256_load_ps(&wf[r][c]), xa, f0[r]);
-        }
-        _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f0[0], f0[1], f0[2], f0[3])));
+        int64_t i = 0;
+        for (; i + 3 <= rows; i += 3) float_rows_chunk<3>(x0 + i * a.x.ld + k, a.x.ld, wf, len, dot[q] + i);
+        for (; i < rows; ++i) float_rows_chunk<1>(x0 + i * a.x.ld + k, a.x.ld, wf, len, dot[q] + i);
       }
       k += len;
     }
-    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
-    for (int64_t i = 0; i < rows; ++i) {
-      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m0 + i) * G + g]));
-      _mm_store_ps(acc[i], _mm_add_ps(_mm_load_ps(acc[i]), _mm_sub_ps(_mm_mul_ps(sw, _mm_load_ps(dot[i])), t2)));
+    for (int64_t q = 0; q < np; ++q) {
+      const int64_t s = ((p0 + q) * G + g) * 4;
+      const __m128 sw = _mm_loadu_ps(w.sw + s), swz = _mm_loadu_ps(w.swz + s);
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m0 + i) * G + g]));
+        _mm_store_ps(acc[q][i], _mm_add_ps(_mm_load_ps(acc[q][i]), _mm_sub_ps(_mm_mul_ps(sw, _mm_load_ps(dot[q][i])), t2)));
+      }
     }
   }
-  for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, _mm_load_ps(acc[i]), 1.0f);
+  for (int64_t q = 0; q < np; ++q)
+    for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p0 + q, _mm_load_ps(acc[q][i]), 1.0f);
 }
 
 template <int BITS, bool NF4>
 void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (m1 - m0 >= 3) {  // decode each chunk once into L1, reuse it for every row
+    for (int64_t p = p0; p < p1; p += kTilePanels)
+      for (int64_t m = m0; m < m1; m += kTileRows)
+        float_gemm_tile<BITS, NF4>(a, m, std::min(m1, m + kTileRows), p, std::min(p1, p + kTilePanels));
+    return;
+  }
   for (int64_t p = p0; p < p1; ++p) {
-    if (m1 - m0 >= 3) {  // decode once into L1, reuse for every row (in slices of 64 rows)
-      for (int64_t m = m0; m < m1; m += 64) float_panel_rows<BITS, NF4>(a, m, std::min(m1, m + 64), p);
-      continue;
-    }
     int64_t m = m0;
     for (; m + 2 <= m1; m += 2) float_tile<2, BITS, NF4>(a, m, p);
     if (m < m1) float_tile<1, BITS, NF4>(a, m, p);
