@@ -202,6 +202,32 @@ def test_torch_requires_grad_and_strided():
     np.testing.assert_allclose(y.numpy(), _ref(x, qt), rtol=1e-5, atol=1e-4)
 
 
+def test_torch_float16_and_float32_with_bias():
+    # torch float32/float16 cross into the kernel as numpy views of the same memory
+    torch = pytest.importorskip("torch")
+    x, w = _data(5, 24, 128, seed=10)
+    qt = lb.quantize(w, bits=4, group_size=64)
+    for dt, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        xt = torch.from_numpy(x).to(dt)
+        bias = torch.linspace(-1, 1, 24, dtype=dt)
+        for ab in (None, 8):
+            y = lb.matmul(xt, qt, bias=bias, act_bits=ab)
+            assert isinstance(y, torch.Tensor) and y.dtype == dt and y.shape == (5, 24)
+            xr = xt.float().numpy()
+            want = _ref(_fake_quant(xr) if ab else xr, qt, bias.float().numpy())
+            np.testing.assert_allclose(y.float().numpy(), want, rtol=tol, atol=tol)
+
+
+def test_validate_rechecks_replaced_arrays():
+    # validate() remembers a passed check only for the same array objects
+    x, w = _data(2, 8, 64)
+    qt = lb.quantize(w, bits=4, group_size=32)
+    lb.matmul(x, qt)
+    qt.codes = qt.codes[:, :-1].copy()
+    with pytest.raises(ValueError, match="codes must have shape"):
+        lb.matmul(x, qt)
+
+
 def test_one_dimensional_x():
     x, w = _data(1, 10, 64, seed=9)
     qt = lb.quantize(w, bits=8, group_size=32)

@@ -5,13 +5,14 @@
 //           <= 2·15·127 = 3810, no int16 saturation; vpmaddwd(·, 1) widens to int32.
 //     int8: w' is signed, so use the sign trick: maddubs(|w'|, sign(x, w')); |w'| <= 128 and
 //           |x| <= 127 (activations are clamped to ±127) keep pairs <= 32512 < 32767.
-//     Per group the 4 rows' int32 sums are reduced to one xmm and scaled with exactly the
-//     reference's float steps (mul, mul, sub, add), so results are bit-exact with cpp/ref.
+//     The integer dots are exact; per group they are scaled lane-wise in float (see int_panel),
+//     so outputs match cpp/ref to float rounding, not bit for bit.
+//     Tiling: per panel (4 rows of W), the dispatcher's rows of X in pairs; decode (M <= 16)
+//     streams each panel from DRAM once with software prefetch.
 //   matmul_float: weight-only; codes -> int32 -> float (nf4: two 8-entry vpermps tables and a
-//     blend on bit 3) fused with the FMA into per-row accumulators; the float weight matrix
-//     never exists in memory.
-// Tiling: the dispatcher hands a range of panels (4 rows of W) × rows of X; per panel we walk X
-// in blocks of MR = 2 rows, so each decoded weight register serves 2 activation rows.
+//     blend on bit 3) fused with the FMA; the float weight matrix never exists in memory.
+//     1-2 rows of X: decoded on the fly per block (float_tile); more: per 128-k chunk decoded
+//     once into an L1 scratch and reused by every row (float_gemm_tile).
 #include <immintrin.h>
 
 #include <algorithm>
