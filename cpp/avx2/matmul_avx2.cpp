@@ -246,14 +246,20 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   __m128 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm_setzero_ps();
   int64_t k = 0;
+  // One row of X: two accumulators per panel row (even / odd 8-k slices), so the 4 FMAs per
+  // block and row do not form one 16-cycle dependency chain.
+  constexpr int NA = MR == 1 ? 2 : 1;
   for (int64_t g = 0; g < G; ++g) {
-    __m256 facc[MR][4];
+    __m256 facc[MR][4][NA];
     for (int i = 0; i < MR; ++i)
-      for (int r = 0; r < 4; ++r) facc[i][r] = _mm256_setzero_ps();
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < NA; ++j) facc[i][r][j] = _mm256_setzero_ps();
     for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
+      const uint8_t* src = panel + (k / kBlockK) * (BITS == 4 ? sizeof(W4Block) : sizeof(W8Block));
+      prefetch_weights(src);
+      if (BITS == 8) prefetch_weights(src + 64);
       if constexpr (BITS == 4) {
         // vpmovzxbd straight from memory: 8 bytes -> 8 lanes holding two rows' codes (lo | hi<<4)
-        const uint8_t* src = panel + (k / kBlockK) * sizeof(W4Block);
         const __m256i low4 = _mm256_set1_epi32(15);
         for (int q = 0; q < 4; ++q) {
           __m256 xv[MR];
@@ -263,27 +269,29 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
             __m256 wa = decode_u32<NF4>(_mm256_and_si256(v, low4), lut_lo, lut_hi);
             __m256 wb = decode_u32<NF4>(_mm256_srli_epi32(v, 4), lut_lo, lut_hi);
             for (int i = 0; i < MR; ++i) {
-              facc[i][2 * h] = _mm256_fmadd_ps(wa, xv[i], facc[i][2 * h]);
-              facc[i][2 * h + 1] = _mm256_fmadd_ps(wb, xv[i], facc[i][2 * h + 1]);
+              facc[i][2 * h][q % NA] = _mm256_fmadd_ps(wa, xv[i], facc[i][2 * h][q % NA]);
+              facc[i][2 * h + 1][q % NA] = _mm256_fmadd_ps(wb, xv[i], facc[i][2 * h + 1][q % NA]);
             }
           }
         }
       } else {
         __m256i wv[4];
-        load_block<BITS>(panel, k / kBlockK, wv);
+        load_block<BITS>(src, 0, wv);
         for (int q = 0; q < 4; ++q) {
           __m256 xv[MR];
           for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 8 * q);
           for (int r = 0; r < 4; ++r) {
             __m256 wf = decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi);
-            for (int i = 0; i < MR; ++i) facc[i][r] = _mm256_fmadd_ps(wf, xv[i], facc[i][r]);
+            for (int i = 0; i < MR; ++i) facc[i][r][q % NA] = _mm256_fmadd_ps(wf, xv[i], facc[i][r][q % NA]);
           }
         }
       }
     }
     const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
     for (int i = 0; i < MR; ++i) {
-      __m128 dot = hsum4_ps(facc[i][0], facc[i][1], facc[i][2], facc[i][3]);
+      __m256 f[4];
+      for (int r = 0; r < 4; ++r) f[r] = NA == 2 ? _mm256_add_ps(facc[i][r][0], facc[i][r][NA - 1]) : facc[i][r][0];
+      __m128 dot = hsum4_ps(f[0], f[1], f[2], f[3]);
       __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m + i) * G + g]));
       acc[i] = _mm_add_ps(acc[i], _mm_sub_ps(_mm_mul_ps(sw, dot), t2));
     }
