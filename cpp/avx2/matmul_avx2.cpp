@@ -5,16 +5,18 @@
 //           <= 2·15·127 = 3810, no int16 saturation; vpmaddwd(·, 1) widens to int32.
 //     int8: w' is signed, so use the sign trick: maddubs(|w'|, sign(x, w')); |w'| <= 128 and
 //           |x| <= 127 (activations are clamped to ±127) keep pairs <= 32512 < 32767.
-//     Per group the 4 rows' int32 sums are reduced to one xmm and scaled with exactly the
-//     reference's float steps (mul, mul, sub, add), so results are bit-exact with cpp/ref.
+//     The integer dots are exact; per group they are scaled lane-wise in float (see int_panel),
+//     so outputs match cpp/ref to float rounding, not bit for bit.
+//     Tiling: per panel (4 rows of W), the dispatcher's rows of X in pairs; decode (M <= 16)
+//     streams each panel from DRAM once with software prefetch.
 //   matmul_float: weight-only; codes -> int32 -> float (nf4: two 8-entry vpermps tables and a
-//     blend on bit 3) fused with the FMA into per-row accumulators; the float weight matrix
-//     never exists in memory.
-// Tiling: the dispatcher hands a range of panels (4 rows of W) × rows of X; per panel we walk X
-// in blocks of MR = 2 rows, so each decoded weight register serves 2 activation rows.
+//     blend on bit 3) fused with the FMA; the float weight matrix never exists in memory.
+//     1-2 rows of X: decoded on the fly per block (float_tile); more: per 128-k chunk decoded
+//     once into an L1 scratch and reused by every row (float_gemm_tile).
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
@@ -23,11 +25,6 @@ namespace lowbit {
 namespace LOWBIT_ISA_NS {
 namespace {
 
-// [a0+..+a7, b0+..+b7, c.., d..] for four int32x8
-inline __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
-  __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
 inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
   __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -60,81 +57,160 @@ inline void load_block(const uint8_t* panel, int64_t b, __m256i wv[4]) {
   }
 }
 
-// int4 pairs from vpmaddubsw are <= 2·15·127 = 3810, so up to 8 blocks (8·3810 = 30480 <
-// 32767) add exactly in int16 before one vpmaddwd widens them: 4 fewer uops per block and row.
-constexpr int kInt16Blocks = 8;
-constexpr int64_t kIntChunkK = kInt16Blocks * kBlockK;  // 256 k: X rows' chunk stays in L1
+// Integer kernel: MR (1 or 2) rows of X against one panel, no horizontal sum per block. Per group
+// each X row's 4 panel-row sums are folded with vphadd into one register
+// [r0 r1 r2 r3 | r0 r1 r2 r3] (the halves hold k mod 32 < 16 and >= 16), converted and scaled by
+// [sw | sw] in one FMA; one horizontal add per panel. int4 folds start in int16: a vpmaddubsw
+// lane is <= 2·15·127 = 3810, so a lane summed over <= 4 blocks and then pairwise (vphaddw) stays
+// <= 30480, and over <= 2 blocks even a second vphaddw fits. The zero-point term
+// Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] swz against −suma (float, exact below
+// 2^24). The same kernel serves decode (MR = 1, weights streamed from DRAM once) and GEMM (the
+// dispatcher's tile of X rows walked in pairs while the panel stays in L1).
+constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 
-// Rows [xrow, xrow + MR) of X against one panel over [k, stop): int32 sums of the 4 rows.
-template <int MR, int BITS>
-inline void int_chunk(const uint8_t* panel, const int8_t* const* xrow, int64_t k, int64_t stop,
-                      __m128i* out) {
+// Software prefetch of every weight line 2 KiB ahead (about one DRAM latency at full bandwidth):
+// measured 65% -> 80-90% of the DRAM read rate for M=1, next to the hardware prefetcher alone.
+inline void prefetch_weights(const uint8_t* line) {
+  _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
+}
+
+// int4: blocks [0, nb) (nb <= 4; NB > 0 fixes it at compile time) of a panel against MR rows of
+// X (x[i] at the first block's k), folded per row of X.
+template <int MR, int NB>
+inline void w4_batch(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
   const __m256i ones16 = _mm256_set1_epi16(1);
-  __m256i d[MR][4];
+  __m256i s[MR][4];
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < 4; ++r) d[i][r] = _mm256_setzero_si256();
-  for (; k < stop; k += kBlockK) {
-    __m256i wv[4];
-    load_block<BITS>(panel, k / kBlockK, wv);
-    if constexpr (BITS == 8) {
-      __m256i aw[4];
-      for (int r = 0; r < 4; ++r) aw[r] = _mm256_abs_epi8(wv[r]);
-      for (int i = 0; i < MR; ++i) {
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
-        for (int r = 0; r < 4; ++r)
-          d[i][r] = _mm256_add_epi32(d[i][r], _mm256_madd_epi16(
-              _mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones16));
-      }
-    } else {  // int16 sums, widened once per chunk (<= 8 blocks)
-      for (int i = 0; i < MR; ++i) {
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[i] + k));
-        for (int r = 0; r < 4; ++r) d[i][r] = _mm256_add_epi16(d[i][r], _mm256_maddubs_epi16(wv[r], xv));
-      }
+    for (int r = 0; r < 4; ++r) s[i][r] = _mm256_setzero_si256();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < (NB > 0 ? NB : nb); ++b) {
+    if (MR == 1) prefetch_weights(wp + b * kW4Bytes);  // GEMM re-reads the panel from L1
+    __m256i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
+    for (int h = 0; h < 2; ++h) {  // one unpacked row at a time keeps MR·4 sums in registers
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + b * kW4Bytes + 32 * h));
+      const __m256i lo = _mm256_and_si256(v, low4);
+      for (int i = 0; i < MR; ++i) s[i][2 * h] = _mm256_add_epi16(s[i][2 * h], _mm256_maddubs_epi16(lo, xv[i]));
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      for (int i = 0; i < MR; ++i) s[i][2 * h + 1] = _mm256_add_epi16(s[i][2 * h + 1], _mm256_maddubs_epi16(hi, xv[i]));
     }
   }
   for (int i = 0; i < MR; ++i) {
-    if constexpr (BITS == 4)
-      for (int r = 0; r < 4; ++r) d[i][r] = _mm256_madd_epi16(d[i][r], ones16);
-    out[i] = _mm_add_epi32(out[i], hsum4_epi32(d[i][0], d[i][1], d[i][2], d[i][3]));
+    const __m256i h01 = _mm256_hadd_epi16(s[i][0], s[i][1]), h23 = _mm256_hadd_epi16(s[i][2], s[i][3]);
+    if (NB == 1 || NB == 2) out[i] = _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), ones16);
+    else out[i] = _mm256_hadd_epi32(_mm256_madd_epi16(h01, ones16), _mm256_madd_epi16(h23, ones16));
   }
 }
 
-// Rows [m0, m1) (<= 64) of X against panel p. Loops: group, 256-k chunk, pairs of X rows, so
-// the chunk of X (<= 16 KiB) stays in L1 while the panel's bytes are reused from L1.
-template <int BITS>
-void int_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
-  const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, rows = m1 - m0;
+// int8: nb blocks, widened every block (its pairs reach 32512), folded per row of X.
+template <int MR>
+inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i s[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 4; ++r) s[i][r] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nb; ++b, wp += kW8Bytes) {
+    if (MR == 1) {  // GEMM re-reads the panel from L1
+      prefetch_weights(wp);
+      prefetch_weights(wp + 64);
+    }
+    __m256i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
+    for (int r = 0; r < 4; ++r) {
+      const __m256i wr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * r));
+      const __m256i aw = _mm256_abs_epi8(wr);
+      for (int i = 0; i < MR; ++i)
+        s[i][r] = _mm256_add_epi32(s[i][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wr)), ones16));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    out[i] = _mm256_hadd_epi32(_mm256_hadd_epi32(s[i][0], s[i][1]), _mm256_hadd_epi32(s[i][2], s[i][3]));
+}
+
+// One group of nb blocks (NB > 0: exactly NB int4 blocks), folded per row of X.
+template <int BITS, int MR, int NB>
+inline void int_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
+  if constexpr (BITS == 8) {
+    w8_group<MR>(wp, x, nb, out);
+  } else if constexpr (NB > 0) {
+    w4_batch<MR, NB>(wp, x, NB, out);
+  } else {
+    for (int i = 0; i < MR; ++i) out[i] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b += 4) {
+      const int8_t* xb[MR];
+      for (int i = 0; i < MR; ++i) xb[i] = x[i] + b * kBlockK;
+      __m256i d[MR];
+      w4_batch<MR, 0>(wp + b * kW4Bytes, xb, std::min<int64_t>(4, nb - b), d);
+      for (int i = 0; i < MR; ++i) out[i] = _mm256_add_epi32(out[i], d[i]);
+    }
+  }
+}
+
+// Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats) against panel p: [y_r0..y_r3] per row,
+// before the activation scale.
+template <int BITS, int MR, int NB>
+inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float* const* nsuma,
+                      int64_t p, __m128* out) {
+  const int64_t G = w.h->G, gs = w.h->group_size;
+  const int64_t nb = std::min(gs, w.h->Kp) / kBlockK;
   const uint8_t* panel = w.panel(p);
-  alignas(16) __m128i dot[64];
-  __m128 acc[64];
-  const int8_t* xr[64];
-  for (int64_t i = 0; i < rows; ++i) { acc[i] = _mm_setzero_ps(); xr[i] = a.x.xq + (m0 + i) * a.x.ld; }
-  int64_t k = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t i = 0; i < rows; ++i) dot[i] = _mm_setzero_si128();
-    for (const int64_t e = w.group_end(g); k < e;) {
-      const int64_t stop = std::min(e, k + kIntChunkK);
-      int64_t i = 0;
-      for (; i + 2 <= rows; i += 2) int_chunk<2, BITS>(panel, xr + i, k, stop, dot + i);
-      if (i < rows) int_chunk<1, BITS>(panel, xr + i, k, stop, dot + i);
-      k = stop;
+  const float* sw = w.sw + p * G * 4;
+  auto group = [&](int64_t g, __m256* f) {
+    const int64_t k0 = g * gs, n = NB > 0 ? NB : (g + 1 < G ? nb : (w.h->Kp - k0) / kBlockK);
+    const int8_t* xg[MR];
+    for (int i = 0; i < MR; ++i) xg[i] = x[i] + k0;
+    __m256i d[MR];
+    int_group<BITS, MR, NB>(panel + k0 / kBlockK * (BITS == 4 ? kW4Bytes : kW8Bytes), xg, n, d);
+    const __m256 s = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(sw + g * 4));
+    for (int i = 0; i < MR; ++i) f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), s, f[i]);
+  };
+  __m256 f0[MR], f1[MR];
+  for (int i = 0; i < MR; ++i) f0[i] = f1[i] = _mm256_setzero_ps();
+  int64_t g2 = 0;
+  if (MR == 1)  // even / odd groups in two chains: small groups do not wait on the FMA latency
+    for (; g2 + 2 <= G; g2 += 2) {
+      group(g2, f0);
+      group(g2 + 1, f1);
     }
-    // the reference's exact float steps: acc += sw·float(dot) − swz·float(suma)
-    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
-    for (int64_t i = 0; i < rows; ++i) {
-      __m128 t1 = _mm_mul_ps(sw, _mm_cvtepi32_ps(dot[i]));
-      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(float(a.x.suma[(m0 + i) * G + g])));
-      acc[i] = _mm_add_ps(acc[i], _mm_sub_ps(t1, t2));
-    }
+  for (; g2 < G; ++g2) group(g2, f0);
+  const float* swz = w.swz + p * G * 4;
+  for (int i = 0; i < MR; ++i) {
+    __m256 z = _mm256_add_ps(f0[i], f1[i]);
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2)  // [swz_g | swz_g+1] · [−suma_g ×4 | −suma_g+1 ×4]
+      z = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(nsuma[i] + g * 4), z);
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+    if (g < G) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
+    out[i] = t;
   }
-  for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, acc[i], a.x.sa[m0 + i]);
 }
 
-template <int BITS>
+// Rows [m0, m1) × panels [p0, p1): per panel, the rows in pairs (the panel, <= Kp bytes, stays
+// in L1 while the rows stream from L1/L2; for decode the panel is read from DRAM once).
+template <int BITS, int NB>
 void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t m = m0; m < m1; m += 64) int_panel_rows<BITS>(a, m, std::min(m1, m + 64), p);
+  const int64_t G = a.w.h->G;
+  std::vector<float> nsuma(size_t((m1 - m0) * G * 4));  // −suma, each repeated 4 times
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      _mm_storeu_ps(&nsuma[((m - m0) * G + g) * 4], _mm_set1_ps(-float(a.x.suma[m * G + g])));
+  const int8_t* x[2];
+  const float* ns[2];
+  __m128 out[2];
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) {
+      for (int i = 0; i < 2; ++i) { x[i] = a.x.xq + (m + i) * a.x.ld; ns[i] = &nsuma[(m + i - m0) * G * 4]; }
+      int_panel<BITS, 2, NB>(a.w, x, ns, p, out);
+      for (int i = 0; i < 2; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
+    }
+    if (m < m1) {
+      x[0] = a.x.xq + m * a.x.ld;
+      ns[0] = &nsuma[(m - m0) * G * 4];
+      int_panel<BITS, 1, NB>(a.w, x, ns, p, out);
+      store_tile(a, m, p, out[0], a.x.sa[m]);
+    }
+  }
 }
 
 // Eight codes (bytes 8q .. 8q+7 of v) as floats: d(u) = u, NF4[u], or the int8 value.
@@ -170,14 +246,20 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   __m128 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm_setzero_ps();
   int64_t k = 0;
+  // One row of X: two accumulators per panel row (even / odd 8-k slices), so the 4 FMAs per
+  // block and row do not form one 16-cycle dependency chain.
+  constexpr int NA = MR == 1 ? 2 : 1;
   for (int64_t g = 0; g < G; ++g) {
-    __m256 facc[MR][4];
+    __m256 facc[MR][4][NA];
     for (int i = 0; i < MR; ++i)
-      for (int r = 0; r < 4; ++r) facc[i][r] = _mm256_setzero_ps();
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < NA; ++j) facc[i][r][j] = _mm256_setzero_ps();
     for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
+      const uint8_t* src = panel + (k / kBlockK) * (BITS == 4 ? sizeof(W4Block) : sizeof(W8Block));
+      prefetch_weights(src);
+      if (BITS == 8) prefetch_weights(src + 64);
       if constexpr (BITS == 4) {
         // vpmovzxbd straight from memory: 8 bytes -> 8 lanes holding two rows' codes (lo | hi<<4)
-        const uint8_t* src = panel + (k / kBlockK) * sizeof(W4Block);
         const __m256i low4 = _mm256_set1_epi32(15);
         for (int q = 0; q < 4; ++q) {
           __m256 xv[MR];
@@ -187,27 +269,29 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
             __m256 wa = decode_u32<NF4>(_mm256_and_si256(v, low4), lut_lo, lut_hi);
             __m256 wb = decode_u32<NF4>(_mm256_srli_epi32(v, 4), lut_lo, lut_hi);
             for (int i = 0; i < MR; ++i) {
-              facc[i][2 * h] = _mm256_fmadd_ps(wa, xv[i], facc[i][2 * h]);
-              facc[i][2 * h + 1] = _mm256_fmadd_ps(wb, xv[i], facc[i][2 * h + 1]);
+              facc[i][2 * h][q % NA] = _mm256_fmadd_ps(wa, xv[i], facc[i][2 * h][q % NA]);
+              facc[i][2 * h + 1][q % NA] = _mm256_fmadd_ps(wb, xv[i], facc[i][2 * h + 1][q % NA]);
             }
           }
         }
       } else {
         __m256i wv[4];
-        load_block<BITS>(panel, k / kBlockK, wv);
+        load_block<BITS>(src, 0, wv);
         for (int q = 0; q < 4; ++q) {
           __m256 xv[MR];
           for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 8 * q);
           for (int r = 0; r < 4; ++r) {
             __m256 wf = decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi);
-            for (int i = 0; i < MR; ++i) facc[i][r] = _mm256_fmadd_ps(wf, xv[i], facc[i][r]);
+            for (int i = 0; i < MR; ++i) facc[i][r][q % NA] = _mm256_fmadd_ps(wf, xv[i], facc[i][r][q % NA]);
           }
         }
       }
     }
     const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
     for (int i = 0; i < MR; ++i) {
-      __m128 dot = hsum4_ps(facc[i][0], facc[i][1], facc[i][2], facc[i][3]);
+      __m256 f[4];
+      for (int r = 0; r < 4; ++r) f[r] = NA == 2 ? _mm256_add_ps(facc[i][r][0], facc[i][r][NA - 1]) : facc[i][r][0];
+      __m128 dot = hsum4_ps(f[0], f[1], f[2], f[3]);
       __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m + i) * G + g]));
       acc[i] = _mm_add_ps(acc[i], _mm_sub_ps(_mm_mul_ps(sw, dot), t2));
     }
@@ -215,96 +299,106 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
 
-// Weight-only GEMM (several rows of X): decode a chunk of <= 256 k of the panel's 4 rows to
-// float once into an L1 scratch (8 KiB; never the whole matrix), then stream every activation
-// row against it: per 8 k and 2 rows of X, 4 weight loads feed 8 FMAs.
-constexpr int64_t kChunkK = 256;
+// Weight-only GEMM (several rows of X). Loops: group, chunk of <= 128 k, panel, rows of X. Each
+// panel's chunk (4 rows × 128 k) is decoded to float once into an L1 scratch (2 KiB; never the
+// whole matrix) and every row of X streams against it, 3 rows at a time: per 8 k, 4 weight loads
+// feed 12 FMAs. Chunk-major order keeps the X chunk (<= 64 rows × 512 B) in L1 across the
+// (<= 16) panels of the dispatcher's tile; float activations are 4× the int8 ones, so a panel-
+// major order would re-read all of X from L2/L3 per panel.
+constexpr int64_t kChunkK = 128;
+constexpr int64_t kTileRows = 64, kTilePanels = 16;
 
+// MR rows of X (stride ld) against the decoded chunk wf[4][len]: dot[i][r] += Σ x_i·w_r.
+// MR = 3: 12 accumulators, so 2 FMAs per cycle never wait on the 4-cycle FMA latency.
+template <int MR>
+inline void float_rows_chunk(const float* x, int64_t ld, const float (*wf)[kChunkK], int64_t len,
+                             float (*dot)[4]) {
+  __m256 f[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 4; ++r) f[i][r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < len; c += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ld + c);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 wr = _mm256_load_ps(&wf[r][c]);
+      for (int i = 0; i < MR; ++i) f[i][r] = _mm256_fmadd_ps(wr, xv[i], f[i][r]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f[i][0], f[i][1], f[i][2], f[i][3])));
+}
+
+// Rows [m0, m1) (<= kTileRows) × panels [p0, p1) (<= kTilePanels).
 template <int BITS, bool NF4>
-void float_panel_rows(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p) {
+void float_gemm_tile(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, rows = m1 - m0;
-  const uint8_t* panel = w.panel(p);
+  const int64_t G = w.h->G, rows = m1 - m0, np = p1 - p0;
   const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
   alignas(32) float wf[4][kChunkK];
-  alignas(16) float dot[64][4], acc[64][4];  // rows <= 64: the dispatcher's tiles
-  for (int64_t i = 0; i < rows; ++i) _mm_store_ps(acc[i], _mm_setzero_ps());
+  alignas(16) float dot[kTilePanels][kTileRows][4], acc[kTilePanels][kTileRows][4];
+  for (int64_t q = 0; q < np; ++q)
+    for (int64_t i = 0; i < rows; ++i) _mm_store_ps(acc[q][i], _mm_setzero_ps());
+  const float* x0 = a.x.xf + m0 * a.x.ld;
   int64_t k = 0;
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t i = 0; i < rows; ++i) _mm_store_ps(dot[i], _mm_setzero_ps());
+    for (int64_t q = 0; q < np; ++q)
+      for (int64_t i = 0; i < rows; ++i) _mm_store_ps(dot[q][i], _mm_setzero_ps());
     for (const int64_t e = w.group_end(g); k < e;) {
       const int64_t len = std::min(kChunkK, e - k);
-      for (int64_t c = 0; c < len; c += kBlockK) {
-        __m256i wv[4];
-        load_block<BITS>(panel, (k + c) / kBlockK, wv);
-        for (int r = 0; r < 4; ++r)
-          for (int q = 0; q < 4; ++q) _mm256_store_ps(&wf[r][c + 8 * q], decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi));
-      }
-      int64_t i = 0;
-      for (; i + 2 <= rows; i += 2) {
-        const float* x0 = a.x.xf + (m0 + i) * a.x.ld + k;
-        const float* x1 = x0 + a.x.ld;
-        __m256 f0[4], f1[4];
-        for (int r = 0; r < 4; ++r) f0[r] = f1[r] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < len; c += 8) {
-          __m256 xa = _mm256_loadu_ps(x0 + c), xb = _mm256_loadu_ps(x1 + c);
-          for (int r = 0; r < 4; ++r) {
-            __m256 wr = _mm256_load_ps(&wf[r][c]);
-            f0[r] = _mm256_fmadd_ps(wr, xa, f0[r]);
-            f1[r] = _mm256_fmadd_ps(wr, xb, f1[r]);
-          }
+      for (int64_t q = 0; q < np; ++q) {
+        const uint8_t* panel = w.panel(p0 + q);
+        for (int64_t c = 0; c < len; c += kBlockK) {
+          __m256i wv[4];
+          load_block<BITS>(panel, (k + c) / kBlockK, wv);
+          for (int r = 0; r < 4; ++r)
+            for (int j = 0; j < 4; ++j) _mm256_store_ps(&wf[r][c + 8 * j], decode8<BITS, NF4>(wv[r], j, lut_lo, lut_hi));
         }
-        _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f0[0], f0[1], f0[2], f0[3])));
-        _mm_store_ps(dot[i + 1], _mm_add_ps(_mm_load_ps(dot[i + 1]), hsum4_ps(f1[0], f1[1], f1[2], f1[3])));
-      }
-      for (; i < rows; ++i) {
-        const float* x0 = a.x.xf + (m0 + i) * a.x.ld + k;
-        __m256 f0[4];
-        for (int r = 0; r < 4; ++r) f0[r] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < len; c += 8) {
-          __m256 xa = _mm256_loadu_ps(x0 + c);
-          for (int r = 0; r < 4; ++r) f0[r] = _mm256_fmadd_ps(_mm256_load_ps(&wf[r][c]), xa, f0[r]);
-        }
-        _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f0[0], f0[1], f0[2], f0[3])));
+        int64_t i = 0;
+        for (; i + 3 <= rows; i += 3) float_rows_chunk<3>(x0 + i * a.x.ld + k, a.x.ld, wf, len, dot[q] + i);
+        for (; i < rows; ++i) float_rows_chunk<1>(x0 + i * a.x.ld + k, a.x.ld, wf, len, dot[q] + i);
       }
       k += len;
     }
-    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
-    for (int64_t i = 0; i < rows; ++i) {
-      __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m0 + i) * G + g]));
-      _mm_store_ps(acc[i], _mm_add_ps(_mm_load_ps(acc[i]), _mm_sub_ps(_mm_mul_ps(sw, _mm_load_ps(dot[i])), t2)));
+    for (int64_t q = 0; q < np; ++q) {
+      const int64_t s = ((p0 + q) * G + g) * 4;
+      const __m128 sw = _mm_loadu_ps(w.sw + s), swz = _mm_loadu_ps(w.swz + s);
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m0 + i) * G + g]));
+        _mm_store_ps(acc[q][i], _mm_add_ps(_mm_load_ps(acc[q][i]), _mm_sub_ps(_mm_mul_ps(sw, _mm_load_ps(dot[q][i])), t2)));
+      }
     }
   }
-  for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p, _mm_load_ps(acc[i]), 1.0f);
+  for (int64_t q = 0; q < np; ++q)
+    for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p0 + q, _mm_load_ps(acc[q][i]), 1.0f);
 }
 
 template <int BITS, bool NF4>
 void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (m1 - m0 >= 3) {  // decode each chunk once into L1, reuse it for every row
+    for (int64_t p = p0; p < p1; p += kTilePanels)
+      for (int64_t m = m0; m < m1; m += kTileRows)
+        float_gemm_tile<BITS, NF4>(a, m, std::min(m1, m + kTileRows), p, std::min(p1, p + kTilePanels));
+    return;
+  }
   for (int64_t p = p0; p < p1; ++p) {
-    if (m1 - m0 >= 3) {  // decode once into L1, reuse for every row (in slices of 64 rows)
-      for (int64_t m = m0; m < m1; m += 64) float_panel_rows<BITS, NF4>(a, m, std::min(m1, m + 64), p);
-      continue;
-    }
     int64_t m = m0;
     for (; m + 2 <= m1; m += 2) float_tile<2, BITS, NF4>(a, m, p);
     if (m < m1) float_tile<1, BITS, NF4>(a, m, p);
   }
 }
 
-template <typename Tile2, typename Tile1>
-inline void walk(int64_t m0, int64_t m1, int64_t p0, int64_t p1, Tile2 t2, Tile1 t1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t m = m0;
-    for (; m + 2 <= m1; m += 2) t2(m, p);
-    if (m < m1) t1(m, p);
-  }
-}
-
 }  // namespace
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (a.w.h->bits == 4) int_walk<4>(a, m0, m1, p0, p1);
-  else int_walk<8>(a, m0, m1, p0, p1);
+  if (a.w.h->bits == 8) return int_walk<8, 0>(a, m0, m1, p0, p1);
+  // int4 with every group whole (K = G · group_size): unrolled group bodies
+  const int64_t gs = a.w.h->group_size, G = a.w.h->G;
+  if (G > 1 && a.w.h->K == G * gs) {
+    if (gs == 32) return int_walk<4, 1>(a, m0, m1, p0, p1);
+    if (gs == 64) return int_walk<4, 2>(a, m0, m1, p0, p1);
+    if (gs == 128) return int_walk<4, 4>(a, m0, m1, p0, p1);
+  }
+  int_walk<4, 0>(a, m0, m1, p0, p1);
 }
 
 void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {

@@ -57,7 +57,8 @@ struct PackedLinear {
 //   int mode (act_bits=8): xq [M][Kp] int8 = clamp(rint(x * inv_sa), -127, 127), zero padded,
 //                          sa [M] = max|x_row| / 127, suma [M][G] = Σ_group xq  (int32)
 //   float mode            : xf [M][Kp] float (x widened; act_bits=8 with nf4: xq * sa), zero
-//                          padded; sumx [M][G] = Σ_group xf in float, k ascending
+//                          padded; sumx [M][G] = Σ_group xf in float (8 interleaved partial
+//                          sums, a fixed order: matmul.cpp sum8)
 struct PreparedAct {
   int64_t M, Kp, G;
   int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets

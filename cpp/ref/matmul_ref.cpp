@@ -4,8 +4,8 @@
 //                 y = acc · sa[m] (+ bias)
 //   float mode  : dot_g = Σ_k d(code)·xf (float, k ascending);  acc += sw·dot_g − swz·sumx_g
 //                 y = acc (+ bias)
-// SIMD integer kernels reproduce the per-group float steps exactly, so integer mode is bit-exact
-// across variants; float mode differs only in the order of the float sum inside a group.
+// The SIMD kernels compute the same integer dots exactly but scale and sum them in their own
+// float order (lane-wise per group), so they match this reference to float rounding.
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
 

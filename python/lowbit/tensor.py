@@ -13,6 +13,7 @@ GroupSize = Union[int, None, str]  # int: elements per group; None: one group pe
 
 SCHEMES = {"asymmetric": 0, "symmetric": 1, "nf4": 2}
 _DICT_VERSION = 1
+_VALID_ATTR = "_lowbit_validated"  # what validate() last accepted (see there)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,20 @@ class QuantizedTensor:
         return qt
 
     def validate(self) -> None:
-        """Check that the arrays agree with the format and shape (ValueError/TypeError if not)."""
+        """Check that the arrays agree with the format and shape (ValueError/TypeError if not).
+        A passed check is remembered for these array objects (with their shapes and dtypes), shape
+        and format, so validating an unchanged tensor again (every matmul) costs about a µs."""
+        seen = self.__dict__.get(_VALID_ATTR)
+        if seen is not None and seen[0] is self.format and seen[1] == self.shape and all(
+                a is b and (b is None or (b.shape == shp and b.dtype is dt))
+                for a, (b, shp, dt) in zip((self.codes, self.scales, self.zeros), seen[2])):
+            return
+        self._validate_arrays()
+        self.__dict__[_VALID_ATTR] = (self.format, tuple(self.shape), tuple(
+            (a, None if a is None else a.shape, None if a is None else a.dtype)
+            for a in (self.codes, self.scales, self.zeros)))
+
+    def _validate_arrays(self) -> None:
         rows, K = self.shape
         f = self.format
         if f.bits not in (2, 3, 4, 8):
