@@ -1,9 +1,10 @@
 """ONNX Runtime peers: one-node models built in memory around our codes.
 
-MatMulInteger (u8 activations given, s8 weights, int32 out: the integer kernel alone),
-DynamicQuantizeMatMul (com.microsoft: float in, per-tensor u8 activations inside the call, float
-out) and MatMulNBits (com.microsoft: int4 blocks of 128 and 32, zero points; accuracy_level 0
-computes in fp32, 4 quantizes activations to int8 per block and uses integer dots).
+MatMulInteger (activations quantized to u8 per tensor before the call, s8 weights, int32 out:
+the integer kernel alone), DynamicQuantizeMatMul (com.microsoft: float in, per-tensor u8
+activations inside the call, float out) and MatMulNBits (com.microsoft: int4 blocks of 128 and 32
+with zero points; accuracy_level 0 computes in fp32, 4 quantizes activations to int8 per block and
+uses integer dots).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def methods(case: Case, threads: int) -> List[Entry]:
     except ImportError:
         return [Unavailable("onnxruntime", "not installed (pip install onnxruntime onnx)")]
     out: List[Entry] = []
-    for name, build in [("ort MatMulInteger u8s8 (x pre-quantized)", _matmul_integer),
+    for name, build in [("ort MatMulInteger (u8 x given)", _matmul_integer),
                         ("ort DynamicQuantizeMatMul", _dynamic_quantize_matmul)]:
         out.append(_guard(name, lambda b=build, n=name: b(n, case, threads)))
     for block in (128, 32):

@@ -1,6 +1,7 @@
 """The benchmark's text table and its plot of % of the machine's limit against M."""
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 
@@ -83,3 +84,24 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return None
+
+
+def summarize(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{"<threads> thread(s), <regime>": {peer: {our kernel: geometric mean of peer time / our time
+    over the shapes and M where both ran}}}."""
+    logs: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
+    for r in rows:
+        group = logs.setdefault(f"{r['threads']} thread(s), {r['regime']}", {})
+        for peer, v in r["results"].items():
+            for o, ratio in v.get("ratio_vs_ours", {}).items():
+                group.setdefault(peer, {}).setdefault(o, []).append(math.log(ratio))
+    return {g: {p: {o: math.exp(sum(v) / len(v)) for o, v in per.items()} for p, per in peers.items()}
+            for g, peers in logs.items()}
+
+
+def print_summary(summary: Dict[str, Dict[str, Dict[str, float]]], ours: List[str]) -> None:
+    print("\nsummary: peer time / our time, geometric mean over shapes and M (> 1: ours is faster)")
+    for group, peers in summary.items():
+        print(f"  {group:44s}" + "".join(f" {'÷' + _short(o):>7s}" for o in ours))
+        for peer, ratios in peers.items():
+            print(f"    {peer:42s}" + "".join(f" {ratios[o]:7.2f}" if o in ratios else f" {'':7s}" for o in ours))

@@ -176,8 +176,12 @@ def main(argv=None) -> dict:
             if accuracy_report is None and not args.no_accuracy and t == threads[-1]:
                 accuracy_report = {"K": K, "N": N, "M": 16, "errors": accuracy.measure(case, methods, 16)}
                 report.print_accuracy(accuracy_report["errors"], K, N, 16)
+    summary = report.summarize(rows)
+    report.print_summary(summary, list(dict.fromkeys(o for r in rows for o in r["ours"])))
+    if unavailable:
+        print("\nnot measured:")
     for name, why in unavailable.items():
-        print(f"\n  {name}: {why}")
+        print(f"  {name}: {why}")
 
     plot_skipped = report.plot(rows, plot_path) if rows else "no rows"
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "l3_bytes": l3, "isa": core.get_isa(),
@@ -185,7 +189,7 @@ def main(argv=None) -> dict:
            "idle_check": idle, "limits": {str(t): v for t, v in limits.items()}, "bf16_dot_peak": bf16,
            "config": {"threads": threads, "shapes": shapes, "M": Ms, "budget_s": budget,
                       "decode_max_M": DECODE_MAX_M, "slow_call_s": SLOW_CALL_S},
-           "unavailable": unavailable, "rows": rows, "accuracy": accuracy_report,
+           "unavailable": unavailable, "summary": summary, "rows": rows, "accuracy": accuracy_report,
            "plot": plot_skipped or plot_path, "wall_s": round(time.monotonic() - t_start, 1)}
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
