@@ -52,11 +52,15 @@ def test_peers_multiply_by_our_weights(tiny_run):
         assert errors[name] < 1e-4, name
     if "torch int4pack_mm bf16" in errors:
         assert errors["torch int4pack_mm bf16"] < 2e-2  # bf16 activations and scales
+    for name in [n for n in errors if n.startswith("llama.cpp")]:
+        assert errors[name] < 5e-2, name  # x rounded to int8 per block of 32; a misread layout gives ~1
 
 
 def test_missing_peers_are_reported_not_raised(monkeypatch):
     for module in ("torch", "onnxruntime", "llama_cpp"):
         monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    monkeypatch.delenv("LOWBIT_BENCH_GGML_DIR", raising=False)
+    monkeypatch.setattr(peers_llama_cpp, "_lib", None)
     case = ours.Case(64, 32)
     for entries in (peers_torch.methods(case), peers_onnxruntime.methods(case, 1), peers_llama_cpp.methods(case, 1)):
         assert len(entries) == 1 and isinstance(entries[0], measure.Unavailable)

@@ -40,8 +40,8 @@ def _rel_err(y, ref) -> float:
 
 
 def measure(case: Case, methods: List[Method], M: int = 16) -> Dict[str, Dict[str, float]]:
-    """{weight format: {method or rounding rule: relative error}} for every method that multiplies by
-    one of the case's lowbit weights."""
+    """{"<weight format>, <whose codes>": {method or rounding rule: relative error}} for every method
+    that says which weight it multiplies by."""
     x = outlier_activations(M, case.K)
     x64 = x.astype(np.float64)
     out: Dict[str, Dict[str, float]] = {}
@@ -50,7 +50,7 @@ def measure(case: Case, methods: List[Method], M: int = 16) -> Dict[str, Dict[st
             continue
         w = np.asarray(ops.dequantize(m.reference), np.float64)
         ref = x64 @ w.T
-        section = out.setdefault(m.reference.format.name, {
+        section = out.setdefault(f"{m.reference.format.name}, {m.reference_origin}", {
             "(x rounded per token to int8, exact product)": _rel_err(round_per_token_int8(x64) @ w.T, ref),
             "(x rounded per tensor to uint8, exact product)": _rel_err(round_per_tensor_uint8(x64) @ w.T, ref)})
         section[m.name] = _rel_err(m.to_numpy(m.run(m.prepare_x(x), m.make_weight())), ref)

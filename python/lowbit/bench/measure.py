@@ -28,9 +28,10 @@ class Method:
     prepare_x: Callable[[np.ndarray], Any] = lambda x: x
     to_numpy: Callable[[Any], np.ndarray] = np.asarray
     ours: bool = False
-    # the lowbit weight whose dequantization this method multiplies by (accuracy section); None when
-    # the method quantizes on its own or returns something other than y
+    # the weight this method multiplies by, as a lowbit QuantizedTensor (accuracy section: y is
+    # compared with x @ dequantize(reference).T); None when the method returns something other than y
     reference: Optional[QuantizedTensor] = None
+    reference_origin: str = "lowbit's codes"
 
 
 @dataclass
