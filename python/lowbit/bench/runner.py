@@ -42,8 +42,10 @@ def _args(argv):
                     help=f"shapes {QUICK_SHAPES}, M {QUICK_M}, all threads only, shorter timing")
     ap.add_argument("--json", default="bench_matmul.json", help="results file (default %(default)s)")
     ap.add_argument("--plot", help="PNG of %% of limit vs M (default: the JSON path with .png)")
-    ap.add_argument("--shapes", type=_parse_shapes, help="KxN,KxN,... instead of the default shapes")
-    ap.add_argument("--M", type=_parse_ints, help="comma-separated M values instead of the default sweep")
+    ap.add_argument("--shapes", type=_parse_shapes,
+                    help="KxN,KxN,... (default " + ",".join(f"{k}x{n}" for k, n in FULL_SHAPES) + ")")
+    ap.add_argument("--M", type=_parse_ints, help="comma-separated M values (default "
+                    + ",".join(map(str, FULL_M)) + "; above --max-gflop skipped)")
     ap.add_argument("--threads", type=_parse_ints,
                     help="thread counts, each over all M (default: all threads, and 1 thread for decode M)")
     ap.add_argument("--budget", type=float, help="seconds of repeats per measurement (default 0.3, quick 0.15)")
@@ -81,9 +83,15 @@ def _measure_method(m: Method, xs: Dict[int, np.ndarray], l3: int, budget: float
         if too_slow_at is not None:
             skipped[M] = f"> {SLOW_CALL_S:g} s per call at M={too_slow_at}"
             continue
-        xp = m.prepare_x(x)
         weights = cold if M <= DECODE_MAX_M else hot
-        stats[M] = time_calls([functools.partial(m.run, xp, w) for w in weights], budget)
+        try:
+            xp = m.prepare_x(x)
+            stats[M] = time_calls([functools.partial(m.run, xp, w) for w in weights], budget)
+        except Exception as e:  # noqa: BLE001  (a peer failing on one shape is reported, ours raise)
+            if m.ours:
+                raise
+            skipped[M] = f"failed: {type(e).__name__}: {e}"
+            continue
         if not m.ours and stats[M].median_s > SLOW_CALL_S:
             too_slow_at = M
     return stats, skipped
