@@ -54,7 +54,7 @@ class Stats:
 MIN_REPEAT_S = 2e-3  # a repeat this long at least, so the timer and Python overhead do not dominate
 
 
-def time_calls(calls: List[Callable[[], Any]], budget_s: float, max_repeats: int = 15) -> Stats:
+def time_calls(calls: List[Callable[[], Any]], budget_s: float, max_repeats: int = 10) -> Stats:
     """Seconds per call of `calls` (one per weight copy): a warm-up pass over all of them, then
     repeats of whole passes (several per repeat when a pass is shorter than MIN_REPEAT_S), as many
     as fit in budget_s, at least 3 (so slow calls run 1 + 3 passes) and at most max_repeats."""

@@ -18,6 +18,7 @@ from .measure import Method, Unavailable, copies_for_dram, time_calls
 
 FULL_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (576, 1536), (1536, 576)]  # (K, N)
 FULL_M = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
+ONE_THREAD_M = [1, 4, 16]   # the default 1-thread pass: decode only, fewer M (run time)
 QUICK_SHAPES = [(4096, 4096), (576, 1536)]
 QUICK_M = [1, 16, 128]
 DECODE_MAX_M = 16    # M up to this: memory-bound, weights rotated from DRAM, % of DRAM read rate
@@ -47,8 +48,8 @@ def _args(argv):
     ap.add_argument("--M", type=_parse_ints, help="comma-separated M values (default "
                     + ",".join(map(str, FULL_M)) + "; above --max-gflop skipped)")
     ap.add_argument("--threads", type=_parse_ints,
-                    help="thread counts, each over all M (default: all threads, and 1 thread for decode M)")
-    ap.add_argument("--budget", type=float, help="seconds of repeats per measurement (default 0.3, quick 0.15)")
+                    help=f"thread counts, each over all M (default: all threads, and 1 thread for M={ONE_THREAD_M})")
+    ap.add_argument("--budget", type=float, help="seconds of repeats per measurement (default 0.2, quick 0.15)")
     ap.add_argument("--max-gflop", type=float, default=100.0,
                     help="skip (shape, M) pairs above this many GFLOP per call (default %(default)s)")
     ap.add_argument("--l3-mib", type=float, help="last-level cache size (default: read from /sys)")
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
     threads = args.threads or ([all_threads] if args.quick else sorted({1, all_threads}))
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     Ms = args.M or (QUICK_M if args.quick else FULL_M)
-    budget = args.budget or (0.15 if args.quick else 0.3)
+    budget = args.budget or (0.15 if args.quick else 0.2)
     l3 = machine.l3_bytes(args.l3_mib)
     plot_path = args.plot or os.path.splitext(args.json)[0] + ".png"
     t_start = time.monotonic()
@@ -164,8 +165,8 @@ def main(argv=None) -> dict:
     for t in threads:
         _set_threads(t)
         for K, N in shapes:
-            Ms_here = [M for M in Ms if 2 * M * N * K <= args.max_gflop * 1e9
-                       and (args.threads or t == all_threads or M <= DECODE_MAX_M)]
+            Ms_here = [M for M in (Ms if args.threads or args.M or t == all_threads else ONE_THREAD_M)
+                       if 2 * M * N * K <= args.max_gflop * 1e9]
             if not Ms_here:
                 continue
             case = ours.Case(K, N)
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "l3_bytes": l3, "isa": core.get_isa(),
                        "build": core.build_info().get("cpu_features")},
            "idle_check": idle, "limits": {str(t): v for t, v in limits.items()}, "bf16_dot_peak": bf16,
-           "config": {"threads": threads, "shapes": shapes, "M": Ms, "budget_s": budget,
+           "config": {"threads": threads, "shapes": shapes, "M": Ms, "one_thread_M": ONE_THREAD_M, "budget_s": budget,
                       "decode_max_M": DECODE_MAX_M, "slow_call_s": SLOW_CALL_S},
            "unavailable": unavailable, "summary": summary, "rows": rows, "accuracy": accuracy_report,
            "plot": plot_skipped or plot_path, "wall_s": round(time.monotonic() - t_start, 1)}
