@@ -13,7 +13,8 @@ and 4); llama.cpp Q4_0/Q8_0 through ggml. Peers take our exact codes where their
 a missing peer is listed as unavailable with the reason.
 
 Shapes: K x N = 4096x4096, 4096x11008, 4096x14336, 576x1536, 1536x576; M = 1 ... 2048 with all
-threads (M = 2048 only where a call is <= 100 GFLOP) and M = 1, 4, 16 with 1 thread. Decode rows (M <= 16) rotate weight copies totalling >= 4x the L3, so weights stream from DRAM;
+threads (M = 2048 only where a call is <= 100 GFLOP) and M = 1, 4, 16 with 1 thread.
+Decode rows (M <= 16) rotate weight copies totalling >= 4x the L3, so weights stream from DRAM;
 % of limit = weight bytes (codes + scales + zeros as the method stores them) per second over the
 DRAM read rate. Prefill rows are compute-bound: % of limit = GOP/s over the int8-dot peak (int8
 compute) or the fp32 FMA peak (float compute). Each measurement: a warm-up pass, then repeats within
