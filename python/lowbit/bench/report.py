@@ -87,21 +87,22 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
 
 
 def summarize(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{"<threads> thread(s), <regime>": {peer: {our kernel: geometric mean of peer time / our time
-    over the shapes and M where both ran}}}."""
+    """{"<threads> thread(s), <regime>": {peer: {our mode (w4a8, ...): geometric mean of peer time /
+    our time over the shapes and M where both ran}}}."""
     logs: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
     for r in rows:
         group = logs.setdefault(f"{r['threads']} thread(s), {r['regime']}", {})
         for peer, v in r["results"].items():
             for o, ratio in v.get("ratio_vs_ours", {}).items():
-                group.setdefault(peer, {}).setdefault(o, []).append(math.log(ratio))
+                group.setdefault(peer, {}).setdefault(_short(o), []).append(math.log(ratio))
     return {g: {p: {o: math.exp(sum(v) / len(v)) for o, v in per.items()} for p, per in peers.items()}
             for g, peers in logs.items()}
 
 
-def print_summary(summary: Dict[str, Dict[str, Dict[str, float]]], ours: List[str]) -> None:
+def print_summary(summary: Dict[str, Dict[str, Dict[str, float]]]) -> None:
     print("\nsummary: peer time / our time, geometric mean over shapes and M (> 1: ours is faster)")
     for group, peers in summary.items():
-        print(f"  {group:44s}" + "".join(f" {'÷' + _short(o):>7s}" for o in ours))
+        modes = list(dict.fromkeys(o for ratios in peers.values() for o in ratios))
+        print(f"  {group:44s}" + "".join(f" {'÷' + o:>7s}" for o in modes))
         for peer, ratios in peers.items():
-            print(f"    {peer:42s}" + "".join(f" {ratios[o]:7.2f}" if o in ratios else f" {'':7s}" for o in ours))
+            print(f"    {peer:42s}" + "".join(f" {ratios[o]:7.2f}" if o in ratios else f" {'':7s}" for o in modes))

@@ -16,10 +16,12 @@ from .. import _ext
 from . import accuracy, machine, ours, peers_llama_cpp, peers_onnxruntime, peers_torch, report
 from .measure import Method, Unavailable, copies_for_dram, time_calls
 
-FULL_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (576, 1536), (1536, 576)]  # (K, N)
+# (K, N): Llama-2/3-7B-class attention and MLP layers (N = 11008, 14336) and a small model's MLP
+# (Qwen2.5-0.5B, hidden 896), all with K a multiple of 128 so every format keeps its group size
+FULL_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (896, 4864), (4864, 896)]
 FULL_M = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
 ONE_THREAD_M = [1, 4, 16]   # the default 1-thread pass: decode only, fewer M (run time)
-QUICK_SHAPES = [(4096, 4096), (576, 1536)]
+QUICK_SHAPES = [(4096, 4096), (896, 4864)]
 QUICK_M = [1, 16, 128]
 DECODE_MAX_M = 16    # M up to this: memory-bound, weights rotated from DRAM, % of DRAM read rate
 SLOW_CALL_S = 1.0    # a peer slower than this per call is not run at larger M
@@ -186,7 +188,7 @@ def main(argv=None) -> dict:
                 accuracy_report = {"K": K, "N": N, "M": 16, "errors": accuracy.measure(case, methods, 16)}
                 report.print_accuracy(accuracy_report["errors"], K, N, 16)
     summary = report.summarize(rows)
-    report.print_summary(summary, list(dict.fromkeys(o for r in rows for o in r["ours"])))
+    report.print_summary(summary)
     if unavailable:
         print("\nnot measured:")
     for name, why in unavailable.items():
