@@ -1,4 +1,4 @@
-"""Matmul benchmark (see lowbit/bench.py): `python bench/bench_matmul.py [--quick] [--json F]`."""
+"""Matmul benchmark (see lowbit/bench/): `python bench/bench_matmul.py [--quick] [--json F]`."""
 from lowbit.bench import main
 
 if __name__ == "__main__":

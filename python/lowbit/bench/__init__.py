@@ -1,0 +1,27 @@
+"""lowbit matmul benchmark: our CPU kernels against this machine's own limits and every peer
+installed here, in one run.  `python -m lowbit.bench [--quick] [--json out.json]`
+(also `lowbit bench ...` and bench/bench_matmul.py).
+
+Limits, measured by lowbit's microbenchmarks for 1 and all threads: DRAM read bandwidth (streaming
+loads over a buffer 8x the L3), peak fp32 FMA and int8-dot (vpmaddubsw) throughput; the bf16-dot
+peak is reported as unavailable (with the reason) where the CPU has no bf16 dot instructions.
+
+Methods: lowbit w4a8, w4a32 (int4 g128 asymmetric) and w8a8 (int8 per-channel); torch fp32/bf16
+F.linear, torch dynamic int8 (fbgemm and onednn engines), torch int4pack_mm; onnxruntime
+MatMulInteger, DynamicQuantizeMatMul and MatMulNBits (int4, blocks 128 and 32, accuracy levels 0
+and 4); llama.cpp Q4_0/Q8_0 through ggml. Peers take our exact codes where their format allows, and
+a missing peer is listed as unavailable with the reason.
+
+Shapes: K x N = 4096x4096, 4096x11008, 4096x14336, 896x4864, 4864x896; M = 1 ... 2048 with all
+threads (M = 2048 only where a call is <= 100 GFLOP) and M = 1, 4, 16 with 1 thread.
+Decode rows (M <= 16) rotate weight copies totalling >= 4x the L3, so weights stream from DRAM;
+% of limit = weight bytes (codes + scales + zeros as the method stores them) per second over the
+DRAM read rate. Prefill rows are compute-bound: % of limit = GOP/s over the int8-dot peak (int8
+compute) or the fp32 FMA peak (float compute). Each measurement: a warm-up pass, then repeats within
+a time budget; median, min and max per call. Ratio = peer time / our time (> 1: ours is faster).
+Accuracy: relative error of each method against x @ dequantize(W).T on activations with outlier
+channels, beside the error that rounding x to int8 alone causes.
+"""
+from .runner import main
+
+__all__ = ["main"]

@@ -1,0 +1,89 @@
+"""This machine's limits, measured by lowbit's own microbenchmarks, and whether it is idle."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .. import _ext
+
+DEFAULT_L3_BYTES = 32 << 20  # when /sys does not say
+
+
+def l3_bytes(override_mib: Optional[float] = None) -> int:
+    """The last-level cache size: the override, else Linux's cache index3, else DEFAULT_L3_BYTES."""
+    if override_mib:
+        return int(override_mib * (1 << 20))
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        return int(text[:-1]) << {"K": 10, "M": 20}[text[-1]]
+    except (OSError, ValueError, KeyError, IndexError):
+        return DEFAULT_L3_BYTES
+
+
+def cpu_flags() -> List[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+def bf16_dot_status() -> str:
+    """lowbit has no bf16-dot microbenchmark; say why no peak is reported."""
+    have = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    if not have:
+        return "unavailable: this CPU has neither avx512_bf16 nor amx_bf16 (bf16 math runs as fp32 FMA)"
+    return f"not measured: the CPU has {' '.join(have)}, but lowbit has no bf16-dot microbenchmark yet"
+
+
+def measure_limits(threads: List[int], l3: int) -> Dict[int, Dict[str, float]]:
+    """DRAM read GB/s (a buffer 8x the L3), fp32 FMA GFLOP/s and int8-dot GOP/s per thread count."""
+    core = _ext.core()
+    buf = np.ones(8 * l3, np.uint8)
+    limits = {}
+    for t in threads:
+        core.set_num_threads(t)
+        limits[t] = {"dram_read_GBps": core.microbench("read", buf),
+                     "fp32_fma_GFLOPs": core.microbench("fma", 20_000_000),
+                     "int8_dot_GOPs": core.microbench("int8", 20_000_000)}
+    return limits
+
+
+def _cpu_times():
+    """(busy, total) jiffies of all CPUs together, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_fraction(window_s: float = 0.5) -> Optional[float]:
+    """Share of all CPUs busy with other work over window_s (this process sleeps meanwhile)."""
+    a = _cpu_times()
+    time.sleep(window_s)
+    b = _cpu_times()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def wait_until_idle(max_wait_s: float, threshold: float = 0.1) -> dict:
+    """Wait (at most max_wait_s) until other work uses less than `threshold` of the CPUs.
+    Returns what was seen, so the report can warn that the numbers were taken on a busy machine."""
+    t0 = time.monotonic()
+    busy = busy_fraction()
+    while busy is not None and busy >= threshold and time.monotonic() - t0 < max_wait_s:
+        busy = busy_fraction(1.0)
+    return {"busy_fraction": busy, "waited_s": round(time.monotonic() - t0, 1),
+            "idle": busy is None or busy < threshold, "threshold": threshold,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}

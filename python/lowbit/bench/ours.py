@@ -1,0 +1,62 @@
+"""The benchmarked weight (one per layer shape) and lowbit's own matmul kernels on it."""
+from __future__ import annotations
+
+import functools
+from typing import List
+
+import numpy as np
+
+from .. import ops
+from ..tensor import QuantizedTensor
+from .measure import Method
+
+
+class Case:
+    """A random [N, K] float32 weight and its lowbit quantizations, shared by ours and the peers
+    (peers that take a given int4/int8 format get these exact codes, so outputs are comparable)."""
+
+    def __init__(self, K: int, N: int, seed: int = 0):
+        self.K, self.N = K, N
+        self.w = (np.random.default_rng(seed).standard_normal((N, K)) * 0.05).astype(np.float32)
+
+    @functools.cached_property
+    def int4_g128(self) -> QuantizedTensor:  # asymmetric, the common GPTQ/AWQ format
+        return ops.quantize(self.w, bits=4, group_size=self.group(128))
+
+    @functools.cached_property
+    def int4_g32(self) -> QuantizedTensor:
+        return ops.quantize(self.w, bits=4, group_size=self.group(32))
+
+    @functools.cached_property
+    def int8_per_channel(self) -> QuantizedTensor:  # symmetric, one scale per output row
+        return ops.quantize(self.w, bits=8, group_size=None, symmetric=True)
+
+    def group(self, g: int) -> int:
+        """g, or a smaller power of two dividing K (small layers, test shapes)."""
+        while self.K % g:
+            g //= 2
+        return g
+
+
+def _copy(qt: QuantizedTensor) -> QuantizedTensor:
+    return QuantizedTensor(*[None if a is None else np.copy(a) for a in (qt.codes, qt.scales, qt.zeros)],
+                           qt.shape, qt.format)
+
+
+def _lowbit(name: str, qt: QuantizedTensor, act_bits) -> Method:
+    def make_weight():
+        q = _copy(qt)
+        ops.matmul(np.zeros((1, qt.shape[1]), np.float32), q)  # prepacks (cached on q), untimed
+        return q
+
+    return Method(name, weight_bytes=int(ops._packed_weight(qt).nbytes), int8_compute=act_bits == 8,
+                  make_weight=make_weight, run=lambda x, q: ops.matmul(x, q, act_bits=act_bits),
+                  ours=True, reference=qt)
+
+
+def methods(case: Case) -> List[Method]:
+    """Weight bytes are the prepacked buffer the kernel streams (codes, scales, zeros, column sums)."""
+    g = case.group(128)
+    return [_lowbit(f"lowbit w4a8 int4 g{g}", case.int4_g128, 8),
+            _lowbit(f"lowbit w4a32 int4 g{g}", case.int4_g128, None),
+            _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8)]

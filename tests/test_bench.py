@@ -1,0 +1,78 @@
+"""Smoke test of the matmul benchmark harness (python -m lowbit.bench) on a tiny shape, and of its
+handling of missing optional peers. Runs in seconds; the numbers themselves are not checked."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from lowbit import bench
+from lowbit.bench import measure, ours, peers_llama_cpp, peers_onnxruntime, peers_torch, report
+
+TINY = ["--shapes", "256x128", "--M", "1,32", "--threads", "1", "--budget", "0.002",
+        "--l3-mib", "0.25", "--idle-wait", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    threads = bench.runner._ext.core().get_num_threads()
+    try:
+        bench.main(TINY + ["--json", str(path)])
+    finally:
+        bench.runner._set_threads(threads)
+    return json.loads(path.read_text())
+
+
+def test_every_method_is_measured_or_explained(tiny_run):
+    assert [r["M"] for r in tiny_run["rows"]] == [1, 32]
+    assert [r["regime"] for r in tiny_run["rows"]] == ["decode", "prefill"]
+    for row in tiny_run["rows"]:
+        assert len(row["ours"]) == 3
+        for name, r in row["results"].items():
+            assert 0 < r["time_ms_min"] <= r["time_ms"] <= r["time_ms_max"]
+            assert r["pct_limit"] > 0 and r["GBps"] > 0
+            if r["ours"]:
+                assert set(r["ratio_vs_peers"]) == {n for n, v in row["results"].items() if not v["ours"]}
+    decode = tiny_run["rows"][0]["results"]
+    assert all(r["weight_copies"] * r["weight_bytes"] >= 4 * tiny_run["machine"]["l3_bytes"] for r in decode.values())
+    for why in tiny_run["unavailable"].values():
+        assert why  # a missing peer says why
+    assert tiny_run["bf16_dot_peak"]
+
+
+def test_peers_multiply_by_our_weights(tiny_run):
+    """Float-compute methods given our codes reproduce x @ dequantize(W).T: the harness converted
+    the layouts right (int8-activation methods differ by their activation rounding)."""
+    errors = {name: e for section in tiny_run["accuracy"]["errors"].values() for name, e in section.items()}
+    float_compute = [n for n in errors if "w4a32" in n or "acc0" in n]
+    assert float_compute
+    for name in float_compute:
+        assert errors[name] < 1e-4, name
+    if "torch int4pack_mm bf16" in errors:
+        assert errors["torch int4pack_mm bf16"] < 2e-2  # bf16 activations and scales
+    for name in [n for n in errors if n.startswith("llama.cpp")]:
+        assert errors[name] < 5e-2, name  # x rounded to int8 per block of 32; a misread layout gives ~1
+
+
+def test_missing_peers_are_reported_not_raised(monkeypatch):
+    for module in ("torch", "onnxruntime", "llama_cpp"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    monkeypatch.delenv("LOWBIT_BENCH_GGML_DIR", raising=False)
+    monkeypatch.setattr(peers_llama_cpp, "_lib", None)
+    case = ours.Case(64, 32)
+    for entries in (peers_torch.methods(case), peers_onnxruntime.methods(case, 1), peers_llama_cpp.methods(case, 1)):
+        assert len(entries) == 1 and isinstance(entries[0], measure.Unavailable)
+        assert "not installed" in entries[0].reason
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert "not installed" in report.plot([], str(tmp_path / "p.png"))
+
+
+def test_timer_reports_median_min_max():
+    stats = measure.time_calls([lambda: None] * 3, budget_s=0.001)
+    assert stats.repeats >= 3 and stats.copies == 3
+    assert stats.min_s <= stats.median_s <= stats.max_s
