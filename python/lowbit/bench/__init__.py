@@ -12,7 +12,7 @@ MatMulInteger, DynamicQuantizeMatMul and MatMulNBits (int4, blocks 128 and 32, a
 and 4); llama.cpp Q4_0/Q8_0 through ggml. Peers take our exact codes where their format allows, and
 a missing peer is listed as unavailable with the reason.
 
-Shapes: K x N = 4096x4096, 4096x11008, 4096x14336, 896x4864, 4864x896; M = 1 ... 2048 with all
+Shapes: K x N = 4096x4096, 4096x11008, 4096x14336, 576x1536, 1536x576; M = 1 ... 2048 with all
 threads (M = 2048 only where a call is <= 100 GFLOP) and M = 1, 4, 16 with 1 thread.
 Decode rows (M <= 16) rotate weight copies totalling >= 4x the L3, so weights stream from DRAM;
 % of limit = weight bytes (codes + scales + zeros as the method stores them) per second over the

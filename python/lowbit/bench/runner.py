@@ -17,11 +17,11 @@ from . import accuracy, machine, ours, peers_llama_cpp, peers_onnxruntime, peers
 from .measure import Method, Unavailable, copies_for_dram, time_calls
 
 # (K, N): Llama-2/3-7B-class attention and MLP layers (N = 11008, 14336) and a small model's MLP
-# (Qwen2.5-0.5B, hidden 896), all with K a multiple of 128 so every format keeps its group size
-FULL_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (896, 4864), (4864, 896)]
+# (SmolLM2-135M, hidden 576: K=576 takes group 64, as 128 does not divide it)
+FULL_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (576, 1536), (1536, 576)]
 FULL_M = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
 ONE_THREAD_M = [1, 4, 16]   # the default 1-thread pass: decode only, fewer M (run time)
-QUICK_SHAPES = [(4096, 4096), (896, 4864)]
+QUICK_SHAPES = [(4096, 4096), (576, 1536)]
 QUICK_M = [1, 16, 128]
 DECODE_MAX_M = 16    # M up to this: memory-bound, weights rotated from DRAM, % of DRAM read rate
 SLOW_CALL_S = 1.0    # a peer slower than this per call is not run at larger M
