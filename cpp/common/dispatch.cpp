@@ -2,6 +2,7 @@
 #include "common/dispatch.h"
 
 #include <cpuid.h>
+#include <emmintrin.h>  // _mm_pause
 #include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
@@ -205,12 +206,13 @@ class ThreadPool {
   void run(int64_t n, int chunks, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> l(m_);
     fn_ = &fn; n_items_ = n; chunks_ = chunks; pending_ = chunks - 1; error_ = nullptr;
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_release);
     l.unlock();
     cv_.notify_all();
     run_chunk(0);
+    spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; });
     l.lock();
-    done_cv_.wait(l, [this] { return pending_ == 0; });
+    done_cv_.wait(l, [this] { return pending_.load() == 0; });
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -225,32 +227,42 @@ class ThreadPool {
       if (!error_) error_ = std::current_exception();
     }
   }
+  // Spin briefly before sleeping: decode calls are ~0.1-1 ms, and a futex wake-up of a
+  // sleeping worker costs tens of µs in a VM. The spin is short (kSpin pauses, ~50 µs), so
+  // an idle pool does not compete with torch's threads for long.
+  template <typename Pred>
+  static void spin_until(Pred done) {
+    for (int i = 0; i < kSpin && !done(); ++i) _mm_pause();
+  }
   void loop(int index) {
     uint64_t seen = 0;
     for (;;) {
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       std::unique_lock<std::mutex> l(m_);
-      cv_.wait(l, [&] { return stop_ || generation_ != seen; });
+      cv_.wait(l, [&] { return stop_ || generation_.load() != seen; });
       if (stop_) return;
-      seen = generation_;
+      seen = generation_.load();
       int chunks = chunks_;
       l.unlock();
       if (index < chunks) {
         run_chunk(index);
         l.lock();
-        if (--pending_ == 0) done_cv_.notify_one();
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_cv_.notify_one();
       }
     }
   }
+  static constexpr int kSpin = 2000;
 
   int n_;
   std::vector<std::thread> workers_;
   std::mutex m_;
   std::condition_variable cv_, done_cv_;
   bool stop_ = false;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_items_ = 0;
-  int chunks_ = 1, pending_ = 0;
+  int chunks_ = 1;
+  std::atomic<int> pending_{0};
   std::exception_ptr error_;
 };
 
