@@ -199,8 +199,8 @@ BASELINE = {"gptq_w4g128_asym": "rtn_w4g128_asym", "gptq_w4g128_asym_clip": "rtn
 def write_table(rows, path):
     by = {r["name"]: r for r in rows}
     fp = by.get("fp32", {}).get("ppl")
-    lines = ["| config | calib | ppl | vs fp32 | gap closed vs RTN | quantize s | peak RSS GiB (Δ) | compression |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | calib | threads | ppl | vs fp32 | gap closed vs RTN | quantize s | peak RSS GiB (Δ) | compression | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gap = ""
         base = by.get(BASELINE.get(r["name"], ""))
@@ -212,7 +212,8 @@ def write_table(rows, path):
                if "peak_rss_gib" in r else "")
         comp = f"{r['compression']:.2f}x" if "compression" in r else ""
         calib = f"{r['calib_n']}x{r['calib_len']}" if r.get("calib_n") else "-"
-        lines.append(f"| {r['name']} | {calib} | {r['ppl']:.3f} | {rel} | {gap} | {q} | {mem} | {comp} |")
+        lines.append(f"| {r['name']} | {calib} | {r.get('threads', '')} | {r['ppl']:.3f} | {rel} | {gap} | {q} | {mem} "
+                     f"| {comp} | {r.get('note', '')} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -228,6 +229,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results_eval/gemma3.json")
+    ap.add_argument("--note", default="", help="free text stored with each result (e.g. machine load)")
     ap.add_argument("--stop-at", type=float, default=None,
                     help="unix time after which no further configuration is started")
     args = ap.parse_args()
@@ -259,6 +261,8 @@ def main():
             print(f"stop time reached: not starting {name}", flush=True)
             continue
         row = {"name": name, "model": args.model, "threads": args.threads}
+        if args.note:
+            row["note"] = args.note
         if name == "fp32":
             m = model
         else:
