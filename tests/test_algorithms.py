@@ -274,6 +274,18 @@ def test_gptq_clip_search_beats_rtn_and_stays_on_grid(model, calib, fp_inputs, r
                                        zeros=r.qt.zeros).codes, r.qt.codes)
 
 
+def test_gptq_with_awq_scales(model, calib, fp_inputs, rtn):
+    cfg = A.GPTQConfig(bits=4, group_size=64, act_order=True, awq_scales=True, awq_max_tokens=512)
+    m, res = run_algo(model, cfg, calib)
+    err = layer_error(model, res, fp_inputs)
+    _ERRS["gptq + awq scales"] = err
+    assert err < 0.8 * _ERRS["rtn"], (err, _ERRS["rtn"])
+    r = res["layers.1.k"]
+    assert r.input_scale is not None and r.scale_folded and r.perm is not None
+    # folded into norm1: the simulated model sees x/s and multiplies by the stored weight
+    torch.testing.assert_close(m.layers[1].k.weight.detach(), r.weight())
+
+
 def test_gptq_dead_columns_and_per_channel():
     g = torch.Generator().manual_seed(3)
     X = torch.randn(256, 80, generator=g)

@@ -66,7 +66,10 @@ class GPTQConfig:
     instead of one for the whole block).
     clip_search: each group's scale/zero is the clip ratio in [min_clip, 1] (n_clip_grid points)
     with the least squared rounding error of the group's columns when it is reached, instead of
-    plain min-max."""
+    plain min-max.
+    awq_scales: before GPTQ, rescale each stage's input by AWQ's activation-aware scales (searched
+    on up to awq_max_tokens calibration rows, folded into the producing norm where exact), as
+    AWQ-then-GPTQ recipes do."""
     bits: int = 4
     group_size: GroupSize = 128
     symmetric: bool = False
@@ -79,6 +82,8 @@ class GPTQConfig:
     clip_search: bool = False
     n_clip_grid: int = 20
     min_clip: float = 0.5
+    awq_scales: bool = False
+    awq_max_tokens: int = 4096
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):

@@ -124,16 +124,45 @@ def _static_params(W: torch.Tensor, config: GPTQConfig):
     return qt.scales, qt.zeros
 
 
+def _activation_scales(stage, config: GPTQConfig):
+    """AWQ's per-input-channel scales s for the stage (searched on its sampled input rows by the
+    round-to-nearest output error), 1/s folded into the input's producer where exact."""
+    from .awq import search_scales
+    from .config import AWQConfig
+    from .sequential import try_fold
+
+    weights = {n: stage.linears[n].weight.detach().float() for n in stage.names}
+    awq = AWQConfig(config.bits, config.group_size, config.symmetric, clip_search=False)
+    s, _, _ = search_scales(stage.x, stage.stats[stage.names[0]].abs_mean, weights, awq)
+    return s, try_fold(stage, s)
+
+
+def gptq_stage(stage, config: GPTQConfig) -> Dict[str, LayerResult]:
+    """GPTQ on each Linear of a calibrated stage. With config.awq_scales the stage's input is first
+    rescaled as AWQ does (x/s, W·s): GPTQ then runs on W·s with the Hessian of x/s,
+    diag(1/s) H diag(1/s), and the result keeps s as its input scale."""
+    s = folded = None
+    if config.awq_scales:
+        s, folded = _activation_scales(stage, config)
+    out = {}
+    for n in stage.names:
+        W, H = stage.linears[n].weight.detach().float(), stage.stats[n].hessian
+        if s is not None:
+            W, H = W * s[None, :], H / s[:, None] / s[None, :]
+        r = gptq_quantize_weight(W, H, config)
+        if s is not None:
+            r.input_scale, r.scale_folded = s.clone(), folded
+        out[n] = r
+    return out
+
+
 def gptq_quantize(model, calibration_data, config: GPTQConfig) -> Dict[str, LayerResult]:
     """GPTQ over every Linear of the model (minus config.skip), block by block; with
     config.sequential each layer is calibrated on inputs from the already-quantized layers."""
     from .common import find_linears
     from .sequential import quantize_sequential
 
-    def stage_fn(stage):
-        return {n: gptq_quantize_weight(stage.linears[n].weight, stage.stats[n].hessian, config)
-                for n in stage.names}
-
-    return quantize_sequential(model, calibration_data, find_linears(model, config.skip), stage_fn,
-                               hessian=True, sequential=config.sequential,
-                               true_sequential=config.true_sequential)
+    return quantize_sequential(model, calibration_data, find_linears(model, config.skip),
+                               lambda st: gptq_stage(st, config), hessian=True,
+                               sample_rows=config.awq_max_tokens if config.awq_scales else 0,
+                               sequential=config.sequential, true_sequential=config.true_sequential)
