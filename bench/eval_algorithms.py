@@ -195,9 +195,8 @@ def make_configs(A, skip):
 # the RTN baseline each configuration's "gap closed" is measured against
 BASELINE = {"gptq_w4g128_asym": "rtn_w4g128_asym", "gptq_w4g128_asym_clip": "rtn_w4g128_asym",
             "gptq_w4g128_asym_actorder_clip": "rtn_w4g128_asym",
-            "gptq_w4g128_asym_awq_actorder_clip_blockcal": A.GPTQConfig(
-            4, 128, False, act_order=True, clip_search=True, awq_scales=True, true_sequential=False, skip=skip),
-        "gptq_w4g128_asym_actorder_clip_blockcal": "rtn_w4g128_asym", "awq_w4g128_asym": "rtn_w4g128_asym",
+            "gptq_w4g128_asym_actorder_clip_blockcal": "rtn_w4g128_asym",
+            "gptq_w4g128_asym_awq_actorder_clip_blockcal": "rtn_w4g128_asym", "awq_w4g128_asym": "rtn_w4g128_asym",
             "gptq_w4g128_asym_actorder": "rtn_w4g128_asym", "gptq_w4g128_sym": "rtn_w4g128_sym",
             "awq_w4g128_sym": "rtn_w4g128_sym", "gptq_w3g128_asym": "rtn_w3g128_asym",
             "awq_w3g128_asym": "rtn_w3g128_asym", "gptq_w3g32_asym": "rtn_w3g32_asym"}
