@@ -204,6 +204,18 @@ def test_calibration_hooks_hessian(model, calib):
     torch.testing.assert_close(stats.abs_max, X.abs().amax(0))
 
 
+@pytest.mark.parametrize("K", [7, 1023, 1024, 1537])
+def test_add_gram_matches_full_product(K):
+    # the triangular-panel update must equal xᵀx exactly up to float summation, and stay symmetric
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(65, K, generator=g)
+    h0 = torch.randn(K, K, generator=g)
+    h0 = h0 + h0.t()
+    h = A.observers.add_gram_(h0.clone(), x, block=256)
+    torch.testing.assert_close(h, h0 + x.t() @ x, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h, h.t(), rtol=1e-5, atol=1e-4)
+
+
 def test_calibration_hooks_share_stats_of_a_shared_input(model, calib):
     """q/k/v read one tensor: one LinearStats (computed once per batch) serves all three."""
     blk = model.layers[1]
@@ -247,14 +259,16 @@ def test_gptq_beats_rtn(model, calib, fp_inputs, rtn, act_order, static):
 def test_gptq_one_calibration_pass_per_block_or_model(model, calib, fp_inputs, rtn, sequential,
                                                       true_sequential):
     cfg = A.GPTQConfig(bits=4, group_size=64, sequential=sequential, true_sequential=true_sequential)
-    calls = []
+    calls, head_calls = [], []
     hooks = [blk.register_forward_pre_hook(lambda *a: calls.append(1)) for blk in model.layers]
+    hooks.append(model.lm_head.register_forward_pre_hook(lambda *a: head_calls.append(1)))
     try:
         m, res = run_algo(model, cfg, calib)
     finally:
         for h in hooks:
             h.remove()
     assert len(res) == 12 and layer_error(model, res, fp_inputs) < 0.8 * _ERRS["rtn"]
+    assert not head_calls        # forwards stop after the last calibrated Linear: no lm_head
     # block calls per batch. sequential: input capture + one calibration pass + the output pass
     # per block (+ one probe per block, on the first batch only); else one float-model forward
     per_batch = len(calls) / len(calib)

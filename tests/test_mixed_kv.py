@@ -265,8 +265,8 @@ def test_kv_memory_bytes(bits, sym):
     assert res.memory_bytes() == 2 * B * Hh * ((S - 5) * per_token + 5 * D * 4)
 
 
-@pytest.mark.parametrize("gran,gs", [("token", None), ("group", 32)])
-@pytest.mark.parametrize("residual", [0, 3])
+@pytest.mark.parametrize("gran,gs,residual", [("token", None, 0), ("token", None, 3), ("group", 32, 0),
+                                               ("group", 32, 3), ("channel", None, 3), ("channel", None, 4)])
 def test_kv_append_steps_equals_whole_sequence(gran, gs, residual):
     cfg = A.KVCacheConfig(bits=4, granularity=gran, group_size=gs, residual_length=residual)
     k, v = kv((1, 2, 14, 64), 1), kv((1, 2, 14, 64), 2)
@@ -276,7 +276,7 @@ def test_kv_append_steps_equals_whole_sequence(gran, gs, residual):
         k_all, v_all = layer.append(k[:, :, pos:pos + step], v[:, :, pos:pos + step])
         pos += step
         assert k_all.shape == (1, 2, pos, 64) and layer.seq_length() == pos
-    nq = 14 - residual
+    nq = 14 // residual * residual if gran == "channel" else 14 - residual   # channel: whole blocks
     for full, got, stream in ((k, k_all, layer.keys), (v, v_all, layer.values)):
         whole = A.kv_quantize(full[:, :, :nq], cfg)
         assert len(stream.blocks) == 1
@@ -284,6 +284,31 @@ def test_kv_append_steps_equals_whole_sequence(gran, gs, residual):
         assert torch.equal(stream.blocks[0].qt.scales, whole.qt.scales)
         assert torch.equal(got[:, :, :nq], whole.dequantize())
         assert torch.equal(got[:, :, nq:], full[:, :, nq:])          # the float window is exact
+
+
+def test_kv_channel_granularity_for_outlier_keys():
+    # keys with an outlier channel: per-channel scales over 8-token blocks (KIVI) keep the other
+    # channels' error small, where per-token scales are stretched by the outlier
+    x = kv((2, 3, 16, 64), 3)
+    cfg = A.KVCacheConfig(bits=4, granularity="channel", residual_length=8)
+    q = A.kv_quantize(x, cfg)
+    assert q.qt.scales.numel() == 2 * 3 * 2 * 64 and q.seq_units == 2
+    err = (q.dequantize() - x).abs()
+    assert bool((err <= q.element_scales() * 0.5 * (1 + 1e-5) + 1e-7).all())
+    tok = A.kv_quantize(x, A.KVCacheConfig(bits=4, granularity="token"))
+    assert err.mean() < 0.6 * (tok.dequantize() - x).abs().mean()
+    # keys per channel, values per token, in one cache; batch selection keeps both
+    both = A.KVCacheConfig(bits=4, granularity="token", key_granularity="channel", residual_length=8)
+    layer = A.KVLayerCache(both)
+    k_all, v_all = layer.append(x[:, :, :13], x[:, :, :13] + 1)
+    assert torch.equal(k_all[:, :, :8], A.kv_quantize(x[:, :, :8], both, "channel").dequantize())
+    assert torch.equal(k_all[:, :, 8:], x[:, :, 8:13])                      # 5 float tokens
+    assert torch.equal(v_all[:, :, :5], A.kv_quantize(x[:, :, :5] + 1, both).dequantize())
+    assert layer.keys.blocks[0].granularity == "channel" and layer.values.blocks[0].granularity == "token"
+    layer.select_batch(torch.tensor([1, 1]))
+    k2, _ = layer.append(x[[1, 1], :, 13:16], x[[1, 1], :, 13:16] + 1)
+    assert torch.equal(k2[:, :, :8], k_all[[1, 1], :, :8])
+    assert torch.equal(k2[:, :, 8:], A.kv_quantize(x[[1, 1], :, 8:16], both, "channel").dequantize())
 
 
 def test_kv_head_granularity_blocks_and_batch_select():
@@ -303,7 +328,13 @@ def test_kv_head_granularity_blocks_and_batch_select():
 
 def test_kv_bad_input():
     with pytest.raises(ValueError, match="granularity must be one of"):
-        A.KVCacheConfig(granularity="channel")
+        A.KVCacheConfig(granularity="row")
+    with pytest.raises(ValueError, match="key_granularity must be one of"):
+        A.KVCacheConfig(key_granularity="row")
+    with pytest.raises(ValueError, match="set residual_length"):
+        A.KVCacheConfig(key_granularity="channel")
+    with pytest.raises(ValueError, match="whole blocks of residual_length"):
+        A.kv_quantize(kv((1, 1, 6, 64)), A.KVCacheConfig(granularity="channel", residual_length=4))
     with pytest.raises(ValueError, match="needs group_size"):
         A.KVCacheConfig(granularity="group")
     with pytest.raises(ValueError, match="only used with granularity='group'"):

@@ -218,29 +218,37 @@ class MixedPrecisionConfig:
         self.skip = _check_skip("MixedPrecisionConfig", self.skip)
 
 
-_KV_GRANULARITY = ("token", "head", "group")
+_KV_GRANULARITY = ("token", "head", "group", "channel")
 
 
 @dataclass
 class KVCacheConfig:
     """Key/value cache quantization. granularity: "token" (one scale (+zero) per token per head,
     over head_dim), "group" (group_size elements of head_dim per scale), "head" (one scale per
-    batch row and head for each block of tokens quantized together). residual_length: the most
-    recent tokens kept in float (they are quantized once they leave that window)."""
+    batch row and head for each block of tokens quantized together), "channel" (one scale per
+    head_dim channel over each block of residual_length tokens: KIVI's choice for keys, whose
+    outlier channels ruin per-token scales). key_granularity: the keys' granularity when it
+    differs from the values' (e.g. key_granularity="channel", granularity="token").
+    residual_length: the most recent tokens kept in float (quantized once they leave that window;
+    with "channel", in whole blocks of residual_length tokens, so 0 to residual_length - 1 stay)."""
     bits: int = 8
     granularity: str = "token"
     group_size: GroupSize = None
     symmetric: bool = False
     residual_length: int = 0
+    key_granularity: Optional[str] = None
 
     def __post_init__(self):
-        if self.granularity not in _KV_GRANULARITY:
-            raise ValueError(f"KVCacheConfig.granularity must be one of {_KV_GRANULARITY}, got "
-                             f"{self.granularity!r}")
-        if self.granularity == "group" and self.group_size is None:
+        if self.key_granularity is None:
+            self.key_granularity = self.granularity
+        grans = (self.granularity, self.key_granularity)
+        for what, g in zip(("granularity", "key_granularity"), grans):
+            if g not in _KV_GRANULARITY:
+                raise ValueError(f"KVCacheConfig.{what} must be one of {_KV_GRANULARITY}, got {g!r}")
+        if "group" in grans and self.group_size is None:
             raise ValueError("KVCacheConfig.granularity='group' needs group_size (a multiple of 16 "
                              "dividing head_dim, e.g. 32 or 64)")
-        if self.granularity != "group" and self.group_size is not None:
+        if "group" not in grans and self.group_size is not None:
             raise ValueError(f"KVCacheConfig.group_size is only used with granularity='group', "
                              f"not {self.granularity!r}")
         _check_weight_format("KVCacheConfig", self.bits, self.group_size, self.symmetric)
@@ -248,3 +256,6 @@ class KVCacheConfig:
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"KVCacheConfig.residual_length must be an int >= 0 (tokens kept in "
                              f"float, e.g. 0-128), got {r!r}")
+        if "channel" in grans and r < 1:
+            raise ValueError("KVCacheConfig granularity 'channel' quantizes blocks of residual_length "
+                             "tokens per channel: set residual_length (e.g. 32-128)")

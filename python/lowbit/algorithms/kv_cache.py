@@ -4,12 +4,16 @@ Keys and values arrive as [batch, heads, seq, head_dim]. They are quantized as 2
   granularity "token": rows [batch·heads·seq, head_dim], one scale (+zero) per token per head;
   granularity "group": the same rows, group_size elements of head_dim per scale;
   granularity "head" : rows [batch·heads, seq·head_dim] for each block of tokens quantized
-                       together, one scale per batch row and head per block.
+                       together, one scale per batch row and head per block;
+  granularity "channel": rows [batch·heads·blocks·head_dim, R] for blocks of R = residual_length
+                       tokens, one scale per channel per block (KIVI's per-channel keys).
+Keys may use another granularity than values (KVCacheConfig.key_granularity).
 The most recent `residual_length` tokens stay in float; older tokens are quantized when they leave
-that window. For "token"/"group" every token is quantized on its own, so appending step by step
-gives exactly the codes of quantizing the whole sequence at once; the blocks are concatenated into
-one QuantizedTensor. For "head" each flushed block keeps its own scales (prefill is one block;
-decode steps with residual_length=0 are one-token blocks).
+that window ("channel": in whole R-token blocks, so 0..R-1 tokens stay float). For "token"/"group"
+every token, for "channel" every R-token block, is quantized on its own, so appending step by
+step gives exactly the codes of quantizing the whole sequence at once; the blocks are
+concatenated into one QuantizedTensor. For "head" each flushed block keeps its own scales
+(prefill is one block; decode steps with residual_length=0 are one-token blocks).
 
 KVLayerCache is one layer's store, QuantizedKVStore a list of them with append(layer_idx, k, v),
 and QuantizedKVCache (importable when transformers is) is a transformers Cache over the same
@@ -40,8 +44,17 @@ class QuantizedKV:
     def nbytes(self) -> int:
         return self.qt.nbytes
 
+    @property
+    def seq_units(self) -> int:
+        """Independently quantized units along seq: tokens, or R-token blocks for "channel"."""
+        return self.shape[2] // self.qt.shape[1] if self.granularity == "channel" else self.shape[2]
+
     def dequantize(self, dtype=None) -> torch.Tensor:
-        return dequantize(self.qt, dtype).reshape(self.shape)
+        x = dequantize(self.qt, dtype)
+        if self.granularity == "channel":
+            B, H, S, D = self.shape
+            return x.reshape(B, H, self.seq_units, D, -1).transpose(-1, -2).reshape(self.shape)
+        return x.reshape(self.shape)
 
     def element_scales(self) -> torch.Tensor:
         """The scale applying to each element, [batch, heads, seq, head_dim] (for error bounds)."""
@@ -49,43 +62,54 @@ class QuantizedKV:
         s = self.qt.scales
         if self.granularity == "head":
             return s.reshape(B, H, 1, 1).expand(B, H, S, D)
+        if self.granularity == "channel":
+            n = self.seq_units
+            return s.reshape(B, H, n, 1, D).expand(B, H, n, S // n, D).reshape(B, H, S, D)
         g = D if self.qt.group_size is None else int(self.qt.group_size)
         idx = torch.arange(D, device=s.device) // g
         return s.reshape(B, H, S, -1)[..., idx]
 
 
-def _rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
+def _rows(x: torch.Tensor, granularity: str, block: int) -> torch.Tensor:
     B, H, S, D = x.shape
+    if granularity == "channel":   # [B, H, blocks, R, D] -> rows of one channel's R tokens
+        return x.reshape(B, H, S // block, block, D).transpose(-1, -2).reshape(-1, block)
     return x.reshape(B * H, S * D) if granularity == "head" else x.reshape(B * H * S, D)
 
 
-def kv_quantize(x: torch.Tensor, config: KVCacheConfig) -> QuantizedKV:
-    """Quantize keys or values [batch, heads, seq, head_dim] (float32/float16/bfloat16)."""
+def kv_quantize(x: torch.Tensor, config: KVCacheConfig, granularity: Optional[str] = None) -> QuantizedKV:
+    """Quantize keys or values [batch, heads, seq, head_dim] (float32/float16/bfloat16) with
+    `granularity` (default config.granularity, the values'; pass config.key_granularity for keys)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"key/value states must be a 4-D tensor [batch, heads, seq, head_dim], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    D = x.shape[-1]
-    if config.granularity == "group" and D % config.group_size:
+    gran = config.granularity if granularity is None else granularity
+    S, D = x.shape[2], x.shape[3]
+    if gran == "group" and D % config.group_size:
         raise ValueError(f"KVCacheConfig.group_size={config.group_size} does not divide head_dim={D}; "
                          f"use a divisor of {D} that is a multiple of 16, or granularity='token'")
-    gs = config.group_size if config.granularity == "group" else None
-    qt = quantize(_rows(x.detach(), config.granularity).contiguous(), config.bits, gs, config.symmetric)
-    return QuantizedKV(qt, tuple(x.shape), config.granularity)
+    if gran == "channel" and S % config.residual_length:
+        raise ValueError(f"granularity 'channel' quantizes whole blocks of residual_length="
+                         f"{config.residual_length} tokens; got {S} tokens")
+    gs = config.group_size if gran == "group" else None
+    qt = quantize(_rows(x.detach(), gran, config.residual_length).contiguous(), config.bits, gs, config.symmetric)
+    return QuantizedKV(qt, tuple(x.shape), gran)
 
 
 def _cat_seq(a: QuantizedKV, b: QuantizedKV) -> QuantizedKV:
-    """Concatenate two per-token ("token"/"group") blocks along seq without touching the codes."""
+    """Concatenate two "token"/"group"/"channel" blocks along seq without touching the codes."""
     B, H, Sa, D = a.shape
-    Sb = b.shape[2]
+    ua, ub = a.seq_units, b.seq_units
 
     def cat(x, y):
         if x is None:
             return None
-        return torch.cat([x.reshape(B, H, Sa, -1), y.reshape(B, H, Sb, -1)], dim=2).reshape(B * H * (Sa + Sb), -1)
+        return torch.cat([x.reshape(B, H, ua, -1), y.reshape(B, H, ub, -1)], dim=2).reshape(-1, x.shape[-1])
 
-    qt = QuantizedTensor(cat(a.qt.codes, b.qt.codes), cat(a.qt.scales, b.qt.scales),
-                         cat(a.qt.zeros, b.qt.zeros), (B * H * (Sa + Sb), D), a.qt.format)
-    return QuantizedKV(qt, (B, H, Sa + Sb, D), a.granularity)
+    codes = cat(a.qt.codes, b.qt.codes)
+    qt = QuantizedTensor(codes, cat(a.qt.scales, b.qt.scales), cat(a.qt.zeros, b.qt.zeros),
+                         (codes.shape[0], a.qt.shape[1]), a.qt.format)
+    return QuantizedKV(qt, (B, H, Sa + b.shape[2], D), a.granularity)
 
 
 def _select_batch(q: QuantizedKV, idx: torch.Tensor) -> QuantizedKV:
@@ -103,8 +127,8 @@ def _select_batch(q: QuantizedKV, idx: torch.Tensor) -> QuantizedKV:
 class _Stream:
     """Keys (or values) of one layer: quantized blocks, then the float residual window."""
 
-    def __init__(self, config: KVCacheConfig):
-        self.config = config
+    def __init__(self, config: KVCacheConfig, granularity: str):
+        self.config, self.granularity = config, granularity
         self.blocks: List[QuantizedKV] = []
         self.residual: Optional[torch.Tensor] = None
 
@@ -115,10 +139,11 @@ class _Stream:
     def append(self, x: torch.Tensor) -> torch.Tensor:
         """Add x [batch, heads, new, head_dim]; return the whole sequence, dequantized, in x's dtype."""
         res = x if self.residual is None else torch.cat([self.residual, x], dim=2)
-        overflow = res.shape[2] - self.config.residual_length
+        R = self.config.residual_length
+        overflow = res.shape[2] // R * R if self.granularity == "channel" else res.shape[2] - R
         if overflow > 0:
-            q = kv_quantize(res[:, :, :overflow], self.config)
-            if self.blocks and self.config.granularity != "head":
+            q = kv_quantize(res[:, :, :overflow], self.config, self.granularity)
+            if self.blocks and self.granularity != "head":
                 self.blocks[-1] = _cat_seq(self.blocks[-1], q)
             else:
                 self.blocks.append(q)
@@ -146,8 +171,8 @@ class KVLayerCache:
         if not isinstance(config, KVCacheConfig):
             raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
         self.config = config
-        self.keys = _Stream(config)
-        self.values = _Stream(config)
+        self.keys = _Stream(config, config.key_granularity)
+        self.values = _Stream(config, config.granularity)
         self.float_element_size = 0
         self.batch = self.heads = self.head_dims = 0   # head_dims: key head_dim + value head_dim
 

@@ -244,6 +244,22 @@ class MSEObserver(Observer):
 
 # ---------------------------------------------------------------- calibration statistics
 
+def add_gram_(h: torch.Tensor, x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """h += xᵀx (x: [m, K], h symmetric [K, K]). xᵀx is symmetric, so for K >= 2·block only the
+    row panels right of each diagonal block are multiplied (5/8 of the work at K = 2048, 3/4 at
+    K = 1024) and the rest is mirrored: the Hessians are the largest cost of a calibration pass."""
+    K = x.shape[1]
+    nb = K // block
+    if nb < 2:
+        return h.addmm_(x.t(), x)
+    edges = [K * i // nb for i in range(nb + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        h[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+    for a, b in zip(edges[1:-1], edges[2:]):
+        h[a:b, :a] = h[:a, a:b].t()
+    return h
+
+
 @dataclass
 class LinearStats:
     """Streaming input statistics of one nn.Linear (float32)."""
@@ -288,8 +304,7 @@ class CalibrationHooks:
                 st.hessian = torch.zeros(K, K, dtype=torch.float32, device=x2.device)
             # running mean of 2 xᵀx: H_new = H * n/(n+m) + 2/(n+m) XᵀX
             st.hessian.mul_(st.n / (st.n + m))
-            xs = x2 * (2.0 / (st.n + m)) ** 0.5
-            st.hessian.addmm_(xs.t(), xs)
+            add_gram_(st.hessian, x2 * (2.0 / (st.n + m)) ** 0.5)
         st.n += m
 
     def _hook(self, name):

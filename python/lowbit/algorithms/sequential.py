@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .common import LayerResult, apply_simulated
-from .observers import CalibrationHooks, LinearStats, run_batches
+from .observers import CalibrationHooks, LinearStats
 
 
 class _Stop(Exception):
@@ -143,8 +143,9 @@ def _run(block, inputs):
 
 
 def _run_until(block, inputs, stop_after: List[nn.Module]) -> None:
-    """Forward each batch through the block only until every module in stop_after has run (their
-    forward hooks registered earlier, e.g. calibration hooks, still fire); the rest is skipped."""
+    """Forward each batch through the block (or whole model) only until every module in stop_after
+    has run (their forward hooks registered earlier, e.g. calibration hooks, still fire); the rest
+    is skipped. A module called again after that point in the same forward is not seen again."""
     pending = {id(m) for m in stop_after}
     seen = set()
 
@@ -327,17 +328,20 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
             hidden = _hidden_of(_run(block, inputs))
     rest = {n: m for n, m in linears.items() if n not in done}
     if rest:
-        # one stage per Linear, calibrated from full-model forwards
+        # one stage per Linear, calibrated from full-model forwards, each stopped once the Linears
+        # being calibrated have run (what follows, e.g. a 262k-vocabulary lm_head, is not needed)
         stages = [Stage([n], {n: m}) for n, m in rest.items()]
+        batches = [_normalize(b) for b in data]
         if sequential:
             for st in stages:
-                _calibrate_stages(lambda: run_batches(model, data), [st], hessian, sample_rows)
+                _calibrate_stages(lambda: _run_until(model, batches, list(st.linears.values())), [st],
+                                  hessian, sample_rows)
                 res = stage_fn(st)
                 apply_simulated(model, res)
                 results.update(res)
         else:
             # all statistics from the float model, in one pass over the data
-            _calibrate_stages(lambda: run_batches(model, data), stages, hessian, sample_rows)
+            _calibrate_stages(lambda: _run_until(model, batches, list(rest.values())), stages, hessian, sample_rows)
             for st in stages:
                 results.update(stage_fn(st))
             apply_simulated(model, results)
