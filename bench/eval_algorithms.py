@@ -335,7 +335,8 @@ def run_sensitivity(A, model, tok, configs, budget_config, skip, bos):
 BASELINE = {
     **{n: "rtn_w4g128_asym" for n in (
         "gptq_w4g128_asym", "gptq_w4g128_asym_clip", "gptq_w4g128_asym_actorder", "gptq_w4g128_asym_actorder_clip",
-        "gptq_w4g128_asym_actorder_clip_blockcal", "gptq_w4g128_asym_actorder_clip_onepass",
+        "gptq_w4g128_asym_actorder_clip_blockcal", "gptq_w4g128_asym_actorder_clip_blockcal_bs4",
+        "gptq_w4g128_asym_actorder_clip_onepass",
         "gptq_w4g128_asym_awq_actorder_clip_blockcal", "awq_w4g128_asym", "qat_w4g128_asym_lsq_kd",
         "mixed_attn8_mlp4g128_rtn", "mixed_ends8_attn8_mlp4g128_gptq", "mixed_sensitivity_rtn_w4w8")},
     **{n: "rtn_w4g128_sym" for n in ("gptq_w4g128_sym", "gptq_w4g128_sym_actorder_clip_blockcal", "awq_w4g128_sym")},
