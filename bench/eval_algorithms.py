@@ -203,6 +203,17 @@ def make_configs(A, skip):
         "gptq_w4g128_asym_clip": A.GPTQConfig(4, 128, False, clip_search=True, skip=skip),
         "gptq_w4g128_asym_actorder_clip": A.GPTQConfig(4, 128, False, act_order=True, clip_search=True,
                                                        skip=skip),
+        # the same calibration streamed: one partial block forward per Linear group plus one
+        "gptq_w4g128_asym_actorder_clip_streamed": A.GPTQConfig(4, 128, False, act_order=True,
+                                                                clip_search=True, lockstep=False, skip=skip),
+        "gptq_w3g128_asym_actorder_clip": A.GPTQConfig(3, 128, False, act_order=True, clip_search=True,
+                                                       skip=skip),
+        # llm-compressor's GPTQ recipe (bench/eval_peer_llmcompressor.py) in lowbit's terms:
+        # act-order with static groups, min-max scales, one calibration pass per block
+        "gptq_w4g128_asym_actorder_static_blockcal": A.GPTQConfig(
+            4, 128, False, act_order=True, static_groups=True, true_sequential=False, skip=skip),
+        "gptq_w3g128_asym_actorder_static_blockcal": A.GPTQConfig(
+            3, 128, False, act_order=True, static_groups=True, true_sequential=False, skip=skip),
         "gptq_w4g128_asym_awq_actorder_clip_blockcal": A.GPTQConfig(
             4, 128, False, act_order=True, clip_search=True, awq_scales=True, true_sequential=False, skip=skip),
         "gptq_w4g128_asym_actorder_clip_blockcal": A.GPTQConfig(4, 128, False, act_order=True, clip_search=True,
@@ -335,13 +346,19 @@ def run_sensitivity(A, model, tok, configs, budget_config, skip, bos):
 BASELINE = {
     **{n: "rtn_w4g128_asym" for n in (
         "gptq_w4g128_asym", "gptq_w4g128_asym_clip", "gptq_w4g128_asym_actorder", "gptq_w4g128_asym_actorder_clip",
+        "gptq_w4g128_asym_actorder_clip_streamed", "gptq_w4g128_asym_actorder_static_blockcal",
         "gptq_w4g128_asym_actorder_clip_blockcal", "gptq_w4g128_asym_actorder_clip_blockcal_bs4",
         "gptq_w4g128_asym_actorder_clip_onepass",
         "gptq_w4g128_asym_awq_actorder_clip_blockcal", "awq_w4g128_asym", "qat_w4g128_asym_lsq_kd",
         "mixed_attn8_mlp4g128_rtn", "mixed_ends8_attn8_mlp4g128_gptq", "mixed_sensitivity_rtn_w4w8")},
     **{n: "rtn_w4g128_sym" for n in ("gptq_w4g128_sym", "gptq_w4g128_sym_actorder_clip_blockcal", "awq_w4g128_sym")},
-    **{n: "rtn_w3g128_asym" for n in ("gptq_w3g128_asym", "gptq_w3g128_asym_actorder_clip_blockcal", "awq_w3g128_asym")},
+    **{n: "rtn_w3g128_asym" for n in ("gptq_w3g128_asym", "gptq_w3g128_asym_actorder_clip",
+                                      "gptq_w3g128_asym_actorder_static_blockcal",
+                                      "gptq_w3g128_asym_actorder_clip_blockcal", "awq_w3g128_asym")},
     "gptq_w3g32_asym": "rtn_w3g32_asym",
+    # the peer, bench/eval_peer_llmcompressor.py
+    "llmc_gptq_w4g128_asym_actorder": "rtn_w4g128_asym",
+    "llmc_gptq_w3g128_asym_actorder": "rtn_w3g128_asym",
 }
 
 

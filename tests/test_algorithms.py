@@ -276,6 +276,77 @@ def test_gptq_one_calibration_pass_per_block_or_model(model, calib, fp_inputs, r
     assert per_batch == (3 * L + L / len(calib) if sequential else L), per_batch
 
 
+def _count_block_calls(model, config, calib):
+    calls = []
+    hooks = [blk.register_forward_pre_hook(lambda *a: calls.append(1)) for blk in model.layers]
+    try:
+        m, res = run_algo(model, config, calib)
+    finally:
+        for h in hooks:
+            h.remove()
+    return m, res, len(calls)
+
+
+@pytest.mark.parametrize("config", [
+    A.GPTQConfig(bits=4, group_size=64, act_order=True),
+    A.AWQConfig(bits=4, group_size=64),                        # folds scales into the norms
+    A.SmoothQuantConfig(alpha=0.5, search_alpha=True),          # folds + simulated act rounding
+], ids=["gptq", "awq", "smoothquant"])
+def test_lockstep_equals_streaming_with_one_forward_per_batch(model, config):
+    """lockstep: each block runs once per batch, the batches paused at every stage until it is
+    quantized. Same stages on the same inputs as streaming true-sequential (batches of different
+    shapes included; a fold recomputes the stage input with the folded norm): the same result."""
+    g = torch.Generator().manual_seed(7)
+    calib = [torch.randint(0, VOCAB, shape, generator=g) for shape in ((2, T), (3, T // 2), (1, T))]
+    L, n, stages = len(model.layers), len(calib), 4
+    m1, locked, calls = _count_block_calls(model, config, calib)
+    # per block: input capture (n stub calls), the probe, one forward per batch
+    assert calls == L * n + L + L * n, calls
+    cfg = copy.deepcopy(config)
+    cfg.lockstep = False
+    m2, streamed, calls = _count_block_calls(model, cfg, calib)
+    # streaming: capture, probe, one forward per stage (each cut after its stage) and the output pass
+    assert calls == L * n + L + L * n * (stages + 1), calls
+    assert locked.keys() == streamed.keys()
+    for name in locked:
+        a, b = locked[name], streamed[name]
+        assert a.scale_folded == b.scale_folded
+        assert torch.equal(a.qt.codes, b.qt.codes) and torch.equal(a.qt.scales, b.qt.scales), name
+    ids = batches(5, n=1)[0]
+    with torch.no_grad():
+        assert torch.equal(m1(ids), m2(ids))
+
+
+def test_lockstep_error_reaches_the_caller(model, calib):
+    m = copy.deepcopy(model)
+
+    def failing(stage):
+        raise ValueError("stage failed on purpose")
+
+    with pytest.raises(ValueError, match="on purpose"):
+        A.sequential.quantize_sequential(m, calib, A.find_linears(m, ["lm_head"]), failing)
+    assert all(not lin._forward_pre_hooks for lin in A.find_linears(m).values())
+
+
+def test_lockstep_without_greenlet_streams(model, calib, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_greenlet(name, *args, **kwargs):
+        if name == "greenlet":
+            raise ImportError("no greenlet here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_greenlet)
+    cfg = A.GPTQConfig(bits=4, group_size=64)
+    with pytest.warns(RuntimeWarning, match="greenlet"):
+        m, res, calls = _count_block_calls(model, cfg, calib)
+    monkeypatch.undo()
+    L, n = len(model.layers), len(calib)
+    assert calls == L * n + L + L * n * 5, calls      # the streaming count: 4 stages + output pass
+    assert all(torch.equal(res[k].qt.codes, v.qt.codes) for k, v in run_algo(model, cfg, calib)[1].items())
+
+
 def test_gptq_clip_search_beats_rtn_and_stays_on_grid(model, calib, fp_inputs, rtn):
     cfg = A.GPTQConfig(bits=3, group_size=64, clip_search=True, n_clip_grid=8)
     m, res = run_algo(model, cfg, calib)
@@ -298,6 +369,62 @@ def test_gptq_with_awq_scales(model, calib, fp_inputs, rtn):
     assert r.input_scale is not None and r.scale_folded and r.perm is not None
     # folded into norm1: the simulated model sees x/s and multiplies by the stored weight
     torch.testing.assert_close(m.layers[1].k.weight.detach(), r.weight())
+
+
+def _reference_gptq_columns(w, u, begin, end, s, z, bits, sym):
+    """The column loop in plain torch, rounding each column with lowbit.fake_quantize."""
+    w, q, e = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
+    for i in range(begin, end):
+        si = s if s.dim() == 1 else s[i - begin]
+        zi = None if z is None else (z if z.dim() == 1 else z[i - begin])
+        q[i] = lowbit.fake_quantize(w[i].view(-1, 1), bits, None, sym, scales=si.view(-1, 1),
+                                    zeros=None if zi is None else zi.view(-1, 1))[:, 0]
+        e[i] = (w[i] - q[i]) / u[i, i]
+        w[i + 1:] -= u[i, i + 1:, None] * e[i][None, :]
+    return w, q, e
+
+
+@pytest.mark.parametrize("bits,sym,per_column,N", [(4, False, False, 37), (3, True, False, 300),
+                                                   (8, True, True, 5), (2, False, True, 513)])
+def test_gptq_columns_matches_reference(bits, sym, per_column, N):
+    g = torch.Generator().manual_seed(bits * 1000 + N)
+    B, begin, end = 24, 3, 19
+    w = torch.randn(B, N, generator=g)
+    a = torch.randn(B, B, generator=g)
+    u = torch.linalg.cholesky(a @ a.t() + B * torch.eye(B), upper=True).contiguous()
+    shape = (end - begin, N) if per_column else (N,)
+    s = torch.rand(shape, generator=g) * 0.5 + 0.01
+    z = None if sym else torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.uint8)
+    want = _reference_gptq_columns(w, u, begin, end, s, z, bits, sym)
+    got_w, q, e = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
+    lowbit.ops.gptq_columns(got_w, q, e, u, begin, end, s, z, bits, sym)
+    assert torch.equal(got_w, want[0])
+    assert torch.equal(q[begin:end], want[1][begin:end]) and torch.equal(e[begin:end], want[2][begin:end])
+
+
+def test_gptq_columns_bad_input():
+    B, N = 8, 16
+    w, q, e = torch.randn(B, N), torch.zeros(B, N), torch.zeros(B, N)
+    u, s, z = torch.eye(B), torch.ones(N), torch.zeros(N, dtype=torch.uint8)
+    op = lowbit.ops.gptq_columns
+    with pytest.raises(TypeError, match="float32"):
+        op(w.double(), q, e, u, 0, B, s, z, 4, False)
+    with pytest.raises(ValueError, match="shape"):
+        op(w, q[:, :3], e, u, 0, B, s, z, 4, False)
+    with pytest.raises(ValueError, match="inside the block"):
+        op(w, q, e, u, 5, 5, s, z, 4, False)
+    with pytest.raises(ValueError, match="only used by asymmetric"):
+        op(w, q, e, u, 0, B, s, z, 4, True)
+    with pytest.raises(ValueError, match="scales must be finite"):
+        op(w, q, e, u, 0, B, -s, z, 4, False)
+    with pytest.raises(ValueError, match="diagonal must be positive"):
+        op(w, q, e, torch.zeros(B, B), 0, B, s, z, 4, False)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        op(w, q, e, u, 0, B, s, z, 5, False)
+    bad = w.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        op(bad, q, e, u, 0, B, s, z, 4, False)
 
 
 def test_gptq_dead_columns_and_per_channel():

@@ -47,6 +47,23 @@ void dequantize(const DequantizeArgs& a);
 void pack_int4(const uint8_t* codes, int64_t rows, int64_t K, bool is_signed, uint8_t* packed);
 void unpack_int4(const uint8_t* packed, int64_t rows, int64_t K, bool sign_extend, uint8_t* codes);
 
+// GPTQ's column loop (cpp/common/gptq.cpp) on one lazy block of B columns of W, stored as rows
+// ([B, N], row i = weight column i). For columns i in [begin, end): round w[i] with the given
+// scales/zeros (lowbit's rounding), q[i] = the rounded values, err[i] = (w[i] - q[i]) / u[i][i],
+// and w[j] -= u[i][j] * err[i] for every later column j < B of the block.
+struct GptqColumnsCall {
+  float* w;               // [B, N], updated in place
+  float* q;               // [B, N] out (rows begin..end-1 written)
+  float* err;             // [B, N] out (rows begin..end-1 written)
+  const float* u;         // [B, B]: the block's rows and columns of the upper Cholesky factor of H^-1
+  int64_t B, N, begin, end;
+  QuantFormat fmt;        // bits and scheme (group_size and clip_ratio unused)
+  const float* scales;    // [N] for every column, or [end - begin, N] when param_stride
+  const uint8_t* zeros;   // same shape as scales (asymmetric), else nullptr
+  bool param_stride;      // one parameter row per column (static groups under act-order)
+};
+void gptq_columns(const GptqColumnsCall& c);
+
 // matmul (cpp/common/matmul.cpp). Prepack W once into layout panel4_k32 (see layout_panel4.h):
 // packed_linear_bytes() says how big a buffer pack_linear() fills. codes/scales/zeros as in a
 // QuantizedTensor (scales/zeros [N, groups]; zeros only for asymmetric).

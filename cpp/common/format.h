@@ -76,6 +76,12 @@ inline uint8_t code_of(const QuantFormat& f, const GroupParams& p, float x) {
   float v = x * p.inv_scale;
   return f.scheme == Scheme::nf4 ? nf4_code(v, kNF4Midpoints) : uniform_code(f, p, v);
 }
+// The value a code stands for (dequantize's rule); q as code_of returns it (symmetric: int8 bits).
+inline float value_of(const QuantFormat& f, uint8_t q, const GroupParams& p) {
+  if (f.scheme == Scheme::nf4) return kNF4Values[q] * p.scale;
+  if (f.scheme == Scheme::symmetric) return float(int8_t(q)) * p.scale;
+  return float(int(q) - int(p.zero)) * p.scale;
+}
 
 // Calls fn(integral_constant<DType>, integral_constant<Scheme>) for the run-time pair, so a
 // variant writes its kernel once as a template and instantiates every combination here.

@@ -55,18 +55,10 @@ void dequantize_rows(const DequantizeArgs& a, int64_t r0, int64_t r1) {
     const uint8_t* codes = a.codes + r * row_bytes;
     for (int64_t k = 0; k < a.K; ++k) {
       const int64_t g = r * G + k / f.group_size;
-      int q = f.bits == 8 ? codes[k] : (codes[k >> 1] >> ((k & 1) * 4)) & 0xF;
-      float v;
-      if (f.scheme == Scheme::nf4) {
-        v = kNF4Values[q] * a.scales[g];
-      } else if (f.scheme == Scheme::symmetric) {
-        if (f.bits == 8) q = int8_t(q);
-        else if (q & 8) q -= 16;  // sign-extend the nibble
-        v = float(q) * a.scales[g];
-      } else {
-        v = float(q - int(a.zeros[g])) * a.scales[g];
-      }
-      store_from_f32(a.out, a.out_dtype, r * a.K + k, v);
+      uint8_t q = f.bits == 8 ? codes[k] : (codes[k >> 1] >> ((k & 1) * 4)) & 0xF;
+      if (f.scheme == Scheme::symmetric && f.bits != 8 && (q & 8)) q |= 0xF0;  // sign-extend
+      const GroupParams p = params_given(f, a.scales[g], a.zeros ? a.zeros[g] : 0);
+      store_from_f32(a.out, a.out_dtype, r * a.K + k, value_of(f, q, p));
     }
   }
 }

@@ -95,6 +95,32 @@ void dequantize_py(py::handle codes, py::handle scales, py::handle zeros, py::ha
   lowbit::dequantize(a);
 }
 
+void gptq_columns_py(py::handle w, py::handle q, py::handle err, py::handle u, int64_t begin,
+                     int64_t end, py::handle scales, py::handle zeros, int bits, int scheme) {
+  ArrayView wv = view_array(w, "w", true);
+  require_cpu(wv, "w");
+  if (wv.dtype != "float32") throw py::type_error("w must be float32, got " + wv.dtype);
+  if (wv.shape.size() != 2 || !wv.contiguous()) fail("w must be a contiguous 2-D array [B, N]");
+  const int64_t B = wv.shape[0], N = wv.shape[1];
+  ArrayView qv = view_exact(q, "q", "float32", {B, N}, true);
+  ArrayView ev = view_exact(err, "err", "float32", {B, N}, true);
+  ArrayView uv = view_exact(u, "u", "float32", {B, B}, false);
+  if (!(0 <= begin && begin < end && end <= B)) fail("columns [begin, end) must lie inside the block");
+  QuantFormat f = make_format(bits, scheme, 1, 1.0f);
+  ArrayView probe = view_array(scales, "scales", false);
+  const bool per_column = probe.shape.size() == 2;
+  std::vector<int64_t> pshape = per_column ? std::vector<int64_t>{end - begin, N} : std::vector<int64_t>{N};
+  ArrayView sv = view_exact(scales, "scales", "float32", pshape, false);
+  ArrayView zv;
+  if (f.scheme == Scheme::asymmetric) zv = view_exact(zeros, "zeros", "uint8", pshape, false);
+  else if (!zeros.is_none()) fail("zeros are only used by asymmetric formats");
+  GptqColumnsCall c{static_cast<float*>(wv.data), static_cast<float*>(qv.data),
+                    static_cast<float*>(ev.data), static_cast<const float*>(uv.data), B, N, begin, end, f,
+                    static_cast<const float*>(sv.data), static_cast<const uint8_t*>(zv.data), per_column};
+  py::gil_scoped_release nogil;
+  lowbit::gptq_columns(c);
+}
+
 void pack_int4_py(py::handle codes, py::handle packed) {
   ArrayView cv = view_array(codes, "codes", false);
   require_cpu(cv, "codes");
@@ -201,6 +227,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("params_given"));
   m.def("dequantize", &dequantize_py, py::arg("codes"), py::arg("scales"), py::arg("zeros"),
         py::arg("out"), py::arg("bits"), py::arg("scheme"), py::arg("group_size"));
+  m.def("gptq_columns", &gptq_columns_py, py::arg("w"), py::arg("q"), py::arg("err"), py::arg("u"),
+        py::arg("begin"), py::arg("end"), py::arg("scales"), py::arg("zeros"), py::arg("bits"),
+        py::arg("scheme"));
   m.def("pack_int4", &pack_int4_py, py::arg("codes"), py::arg("packed"));
   m.def("unpack_int4", &unpack_int4_py, py::arg("packed"), py::arg("out"));
   m.def("group_params", [](int bits, int scheme, float clip_ratio, float lo, float hi, float amax) {

@@ -158,6 +158,24 @@ def fake_quantize(w: Any, bits: int = 4, group_size: GroupSize = 128, symmetric:
     return out
 
 
+def gptq_columns(w: Any, q: Any, err: Any, u: Any, begin: int, end: int, scales: Any, zeros: Any,
+                 bits: int, symmetric: bool) -> None:
+    """GPTQ's column loop on one lazy block, in place (CPU, float32; lowbit.algorithms.gptq uses it).
+    w, q, err: [B, N], weight column i of the block as row i. For i in [begin, end): round w[i]
+    with lowbit's rounding given scales/zeros ([N] for all those columns, or [end - begin, N] one
+    row per column), q[i] = its values, err[i] = (w[i] - q[i]) / u[i, i], then
+    w[j] -= u[i, j] * err[i] for every later j < B. u: [B, B], the block of the upper Cholesky
+    factor of H⁻¹. Bad arguments raise (the C++ side checks dtypes, shapes, range and NaN/Inf)."""
+    fmt = _format(bits, None, symmetric, None)
+    for name, a in (("w", w), ("q", q), ("err", err), ("u", u), ("scales", scales)):
+        _require_array(a, name)
+        if _interop.device_of(a)[0] != "cpu":
+            raise ValueError(f"gptq_columns runs on the CPU; {name} is on "
+                             f"{_interop.describe_device(_interop.device_of(a))}")
+    _ext.core().gptq_columns(w, q, err, u, int(begin), int(end), scales, zeros, fmt.bits,
+                             SCHEMES[fmt.scheme])
+
+
 def _given_param(w, value, name, dtype, fmt, rows, G):
     """A caller-supplied scales/zeros as a contiguous [rows, G] array beside w. Values are checked
     here (zeros: integers in [0, 2^bits - 1]; scales: finite, >= 0) so nothing wraps silently."""

@@ -82,14 +82,23 @@ def apply_simulated(model: nn.Module, results: Dict[str, LayerResult]) -> nn.Mod
         lin = modules[name]
         with torch.no_grad():
             lin.weight.copy_(res.weight().to(lin.weight))
-        scale = None if (res.input_scale is None or res.scale_folded) else res.input_scale.detach().clone()
         old = getattr(lin, "_lowbit_sim_hook", None)
         if old is not None:
             old.remove()
             lin._lowbit_sim_hook = None
-        if scale is not None or res.act_bits is not None:
-            lin._lowbit_sim_hook = lin.register_forward_pre_hook(_input_hook(scale, res.act_bits))
+        hook = simulated_input_hook(res)
+        if hook is not None:
+            lin._lowbit_sim_hook = lin.register_forward_pre_hook(hook)
     return model
+
+
+def simulated_input_hook(res: LayerResult):
+    """The forward pre-hook apply_simulated gives a Linear for res (unfolded input scale and/or
+    activation rounding), or None when its input is used as is."""
+    scale = None if (res.input_scale is None or res.scale_folded) else res.input_scale.detach().clone()
+    if scale is None and res.act_bits is None:
+        return None
+    return _input_hook(scale, res.act_bits)
 
 
 def apply_quantized(model: nn.Module, results: Dict[str, LayerResult]) -> nn.Module:

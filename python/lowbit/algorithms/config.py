@@ -64,6 +64,10 @@ class GPTQConfig:
     true_sequential: also, inside a block, each group of Linears sharing an input (q/k/v, o,
     gate/up, down) on the outputs of those quantized before it (one block forward per group
     instead of one for the whole block).
+    lockstep: with true_sequential, run each block once per calibration batch, all batches' forwards
+    in lock-step, pausing at each group of Linears until it is calibrated on every batch and
+    quantized (same result, one block forward per batch instead of one per group plus one); holds
+    one block's activations for every calibration batch in memory.
     clip_search: each group's scale/zero is the clip ratio in [min_clip, 1] (n_clip_grid points)
     with the least squared rounding error of the group's columns when it is reached, instead of
     plain min-max.
@@ -79,6 +83,7 @@ class GPTQConfig:
     block_size: int = 128
     sequential: bool = True
     true_sequential: bool = True
+    lockstep: bool = True
     clip_search: bool = False
     n_clip_grid: int = 20
     min_clip: float = 0.5
@@ -101,7 +106,8 @@ class GPTQConfig:
 @dataclass
 class AWQConfig:
     """AWQ (Lin et al. 2023). Per-input-channel scales s = mean|x|^alpha, alpha searched over
-    n_grid points in [0, 1); then a per-group clip search over clip ratios in [min_clip, 1]."""
+    n_grid points in [0, 1); then a per-group clip search over clip ratios in [min_clip, 1].
+    lockstep: calibrate each block in one forward per batch, batches in lock-step (see GPTQConfig)."""
     bits: int = 4
     group_size: GroupSize = 128
     symmetric: bool = False
@@ -111,6 +117,7 @@ class AWQConfig:
     min_clip: float = 0.5
     fold: bool = True
     max_tokens: int = 4096
+    lockstep: bool = True
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
@@ -127,7 +134,8 @@ class SmoothQuantConfig:
     """SmoothQuant (Xiao et al. 2022): s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the
     preceding norm where possible; then int8 per-channel weights and dynamic per-token int8
     activations (simulated). search_alpha: per stage, the α of least W8A8 output error among
-    n_grid points in [0, 1] (and alpha itself), measured on up to max_tokens calibration rows."""
+    n_grid points in [0, 1] (and alpha itself), measured on up to max_tokens calibration rows.
+    lockstep: calibrate each block in one forward per batch, batches in lock-step (see GPTQConfig)."""
     alpha: float = 0.5
     weight_bits: int = 8
     act_bits: Optional[int] = 8
@@ -135,6 +143,7 @@ class SmoothQuantConfig:
     search_alpha: bool = False
     n_grid: int = 11
     max_tokens: int = 2048
+    lockstep: bool = True
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):

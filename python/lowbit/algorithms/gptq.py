@@ -8,17 +8,17 @@ error of a block is applied to the columns after it with one matmul.
 
 Rounding is lowbit's: at the start of each group, lowbit.quantize on the group's current
 (error-updated) columns chooses that group's scales/zeros (min-max, or the least-error clip ratio
-with clip_search); each column is then rounded by lowbit.fake_quantize(col, scales=, zeros=)
-with those parameters (no rounding code here). The final codes come from lowbit.quantize on the result, whose values lie exactly on each
-group's grid.
+with clip_search); lowbit.ops.gptq_columns (C++) then rounds the group's columns one by one with
+those parameters and pushes each one's error onto the block's later columns. The final codes come
+from lowbit.quantize on the result, whose values lie exactly on each group's grid.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
-from ..ops import fake_quantize, quantize
+from ..ops import gptq_columns, quantize
 from .common import LayerResult
 from .config import GPTQConfig
 from .observers import search_clip
@@ -38,10 +38,19 @@ def _group_params(Wg: torch.Tensor, config: GPTQConfig):
 def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> LayerResult:
     """GPTQ on one weight [N, K] with its input Hessian H [K, K]. Returns a LayerResult whose qt is
     in act-order column order when config.act_order and not config.static_groups (perm set)."""
+    return gptq_quantize_weights([weight], H, config)[0]
+
+
+def gptq_quantize_weights(weights: List[torch.Tensor], H: torch.Tensor, config: GPTQConfig) -> List[LayerResult]:
+    """GPTQ on several weights [N_i, K] reading the same input (Hessian H): GPTQ treats rows
+    independently, so they are stacked and run as one (one column loop instead of one each)."""
     bits, gs, sym = config.bits, config.group_size, config.symmetric
-    W = weight.detach().float().clone()
+    # on the CPU, in float32 (the column loop is lowbit's CPU kernel)
+    W = torch.cat([w.detach().float().cpu() for w in weights])
     N, K = W.shape
-    H = H.detach().float().clone()
+    bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
+    rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    H = H.detach().float().cpu().clone()
     if H.shape != (K, K):
         raise ValueError(f"Hessian must be [{K}, {K}] for a weight with K={K}, got {tuple(H.shape)}")
 
@@ -66,39 +75,38 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConf
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
     U = torch.linalg.cholesky(Hinv, upper=True)
-    u_diag = torch.diagonal(U).tolist()
 
-    # Work on Wᵀ [K, N]: weight column k is the contiguous row Wt[k], so every per-column step
-    # (round, error, rank-1 update of the block's later columns) reads and writes whole rows.
+    # Work on Wᵀ [K, N]: weight column k is the contiguous row Wt[k]. Inside a lazy block,
+    # lowbit.ops.gptq_columns rounds the columns one by one and updates the block's later ones;
+    # group parameters are chosen here when a group starts, from its error-updated columns.
     Wt = W.t().contiguous()
     Qt = torch.empty_like(Wt)
     S = torch.zeros(N, G, dtype=torch.float32)
     Z = torch.zeros(N, G, dtype=torch.uint8) if not sym else None
     # lazy block: a multiple of the group size so a group never straddles two blocks
     B = config.block_size if per_row else max(1, -(-config.block_size // gs)) * gs
-    cur_s, cur_z = static_s, static_z
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = Wt[i1:i2]                    # a view: updated in place
+        W1, Q1 = Wt[i1:i2], Qt[i1:i2]     # views: written in place
         E1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if config.static_groups and not per_row:
-                g = int(perm[col]) // gs if perm is not None else col // gs
-                cur_s = static_s[:, g:g + 1].contiguous()
-                cur_z = static_z[:, g:g + 1].contiguous() if static_z is not None else None
-            elif not per_row and col % gs == 0:
-                cur_s, cur_z = _group_params(W1[i:i + gs].t().contiguous(), config)
-                S[:, col // gs] = cur_s[:, 0]
+        U1 = U[i1:i2, i1:i2].contiguous()
+        # fixed parameters: the whole block in one call; else one call per group
+        spans = ([(0, i2 - i1)] if per_row or config.static_groups
+                 else [(c, min(c + gs, i2 - i1)) for c in range(0, i2 - i1, gs)])
+        for c0, c1 in spans:
+            if per_row:
+                s, z = static_s[:, 0], (static_z[:, 0] if static_z is not None else None)
+            elif config.static_groups:     # one parameter row per column: groups may be permuted
+                g = (perm[i1:i2] if perm is not None else torch.arange(i1, i2)) // gs
+                s, z = static_s[:, g].t(), (static_z[:, g].t() if static_z is not None else None)
+            else:
+                s, z = _group_params(W1[c0:c1].t().contiguous(), config)
+                S[:, (i1 + c0) // gs] = s[:, 0]
                 if Z is not None:
-                    Z[:, col // gs] = cur_z[:, 0]
-            w = W1[i]
-            q = fake_quantize(w.view(N, 1), bits, None, sym, scales=cur_s, zeros=cur_z).view(N)
-            Qt[col] = q
-            torch.sub(w, q, out=E1[i]).div_(u_diag[col])
-            if i + 1 < i2 - i1:
-                W1[i + 1:].addr_(U1[i, i + 1:], E1[i], alpha=-1.0)
+                    Z[:, (i1 + c0) // gs] = z[:, 0]
+                s, z = s[:, 0], (z[:, 0] if z is not None else None)
+            gptq_columns(W1, Q1, E1, U1, c0, c1, s.contiguous(), None if z is None else z.contiguous(),
+                         bits, sym)
         if i2 < K:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
     Q = Qt.t()
@@ -107,11 +115,12 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConf
         # groups (or rows) are in original column order: store unpermuted, no perm needed
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
-        qt = quantize(Q.contiguous(), bits, gs, sym, scales=static_s, zeros=static_z)
-        return LayerResult(qt)
+        S, Z, perm = static_s, static_z, None
     # Q holds values on each group's grid; re-quantizing with the same parameters returns the codes
-    qt = quantize(Q.contiguous(), bits, gs, sym, scales=S, zeros=Z)
-    return LayerResult(qt, perm=perm)
+    return [LayerResult(quantize(Q[r].contiguous(), bits, gs, sym, scales=S[r].contiguous(),
+                                 zeros=Z[r].contiguous() if Z is not None else None),
+                        perm=None if perm is None else perm.clone())
+            for r in rows]
 
 
 def _static_params(W: torch.Tensor, config: GPTQConfig):
@@ -144,12 +153,13 @@ def gptq_stage(stage, config: GPTQConfig) -> Dict[str, LayerResult]:
     s = folded = None
     if config.awq_scales:
         s, folded = _activation_scales(stage, config)
+    # the stage's Linears share one input, hence one Hessian: quantize them together
+    H = stage.stats[stage.names[0]].hessian
+    Ws = [stage.linears[n].weight.detach().float() for n in stage.names]
+    if s is not None:
+        Ws, H = [W * s[None, :] for W in Ws], H / s[:, None] / s[None, :]
     out = {}
-    for n in stage.names:
-        W, H = stage.linears[n].weight.detach().float(), stage.stats[n].hessian
-        if s is not None:
-            W, H = W * s[None, :], H / s[:, None] / s[None, :]
-        r = gptq_quantize_weight(W, H, config)
+    for n, r in zip(stage.names, gptq_quantize_weights(Ws, H, config)):
         if s is not None:
             r.input_scale, r.scale_folded = s.clone(), folded
         out[n] = r
@@ -165,4 +175,5 @@ def gptq_quantize(model, calibration_data, config: GPTQConfig) -> Dict[str, Laye
     return quantize_sequential(model, calibration_data, find_linears(model, config.skip),
                                lambda st: gptq_stage(st, config), hessian=True,
                                sample_rows=config.awq_max_tokens if config.awq_scales else 0,
-                               sequential=config.sequential, true_sequential=config.true_sequential)
+                               sequential=config.sequential, true_sequential=config.true_sequential,
+                               lockstep=config.lockstep)

@@ -11,7 +11,7 @@ ragged last group).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -244,17 +244,25 @@ class MSEObserver(Observer):
 
 # ---------------------------------------------------------------- calibration statistics
 
-def add_gram_(h: torch.Tensor, x: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """h += xᵀx (x: [m, K], h symmetric [K, K]). xᵀx is symmetric, so for K >= 2·block only the
-    row panels right of each diagonal block are multiplied (5/8 of the work at K = 2048, 3/4 at
-    K = 1024) and the rest is mirrored: the Hessians are the largest cost of a calibration pass."""
-    K = x.shape[1]
-    nb = K // block
-    if nb < 2:
-        return h.addmm_(x.t(), x)
-    edges = [K * i // nb for i in range(nb + 1)]
+def _gram_edges(K: int, block: int) -> List[int]:
+    nb = max(1, K // block)
+    return [K * i // nb for i in range(nb + 1)]
+
+
+def add_gram_(h: torch.Tensor, x: torch.Tensor, block: int = 256, mirror: bool = True) -> torch.Tensor:
+    """h += xᵀx (x: [m, K], h [K, K]). xᵀx is symmetric, so only the row panels on or right of each
+    diagonal block are multiplied (about half the work; the Hessians are the largest cost of a
+    calibration pass). mirror=True copies them onto the rest; with mirror=False the blocks left of
+    the diagonal are stale until symmetrize_(h, block), so a stream of updates mirrors only once."""
+    edges = _gram_edges(x.shape[1], block)
     for a, b in zip(edges[:-1], edges[1:]):
         h[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+    return symmetrize_(h, block) if mirror else h
+
+
+def symmetrize_(h: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Copy the blocks on or right of the diagonal (what add_gram_ updates) onto the rest."""
+    edges = _gram_edges(h.shape[0], block)
     for a, b in zip(edges[1:-1], edges[2:]):
         h[a:b, :a] = h[:a, a:b].t()
     return h
@@ -262,15 +270,47 @@ def add_gram_(h: torch.Tensor, x: torch.Tensor, block: int = 512) -> torch.Tenso
 
 @dataclass
 class LinearStats:
-    """Streaming input statistics of one nn.Linear (float32)."""
+    """Streaming input statistics of one nn.Linear (float32). hessian is complete once
+    finish_stats_ ran (CalibrationHooks does it when its hooks are removed)."""
     n: int = 0                                  # rows (tokens) seen
     abs_sum: Optional[torch.Tensor] = None      # Σ|x| per input channel
     abs_max: Optional[torch.Tensor] = None      # max|x| per input channel
     hessian: Optional[torch.Tensor] = None      # H = 2/n Σ xᵀx
+    gram: Optional[torch.Tensor] = None         # Σ xᵀx while accumulating (blocks on/right of the diagonal)
 
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.n, 1)
+
+
+def accumulate_stats_(st: LinearStats, x2: torch.Tensor, hessian: bool, abs_stats: bool = True,
+                      chunk: int = 8192) -> LinearStats:
+    """Add the rows of x2 [m, K] to st, in chunks of rows (bounding the temporaries). The Hessian
+    is accumulated as the raw upper-block sum st.gram; finish_stats_ turns it into st.hessian."""
+    for c in range(0, x2.shape[0], chunk):
+        xc = x2[c:c + chunk]
+        if abs_stats:
+            a = xc.abs()
+            s, mx = a.sum(0), a.amax(0)
+            st.abs_sum = s if st.abs_sum is None else st.abs_sum + s
+            st.abs_max = mx if st.abs_max is None else torch.maximum(st.abs_max, mx)
+        if hessian:
+            if st.gram is None:     # first rows, or more rows after a finish
+                K = xc.shape[1]
+                st.gram = (st.hessian * (st.n / 2.0) if st.hessian is not None
+                           else torch.zeros(K, K, dtype=torch.float32, device=xc.device))
+                st.hessian = None
+            add_gram_(st.gram, xc, mirror=False)
+        st.n += xc.shape[0]
+    return st
+
+
+def finish_stats_(st: LinearStats) -> LinearStats:
+    """st.hessian = 2/n Σ xᵀx from the accumulated sum (mirrored once, here)."""
+    if st.gram is not None:
+        st.hessian = symmetrize_(st.gram).mul_(2.0 / max(st.n, 1))
+        st.gram = None
+    return st
 
 
 class CalibrationHooks:
@@ -291,22 +331,6 @@ class CalibrationHooks:
         self._handles = []
         self._last = None   # (input tensor, its LinearStats) of the latest hook call
 
-    def _accumulate(self, st: LinearStats, x2: torch.Tensor) -> None:
-        m = x2.shape[0]
-        if self.abs_stats:
-            a = x2.abs()
-            s, mx = a.sum(0), a.amax(0)
-            st.abs_sum = s if st.abs_sum is None else st.abs_sum + s
-            st.abs_max = mx if st.abs_max is None else torch.maximum(st.abs_max, mx)
-        if self.hessian:
-            K = x2.shape[1]
-            if st.hessian is None:
-                st.hessian = torch.zeros(K, K, dtype=torch.float32, device=x2.device)
-            # running mean of 2 xᵀx: H_new = H * n/(n+m) + 2/(n+m) XᵀX
-            st.hessian.mul_(st.n / (st.n + m))
-            add_gram_(st.hessian, x2 * (2.0 / (st.n + m)) ** 0.5)
-        st.n += m
-
     def _hook(self, name):
         def hook(module, args, output):
             x = args[0]
@@ -314,7 +338,7 @@ class CalibrationHooks:
                 self.stats[name] = self._last[1]      # same input as the previous Linear: share
                 return
             st = self.stats[name]
-            self._accumulate(st, _as_2d(x))
+            accumulate_stats_(st, _as_2d(x), self.hessian, self.abs_stats)
             self._last = (x, st)
         return hook
 
@@ -327,8 +351,12 @@ class CalibrationHooks:
         self.remove()
 
     def remove(self):
+        """Remove the hooks; the statistics are complete from here on."""
         for h in self._handles:
             h.remove()
+        if self._handles:
+            for st in {id(st): st for st in self.stats.values()}.values():
+                finish_stats_(st)
         self._handles = []
         self._last = None
 

@@ -8,18 +8,25 @@ reading the very same input tensor (q/k/v, gate/up) form one stage, in call orde
 calibrated with the earlier stages already quantized. A probe forward also finds, for each stage,
 the module that produced its input (a norm, say) so algorithms can fold input scales into it.
 Linears outside the blocks are handled last, from full-model forwards.
+
+With lockstep (the default with true_sequential), each block runs once per batch: the batches'
+forwards run in lock-step (one greenlet each, on this thread), all pausing at each stage until it
+has been calibrated on every batch and quantized, so the rest of each forward already sees it
+quantized. That is the streaming true-sequential result with one block forward per batch instead
+of one per stage plus one, at the memory of one block's activations for every calibration batch.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .common import LayerResult, apply_simulated
-from .observers import CalibrationHooks, LinearStats
+from .common import LayerResult, apply_simulated, simulated_input_hook
+from .observers import CalibrationHooks, LinearStats, _as_2d, accumulate_stats_, finish_stats_
 
 
 class _Stop(Exception):
@@ -172,6 +179,106 @@ def _hidden_of(outputs):
     return [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
 
 
+def _greenlet():
+    """The greenlet module, or None (lockstep calibration then falls back to streaming)."""
+    try:
+        import greenlet
+    except ImportError:
+        warnings.warn("lowbit: the 'greenlet' package is not installed, so calibration streams each "
+                      "block once per stage instead of running it once (pip install greenlet)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return greenlet
+
+
+def _quantize_in_lockstep(model, block, inputs, stages: List["Stage"], stage_fn, results,
+                          hessian: bool, sample_rows: int, greenlet) -> list:
+    """Run the block once per batch, each batch's forward in its own greenlet (a coroutine on this
+    thread: no extra OS threads next to torch's). A pre-hook on each stage's first Linear adds the
+    batch's input to the stage's statistics and parks the forward. Once every batch is parked, the
+    earliest stage with parked batches is calibrated and quantized, and those batches resume with
+    it quantized. Every stage thus sees all batches with the stages before it quantized, as in
+    streaming true-sequential calibration, while each batch goes through the block once.
+    Returns the block outputs, one per batch."""
+    driver = greenlet.getcurrent()
+    stats: Dict[int, LinearStats] = {}
+    samples: Dict[int, List[torch.Tensor]] = {}
+    done: Dict[int, Optional[LayerResult]] = {}     # stage -> result of its first Linear
+    producer_inputs = {}            # (stage, greenlet) -> the producer's latest (args, kwargs)
+    outs = [None] * len(inputs)
+
+    def make_producer_hook(k):
+        def pre(mod, args, kwargs):
+            g = greenlet.getcurrent()
+            if g in mine and k not in done:
+                producer_inputs[(k, g)] = (args, kwargs)
+        return pre
+
+    def make_hook(k):
+        def pre(mod, args):
+            if greenlet.getcurrent() not in mine or k in done:   # not ours, or called again
+                return None
+            x = args[0]
+            accumulate_stats_(stats.setdefault(k, LinearStats()), _as_2d(x), hessian)
+            if sample_rows:
+                samples.setdefault(k, []).append(_sample_rows(x, sample_rows))
+            driver.switch(k)                # parked until stage k is quantized
+            r, made_by = done[k], producer_inputs.pop((k, greenlet.getcurrent()), None)
+            if r is None:
+                return None
+            if r.scale_folded:
+                # x was made before the fold: recompute it with the folded producer, as a streaming
+                # re-run would (x feeds this stage's Linears only, or the fold would be refused)
+                x.copy_(stages[k].producer(*made_by[0], **made_by[1]))
+            # apply_simulated's hook on this Linear only runs from its next call: apply it now
+            hook = simulated_input_hook(r)
+            return hook(mod, args) if hook is not None else None
+        return pre
+
+    def quantize_stage(k):
+        stage = stages[k]
+        st = finish_stats_(stats.pop(k))
+        stage.stats = {name: st for name in stage.names}
+        stage.x = _sample_rows(torch.cat(samples.pop(k)), sample_rows) if sample_rows else None
+        stage.quantized = frozenset(results)
+        res = stage_fn(stage)
+        stage.x = None
+        apply_simulated(model, res)
+        results.update(res)
+        done[k] = res.get(stage.names[0])
+
+    def forward(i):
+        a, kw = inputs[i]
+        outs[i] = block(*a, **kw)
+
+    lets = [greenlet.greenlet(lambda i=i: forward(i)) for i in range(len(inputs))]
+    mine = set(lets)
+    handles = [st.linears[st.names[0]].register_forward_pre_hook(make_hook(k)) for k, st in enumerate(stages)]
+    handles += [st.producer.register_forward_pre_hook(make_producer_hook(k), with_kwargs=True)
+                for k, st in enumerate(stages) if st.producer is not None]
+    try:
+        with torch.no_grad():
+            runnable = list(range(len(inputs)))
+            parked: Dict[int, List[int]] = {}   # stage -> batches waiting for it, in arrival order
+            while True:
+                for i in runnable:
+                    k = lets[i].switch()    # a stage index when parked, None when finished
+                    if k is not None:
+                        parked.setdefault(k, []).append(i)
+                if not parked:
+                    break
+                k = min(parked)
+                quantize_stage(k)
+                runnable = parked.pop(k)
+    finally:
+        for h in handles:
+            h.remove()
+        for g in lets:                      # after an error: unwind the parked forwards
+            if not g.dead:
+                g.throw(greenlet.GreenletExit)
+    return _hidden_of(outs)
+
+
 def _probe(block, prefix, linears: Dict[str, nn.Linear], first_input) -> List[Stage]:
     """One forward of the block recording which Linears share an input tensor and who made it."""
     out_of: Dict[int, Tuple[str, nn.Module]] = {}
@@ -286,19 +393,22 @@ def _calibrate_stages(run_fn, stages: List[Stage], hessian: bool, sample_rows: i
 
 def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.Linear],
                         stage_fn: StageFn, hessian: bool = False, sample_rows: int = 0,
-                        sequential: bool = True, true_sequential: bool = True) -> Dict[str, LayerResult]:
+                        sequential: bool = True, true_sequential: bool = True,
+                        lockstep: bool = True) -> Dict[str, LayerResult]:
     """Drive stage_fn over the model's Linears (see module docstring). stage_fn gets a calibrated
     Stage and returns LayerResults for its Linears; they are applied (simulated) at once so later
     stages and blocks see quantized inputs. true_sequential=False calibrates all stages of a block
     in one forward (block inputs from the quantized blocks before it, but the block's own Linears
     still float): two block forwards instead of one per stage plus one. sequential=False
     calibrates every stage on the float model (all statistics from one pass of full-model
-    forwards)."""
+    forwards). lockstep (with true_sequential): one forward per block and batch, all batches in
+    lock-step (see the module docstring) instead of one forward per stage plus one."""
     data = list(data)
     if not data:
         raise ValueError("calibration_data is empty; pass a list of input batches")
     results: Dict[str, LayerResult] = {}
     blocks = find_blocks(model) if sequential else []
+    gl = _greenlet() if (blocks and true_sequential and lockstep) else None
     done = set()
     if blocks:
         firsts, extras = _capture_inputs(model, blocks, data)
@@ -313,6 +423,11 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
             blk_lin = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
             if blk_lin:
                 stages = _probe(block, prefix, blk_lin, inputs[0])
+                if true_sequential and lockstep and gl is not None:
+                    hidden = _quantize_in_lockstep(model, block, inputs, stages, stage_fn, results,
+                                                   hessian, sample_rows, gl)
+                    done.update(blk_lin)
+                    continue
                 if not true_sequential:
                     _calibrate_stages(lambda: _run_until(block, inputs, list(blk_lin.values())), stages,
                                       hessian, sample_rows)

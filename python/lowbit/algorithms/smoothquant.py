@@ -59,4 +59,5 @@ def smoothquant_stage(stage: Stage, config: SmoothQuantConfig) -> Dict[str, Laye
 def smoothquant_quantize(model, calibration_data, config: SmoothQuantConfig) -> Dict[str, LayerResult]:
     return quantize_sequential(model, calibration_data, find_linears(model, config.skip),
                                lambda st: smoothquant_stage(st, config),
-                               sample_rows=config.max_tokens if config.search_alpha else 0)
+                               sample_rows=config.max_tokens if config.search_alpha else 0,
+                               lockstep=config.lockstep)
