@@ -203,6 +203,11 @@ def make_configs(A, skip):
         "gptq_w4g128_asym_clip": A.GPTQConfig(4, 128, False, clip_search=True, skip=skip),
         "gptq_w4g128_asym_actorder_clip": A.GPTQConfig(4, 128, False, act_order=True, clip_search=True,
                                                        skip=skip),
+        # the clip search weighing each column's rounding error by GPTQ's own loss (1 / U_jj²)
+        "gptq_w4g128_asym_actorder_hclip": A.GPTQConfig(4, 128, False, act_order=True, clip_search=True,
+                                                        clip_hessian_weighted=True, skip=skip),
+        "gptq_w3g128_asym_actorder_hclip": A.GPTQConfig(3, 128, False, act_order=True, clip_search=True,
+                                                        clip_hessian_weighted=True, skip=skip),
         # the same calibration streamed: one partial block forward per Linear group plus one
         "gptq_w4g128_asym_actorder_clip_streamed": A.GPTQConfig(4, 128, False, act_order=True,
                                                                 clip_search=True, lockstep=False, skip=skip),
@@ -348,11 +353,12 @@ BASELINE = {
         "gptq_w4g128_asym", "gptq_w4g128_asym_clip", "gptq_w4g128_asym_actorder", "gptq_w4g128_asym_actorder_clip",
         "gptq_w4g128_asym_actorder_clip_streamed", "gptq_w4g128_asym_actorder_static_blockcal",
         "gptq_w4g128_asym_actorder_clip_blockcal", "gptq_w4g128_asym_actorder_clip_blockcal_bs4",
-        "gptq_w4g128_asym_actorder_clip_onepass",
+        "gptq_w4g128_asym_actorder_clip_onepass", "gptq_w4g128_asym_actorder_hclip",
         "gptq_w4g128_asym_awq_actorder_clip_blockcal", "awq_w4g128_asym", "qat_w4g128_asym_lsq_kd",
         "mixed_attn8_mlp4g128_rtn", "mixed_ends8_attn8_mlp4g128_gptq", "mixed_sensitivity_rtn_w4w8")},
     **{n: "rtn_w4g128_sym" for n in ("gptq_w4g128_sym", "gptq_w4g128_sym_actorder_clip_blockcal", "awq_w4g128_sym")},
     **{n: "rtn_w3g128_asym" for n in ("gptq_w3g128_asym", "gptq_w3g128_asym_actorder_clip",
+                                      "gptq_w3g128_asym_actorder_hclip",
                                       "gptq_w3g128_asym_actorder_static_blockcal",
                                       "gptq_w3g128_asym_actorder_clip_blockcal", "awq_w3g128_asym")},
     "gptq_w3g32_asym": "rtn_w3g32_asym",
@@ -381,7 +387,7 @@ def write_table(rows, path):
 
     for r in rows:
         gap = ""
-        base = by.get(BASELINE.get(r["name"], ""))
+        base = by.get(BASELINE.get(r["name"].split("@")[0], ""))   # name@orderN: a reordered rerun
         if base and fp is not None and base["ppl"] != fp:
             gap = f"{100 * (base['ppl'] - r['ppl']) / (base['ppl'] - fp):.1f}% (vs {base['name']})"
         rel = f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp else ""
@@ -409,6 +415,9 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib-batch", type=int, default=1,
                     help="calibration sequences per forward (larger GEMMs; same data and result)")
+    ap.add_argument("--calib-order-seed", type=int, default=None,
+                    help="shuffle the order of the calibration batches (same sequences): changes "
+                         "only float summation order, to measure how much a result moves by rounding")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results_eval/gemma3.json")
     ap.add_argument("--qat-steps", type=int, default=200)
@@ -447,6 +456,8 @@ def main():
             print(f"stop time reached: not starting {name}", flush=True)
             continue
         row = {"name": name, "model": args.model, "threads": args.threads}
+        if args.calib_order_seed is not None:   # its own row, beside the protocol-order one
+            row["name"] = f"{name}@order{args.calib_order_seed}"
         if args.note:
             row["note"] = args.note
         make_cache = None
@@ -500,6 +511,9 @@ def main():
             if not rtn_only:
                 calib = calibration(tok, args.calib, args.seqlen, seed=0, bos=bos, batch=args.calib_batch)
                 row.update(calib_n=args.calib, calib_len=args.seqlen, calib_batch=args.calib_batch)
+                if args.calib_order_seed is not None:
+                    random.Random(args.calib_order_seed).shuffle(calib)
+                    row["calib_order_seed"] = args.calib_order_seed
             with PeakRSS() as mem:
                 t1 = time.time()
                 res = A.quantize_model(m, cfg, calib)
@@ -514,7 +528,7 @@ def main():
         # append now so partial results survive
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         rows = json.load(open(args.out))["rows"] if os.path.exists(args.out) else []
-        rows = [r for r in rows if r["name"] != name] + [row]
+        rows = [r for r in rows if r["name"] != row["name"]] + [row]
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "protocol": "shared/EVAL.md", "rows": rows}, f, indent=1)
         write_table(rows, os.path.splitext(args.out)[0] + ".md")

@@ -145,6 +145,10 @@ def test_config_validation():
         A.AWQConfig(skip="lm_head")
     with pytest.raises(ValueError, match="min_clip"):
         A.AWQConfig(min_clip=0.0)
+    for cls in (A.GPTQConfig, A.AWQConfig, A.SmoothQuantConfig):
+        for bad in (0, -1.0, True, "2"):
+            with pytest.raises(ValueError, match="lockstep_max_gib"):
+                cls(lockstep_max_gib=bad)
     with pytest.raises(ValueError, match="act_bits must be 8 or None"):
         A.QATConfig(act_bits=4)
     with pytest.raises(ValueError, match="needs calibration_data"):
@@ -345,6 +349,53 @@ def test_lockstep_without_greenlet_streams(model, calib, monkeypatch):
     L, n = len(model.layers), len(calib)
     assert calls == L * n + L + L * n * 5, calls      # the streaming count: 4 stages + output pass
     assert all(torch.equal(res[k].qt.codes, v.qt.codes) for k, v in run_algo(model, cfg, calib)[1].items())
+
+
+def test_gptq_hessian_weighted_clip_beats_rtn_and_stays_on_grid(model, calib, fp_inputs, rtn):
+    cfg = A.GPTQConfig(bits=3, group_size=64, act_order=True, clip_search=True, n_clip_grid=8,
+                       clip_hessian_weighted=True)
+    m, res = run_algo(model, cfg, calib)
+    rtn3 = run_algo(model, A.RTNConfig(bits=3, group_size=64), None)[1]
+    assert layer_error(model, res, fp_inputs) < 0.8 * layer_error(model, rtn3, fp_inputs)
+    plain = run_algo(model, A.GPTQConfig(bits=3, group_size=64, act_order=True, clip_search=True,
+                                         n_clip_grid=8), calib)[1]
+    assert any(not torch.equal(res[k].qt.scales, plain[k].qt.scales) for k in res)  # the weights act
+    for r in res.values():  # in the stored (act-order) column order, the values sit on the grid
+        w = lowbit.dequantize(r.qt)
+        assert torch.equal(lowbit.quantize(w.contiguous(), 3, 64, scales=r.qt.scales, zeros=r.qt.zeros).codes,
+                           r.qt.codes)
+    for bad in (dict(clip_search=False), dict(clip_search=True, static_groups=True),
+                dict(clip_search=True, group_size=None)):
+        with pytest.raises(ValueError, match="clip_hessian_weighted"):
+            A.GPTQConfig(clip_hessian_weighted=True, **bad)
+
+
+def test_lockstep_over_its_memory_limit_streams(model, calib):
+    """A block whose parked activations would not fit in lockstep_max_gib streams instead (with a
+    warning), with the same codes; a generous limit keeps lockstep."""
+    L, n = len(model.layers), len(calib)
+    cfg = A.GPTQConfig(bits=4, group_size=64, lockstep_max_gib=1e-6)
+    with pytest.warns(RuntimeWarning, match="lockstep calibration of layers.0 would hold"):
+        _, small, calls = _count_block_calls(model, cfg, calib)
+    assert calls == L * n + L + L * n * 5, calls      # streaming: 4 stages + output pass
+    cfg.lockstep_max_gib = 1.0
+    _, big, calls = _count_block_calls(model, cfg, calib)
+    assert calls == L * n + L + L * n, calls          # lockstep: one forward per batch
+    assert all(torch.equal(big[k].qt.codes, v.qt.codes) for k, v in small.items())
+
+
+def test_lockstep_memory_bound_covers_the_block_outputs(model, calib):
+    """The probe's bound counts every tensor the block's leaves make: at least the Linears'
+    outputs, scaled to each batch's tokens."""
+    blocks = A.sequential.find_blocks(model)
+    firsts, _ = A.sequential._capture_inputs(model, blocks, calib)
+    prefix, block = blocks[0]
+    lins = {n: m for n, m in A.find_linears(model, ["lm_head"]).items() if n.startswith(prefix + ".")}
+    _, per_batch = A.sequential._probe(block, prefix, lins, firsts[0])
+    tokens = firsts[0][0][0].shape[:-1].numel() if firsts[0][0] else None
+    assert per_batch >= 4 * tokens * sum(m.out_features for m in lins.values())
+    fits, need, limit = A.sequential._lockstep_fits(per_batch, firsts, 1e-6)
+    assert not fits and need == per_batch * len(firsts) and limit == int(1e-6 * 2**30)
 
 
 def test_gptq_clip_search_beats_rtn_and_stays_on_grid(model, calib, fp_inputs, rtn):

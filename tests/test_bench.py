@@ -37,6 +37,9 @@ def test_every_method_is_measured_or_explained(tiny_run):
                 assert set(r["ratio_vs_peers"]) == {n for n, v in row["results"].items() if not v["ours"]}
     decode = tiny_run["rows"][0]["results"]
     assert all(r["weight_copies"] * r["weight_bytes"] >= 4 * tiny_run["machine"]["l3_bytes"] for r in decode.values())
+    for r in decode.values():  # one DRAM read probe per repeat, each a positive rate
+        assert len(r["probe_GBps"]) == r["repeats"] and min(r["probe_GBps"]) > 0
+        assert r["pct_start_limit"] > 0
     for why in tiny_run["unavailable"].values():
         assert why  # a missing peer says why
     assert tiny_run["bf16_dot_peak"]
@@ -76,3 +79,20 @@ def test_timer_reports_median_min_max():
     stats = measure.time_calls([lambda: None] * 3, budget_s=0.001)
     assert stats.repeats >= 3 and stats.copies == 3
     assert stats.min_s <= stats.median_s <= stats.max_s
+    assert stats.probe_GBps == [] and stats.per_call_s == []
+
+
+def test_timer_probes_after_every_repeat():
+    seen = []
+    stats = measure.time_calls([lambda: seen.append("call")] * 2, budget_s=0.001,
+                               probe=lambda: seen.append("probe") or 7.0)
+    assert stats.probe_GBps == [7.0] * stats.repeats and len(stats.per_call_s) == stats.repeats
+    # warm-up pass, then each repeat's calls followed by one probe
+    repeat = ["call"] * (stats.calls_per_repeat) + ["probe"]
+    assert seen == ["call"] * 2 + repeat * stats.repeats
+
+
+def test_microbench_read_reps_is_validated():
+    import numpy as np
+    with pytest.raises(ValueError, match="reps"):
+        bench.runner._ext.core().microbench("read", np.ones(1 << 16, np.uint8), 0)

@@ -253,6 +253,10 @@ def test_pack_once_and_cached():
     packed = qt._lowbit_packed[("panel4_k32", 1)]
     lb.matmul(x, qt, act_bits=8)
     assert qt._lowbit_packed[("panel4_k32", 1)] is packed
+    # 64-byte aligned, so the 64-byte int4 blocks after the 128-byte header are whole cache lines
+    for n in (8, 37, 300):
+        p = lb.ops._packed_weight(lb.quantize(_data(1, n, 64)[1], bits=4, group_size=32))
+        assert p.ctypes.data % 64 == 0 and p.flags["C_CONTIGUOUS"]
 
 
 @pytest.mark.parametrize("kw", [dict(bits=4, group_size=16), dict(bits=2, group_size=32),

@@ -165,7 +165,12 @@ py::array_t<uint8_t> pack_linear_py(py::handle codes, py::handle scales, py::han
     if (bits != 4 && bits != 8) fail("matmul kernels take 4- or 8-bit weights");
     bytes = packed_linear_bytes(N, K, f);
   } catch (const std::invalid_argument& e) { fail(e.what()); }
-  py::array_t<uint8_t> out(bytes);
+  // start on a 64-byte boundary (numpy only promises 16): the header is 128 bytes, so each 64-byte
+  // W4Block is then exactly one cache line, as the layout intends
+  py::array_t<uint8_t> base(bytes + 63);
+  const auto addr = reinterpret_cast<uintptr_t>(base.mutable_data());
+  const py::ssize_t off = py::ssize_t((64 - addr % 64) % 64);
+  py::array_t<uint8_t> out = base[py::slice(off, off + bytes, 1)].cast<py::array_t<uint8_t>>();
   uint8_t* o = out.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -246,7 +251,7 @@ PYBIND11_MODULE(_core, m) {
     return matmul_kernel_name(packed.data(), act_bits);
   }, "which variant:mode matmul would run");
   m.def("packed_layout", [] { return py::make_tuple("panel4_k32", int(kPanel4Version)); });
-  m.def("microbench", [](const std::string& kind, py::object arg) -> double {
+  m.def("microbench", [](const std::string& kind, py::object arg, int reps) -> double {
     bool avx2_ok = false;
     for (const auto& v : variants()) avx2_ok |= v.runnable && std::string(v.table->name) == "avx2";
     if (!avx2_ok) fail("the machine-limit microbenchmarks need the avx2 variant");
@@ -255,14 +260,16 @@ PYBIND11_MODULE(_core, m) {
       const uint8_t* p = buf.data();
       int64_t n = buf.size();
       py::gil_scoped_release nogil;
-      return avx2::peak_read_gbps(p, n, 5);
+      if (reps < 1) throw py::value_error("reps must be >= 1");
+      return avx2::peak_read_gbps(p, n, reps);
     }
     int64_t iters = arg.cast<int64_t>();
     py::gil_scoped_release nogil;
     if (kind == "fma") return avx2::peak_fma_gflops(iters);
     if (kind == "int8") return avx2::peak_int8_gops(iters);
     throw py::value_error("microbench kind must be read, fma or int8");
-  }, py::arg("kind"), py::arg("arg"), "machine limits: read GB/s, fp32 FMA GFLOP/s, int8 dot GOP/s");
+  }, py::arg("kind"), py::arg("arg"), py::arg("reps") = 5,
+        "machine limits: read GB/s (best of reps passes over arg), fp32 FMA GFLOP/s, int8 dot GOP/s");
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));
   m.def("get_isa", [] { return active_isa(); });

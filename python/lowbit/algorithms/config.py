@@ -34,6 +34,12 @@ def _check_skip(name: str, skip) -> Tuple[str, ...]:
     return skip
 
 
+def _check_lockstep_max_gib(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not value > 0):
+        raise ValueError(f"{name}.lockstep_max_gib must be a positive number of GiB or None, got {value!r}")
+
+
 def _check_fraction(name: str, value, lo_open: bool = False) -> None:
     ok = (0.0 < value <= 1.0) if lo_open else (0.0 <= value <= 1.0)
     if not ok:
@@ -67,10 +73,13 @@ class GPTQConfig:
     lockstep: with true_sequential, run each block once per calibration batch, all batches' forwards
     in lock-step, pausing at each group of Linears until it is calibrated on every batch and
     quantized (same result, one block forward per batch instead of one per group plus one); holds
-    one block's activations for every calibration batch in memory.
+    one block's activations for every calibration batch in memory. lockstep_max_gib: lockstep
+    only while that memory (bounded from a probe forward of one batch) fits in this many GiB;
+    None: half the memory available at the time. Otherwise calibration streams, with a warning.
     clip_search: each group's scale/zero is the clip ratio in [min_clip, 1] (n_clip_grid points)
     with the least squared rounding error of the group's columns when it is reached, instead of
-    plain min-max.
+    plain min-max. clip_hessian_weighted: weigh each column's squared error by GPTQ's own loss
+    for rounding it, 1 / U_jj² (U the Cholesky factor of H⁻¹); dynamic groups only.
     awq_scales: before GPTQ, rescale each stage's input by AWQ's activation-aware scales (searched
     on up to awq_max_tokens calibration rows, folded into the producing norm where exact), as
     AWQ-then-GPTQ recipes do."""
@@ -84,14 +93,17 @@ class GPTQConfig:
     sequential: bool = True
     true_sequential: bool = True
     lockstep: bool = True
+    lockstep_max_gib: Optional[float] = None
     clip_search: bool = False
     n_clip_grid: int = 20
     min_clip: float = 0.5
+    clip_hessian_weighted: bool = False
     awq_scales: bool = False
     awq_max_tokens: int = 4096
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
+        _check_lockstep_max_gib("GPTQConfig", self.lockstep_max_gib)
         _check_weight_format("GPTQConfig", self.bits, self.group_size, self.symmetric)
         if not (0.0 < self.percdamp <= 1.0):
             raise ValueError(f"GPTQConfig.percdamp must be in (0, 1] (typical 0.01), got {self.percdamp}")
@@ -100,6 +112,11 @@ class GPTQConfig:
         if self.n_clip_grid < 1:
             raise ValueError(f"GPTQConfig.n_clip_grid must be >= 1, got {self.n_clip_grid}")
         _check_fraction("GPTQConfig.min_clip", self.min_clip, lo_open=True)
+        if self.clip_hessian_weighted and not (self.clip_search and self.group_size is not None
+                                               and not self.static_groups):
+            raise ValueError("GPTQConfig.clip_hessian_weighted weighs the clip search of groups chosen "
+                             "as GPTQ reaches them: it needs clip_search=True, a group_size and "
+                             "static_groups=False")
         self.skip = _check_skip("GPTQConfig", self.skip)
 
 
@@ -107,7 +124,8 @@ class GPTQConfig:
 class AWQConfig:
     """AWQ (Lin et al. 2023). Per-input-channel scales s = mean|x|^alpha, alpha searched over
     n_grid points in [0, 1); then a per-group clip search over clip ratios in [min_clip, 1].
-    lockstep: calibrate each block in one forward per batch, batches in lock-step (see GPTQConfig)."""
+    lockstep, lockstep_max_gib: calibrate each block in one forward per batch, batches in
+    lock-step, within a memory limit (see GPTQConfig)."""
     bits: int = 4
     group_size: GroupSize = 128
     symmetric: bool = False
@@ -118,9 +136,11 @@ class AWQConfig:
     fold: bool = True
     max_tokens: int = 4096
     lockstep: bool = True
+    lockstep_max_gib: Optional[float] = None
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
+        _check_lockstep_max_gib("AWQConfig", self.lockstep_max_gib)
         _check_weight_format("AWQConfig", self.bits, self.group_size, self.symmetric)
         if self.n_grid < 1 or self.n_clip_grid < 1:
             raise ValueError(f"AWQConfig.n_grid and n_clip_grid must be >= 1, got "
@@ -135,7 +155,8 @@ class SmoothQuantConfig:
     preceding norm where possible; then int8 per-channel weights and dynamic per-token int8
     activations (simulated). search_alpha: per stage, the α of least W8A8 output error among
     n_grid points in [0, 1] (and alpha itself), measured on up to max_tokens calibration rows.
-    lockstep: calibrate each block in one forward per batch, batches in lock-step (see GPTQConfig)."""
+    lockstep, lockstep_max_gib: calibrate each block in one forward per batch, batches in
+    lock-step, within a memory limit (see GPTQConfig)."""
     alpha: float = 0.5
     weight_bits: int = 8
     act_bits: Optional[int] = 8
@@ -144,9 +165,11 @@ class SmoothQuantConfig:
     n_grid: int = 11
     max_tokens: int = 2048
     lockstep: bool = True
+    lockstep_max_gib: Optional[float] = None
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
+        _check_lockstep_max_gib("SmoothQuantConfig", self.lockstep_max_gib)
         _check_fraction("SmoothQuantConfig.alpha", self.alpha)
         if self.n_grid < 2 or self.max_tokens < 1:
             raise ValueError(f"SmoothQuantConfig.n_grid must be >= 2 and max_tokens >= 1, got "

@@ -24,12 +24,15 @@ from .config import GPTQConfig
 from .observers import search_clip
 
 
-def _group_params(Wg: torch.Tensor, config: GPTQConfig):
+def _group_params(Wg: torch.Tensor, config: GPTQConfig, col_weight=None):
     """Scales/zeros [N, 1] for one group's current (error-updated) columns Wg [N, gs]: lowbit's
-    min-max rule, or with config.clip_search the per-row clip ratio of least squared error."""
+    min-max rule, or with config.clip_search the per-row clip ratio of least squared error
+    (each column's error weighted by col_weight [gs] when given)."""
     if config.clip_search:
         ratios = torch.linspace(1.0, config.min_clip, config.n_clip_grid).tolist()
-        s, z, _ = search_clip(Wg, config.bits, None, config.symmetric, ratios)
+        err_fn = None if col_weight is None else (
+            lambda a, b: ((a - b).square() * col_weight).sum(1, keepdim=True))
+        s, z, _ = search_clip(Wg, config.bits, None, config.symmetric, ratios, err_fn)
         return s, z
     qg = quantize(Wg, config.bits, None, config.symmetric)
     return qg.scales, qg.zeros
@@ -100,7 +103,9 @@ def gptq_quantize_weights(weights: List[torch.Tensor], H: torch.Tensor, config: 
                 g = (perm[i1:i2] if perm is not None else torch.arange(i1, i2)) // gs
                 s, z = static_s[:, g].t(), (static_z[:, g].t() if static_z is not None else None)
             else:
-                s, z = _group_params(W1[c0:c1].t().contiguous(), config)
+                # GPTQ's loss for rounding column j (earlier ones fixed) is err_j² / U_jj²
+                cw = U1.diagonal()[c0:c1].square().reciprocal() if config.clip_hessian_weighted else None
+                s, z = _group_params(W1[c0:c1].t().contiguous(), config, cw)
                 S[:, (i1 + c0) // gs] = s[:, 0]
                 if Z is not None:
                     Z[:, (i1 + c0) // gs] = z[:, 0]
@@ -176,4 +181,5 @@ def gptq_quantize(model, calibration_data, config: GPTQConfig) -> Dict[str, Laye
                                lambda st: gptq_stage(st, config), hessian=True,
                                sample_rows=config.awq_max_tokens if config.awq_scales else 0,
                                sequential=config.sequential, true_sequential=config.true_sequential,
-                               lockstep=config.lockstep)
+                               lockstep=config.lockstep,
+                               lockstep_max_gib=config.lockstep_max_gib)

@@ -279,12 +279,15 @@ def _quantize_in_lockstep(model, block, inputs, stages: List["Stage"], stage_fn,
     return _hidden_of(outs)
 
 
-def _probe(block, prefix, linears: Dict[str, nn.Linear], first_input) -> List[Stage]:
-    """One forward of the block recording which Linears share an input tensor and who made it."""
+def _probe(block, prefix, linears: Dict[str, nn.Linear], first_input) -> Tuple[List[Stage], int]:
+    """One forward of the block recording which Linears share an input tensor and who made it.
+    Also returns the bytes of every tensor the block's leaf modules produced in that forward: an
+    upper bound of the activations one parked lockstep forward can hold."""
     out_of: Dict[int, Tuple[str, nn.Module]] = {}
     args_of: Dict[str, tuple] = {}
     keep = []          # hold tensors so their id()s stay unique during the probe
     order: List[Tuple[str, int]] = []
+    produced: List[int] = []
     consumers: Dict[int, set] = {}
     lin_ids = {id(m): n for n, m in linears.items()}
     handles = []
@@ -306,6 +309,7 @@ def _probe(block, prefix, linears: Dict[str, nn.Linear], first_input) -> List[St
             if leaf and isinstance(out, torch.Tensor):
                 keep.append(out)
                 out_of[id(out)] = (full, mod)
+                produced.append(out.numel() * out.element_size())
 
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
@@ -337,7 +341,38 @@ def _probe(block, prefix, linears: Dict[str, nn.Linear], first_input) -> List[St
     for st in stages:
         if st.producer is not None and getattr(st, "_consumers", set()) != set(st.names):
             st.producer = st.producer_name = st.producer_args = None
-    return stages
+    return stages, sum(produced)
+
+
+def _input_numel(inp) -> int:
+    a, kw = inp
+    h = a[0] if a else kw["hidden_states"]
+    return h.numel()
+
+
+def _available_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _lockstep_fits(per_probe_bytes: int, inputs, max_gib: Optional[float]) -> Tuple[bool, int, int]:
+    """Whether lockstep's parked activations (the probe's bound, scaled to each batch's tokens)
+    fit in max_gib (None: half the memory available now; no limit where that is unknown).
+    Returns (fits, estimate, limit) in bytes."""
+    n0 = _input_numel(inputs[0])
+    estimate = sum(per_probe_bytes * _input_numel(i) // n0 for i in inputs)
+    max_bytes = None if max_gib is None else int(max_gib * 2**30)
+    if max_bytes is None:
+        avail = _available_bytes()
+        max_bytes = avail // 2 if avail is not None else estimate
+    return estimate <= max_bytes, estimate, max_bytes
 
 
 def _sample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
@@ -394,7 +429,8 @@ def _calibrate_stages(run_fn, stages: List[Stage], hessian: bool, sample_rows: i
 def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.Linear],
                         stage_fn: StageFn, hessian: bool = False, sample_rows: int = 0,
                         sequential: bool = True, true_sequential: bool = True,
-                        lockstep: bool = True) -> Dict[str, LayerResult]:
+                        lockstep: bool = True, lockstep_max_gib: Optional[float] = None
+                        ) -> Dict[str, LayerResult]:
     """Drive stage_fn over the model's Linears (see module docstring). stage_fn gets a calibrated
     Stage and returns LayerResults for its Linears; they are applied (simulated) at once so later
     stages and blocks see quantized inputs. true_sequential=False calibrates all stages of a block
@@ -402,7 +438,10 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
     still float): two block forwards instead of one per stage plus one. sequential=False
     calibrates every stage on the float model (all statistics from one pass of full-model
     forwards). lockstep (with true_sequential): one forward per block and batch, all batches in
-    lock-step (see the module docstring) instead of one forward per stage plus one."""
+    lock-step (see the module docstring) instead of one forward per stage plus one, as long as a
+    block's parked activations (bounded from the probe forward) fit in lockstep_max_gib (None:
+    half the memory available when the block starts); from the first block that does not fit on,
+    calibration streams, with a warning."""
     data = list(data)
     if not data:
         raise ValueError("calibration_data is empty; pass a list of input batches")
@@ -422,7 +461,15 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
                     inputs = [((h,) + tuple(r), dict(k)) for h, (r, k) in zip(hidden, extras[bi])]
             blk_lin = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
             if blk_lin:
-                stages = _probe(block, prefix, blk_lin, inputs[0])
+                stages, probe_bytes = _probe(block, prefix, blk_lin, inputs[0])
+                if true_sequential and lockstep and gl is not None:
+                    fits, need, limit = _lockstep_fits(probe_bytes, inputs, lockstep_max_gib)
+                    if not fits:
+                        warnings.warn(f"lowbit: lockstep calibration of {prefix} would hold up to "
+                                      f"{need / 2**30:.2f} GiB of activations (limit {limit / 2**30:.2f} "
+                                      f"GiB), so it streams each block once per stage instead",
+                                      RuntimeWarning, stacklevel=3)
+                        gl = None
                 if true_sequential and lockstep and gl is not None:
                     hidden = _quantize_in_lockstep(model, block, inputs, stages, stage_fn, results,
                                                    hessian, sample_rows, gl)

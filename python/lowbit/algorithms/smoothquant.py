@@ -60,4 +60,5 @@ def smoothquant_quantize(model, calibration_data, config: SmoothQuantConfig) -> 
     return quantize_sequential(model, calibration_data, find_linears(model, config.skip),
                                lambda st: smoothquant_stage(st, config),
                                sample_rows=config.max_tokens if config.search_alpha else 0,
-                               lockstep=config.lockstep)
+                               lockstep=config.lockstep,
+                               lockstep_max_gib=config.lockstep_max_gib)

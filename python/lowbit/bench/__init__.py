@@ -16,7 +16,9 @@ Shapes: K x N = 4096x4096, 4096x11008, 4096x14336, 576x1536, 1536x576; M = 1 ...
 threads (M = 2048 only where a call is <= 100 GFLOP) and M = 1, 4, 16 with 1 thread.
 Decode rows (M <= 16) rotate weight copies totalling >= 4x the L3, so weights stream from DRAM;
 % of limit = weight bytes (codes + scales + zeros as the method stores them) per second over the
-DRAM read rate. Prefill rows are compute-bound: % of limit = GOP/s over the int8-dot peak (int8
+DRAM read rate, taken per repeat against a read pass run right after it (the median of those
+ratios), because a VM's DRAM rate drifts by tens of percent during a run; the JSON also keeps the
+% of the rate measured once at the start (pct_start_limit). Prefill rows are compute-bound: % of limit = GOP/s over the int8-dot peak (int8
 compute) or the fp32 FMA peak (float compute). Each measurement: a warm-up pass, then repeats within
 a time budget; median, min and max per call. Ratio = peer time / our time (> 1: ours is faster).
 Accuracy: relative error of each method against x @ dequantize(W).T on activations with outlier

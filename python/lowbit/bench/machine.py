@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -43,10 +43,23 @@ def bf16_dot_status() -> str:
     return f"not measured: the CPU has {' '.join(have)}, but lowbit has no bf16-dot microbenchmark yet"
 
 
-def measure_limits(threads: List[int], l3: int) -> Dict[int, Dict[str, float]]:
-    """DRAM read GB/s (a buffer 8x the L3), fp32 FMA GFLOP/s and int8-dot GOP/s per thread count."""
+def read_buffer(l3: int) -> np.ndarray:
+    """The DRAM read microbenchmark's buffer: 8x the L3, so a pass over it streams from DRAM."""
+    return np.ones(8 * l3, np.uint8)
+
+
+def dram_probe(buf: np.ndarray) -> Callable[[], float]:
+    """One read pass over buf (GB/s, on the current thread count): the bandwidth available now.
+    A VM's DRAM rate drifts by tens of percent over a run, so decode rows are compared with this,
+    taken between their repeats, rather than only with the rate measured once at the start."""
     core = _ext.core()
-    buf = np.ones(8 * l3, np.uint8)
+    return lambda: core.microbench("read", buf, 1)
+
+
+def measure_limits(threads: List[int], buf: np.ndarray) -> Dict[int, Dict[str, float]]:
+    """DRAM read GB/s (best of 5 passes over buf), fp32 FMA GFLOP/s and int8-dot GOP/s per thread
+    count."""
+    core = _ext.core()
     limits = {}
     for t in threads:
         core.set_num_threads(t)

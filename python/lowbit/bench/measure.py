@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import numpy as np
@@ -49,30 +49,38 @@ class Stats:
     repeats: int
     calls_per_repeat: int
     copies: int  # weight copies rotated
+    # with a probe: the DRAM read rate (GB/s) measured right after each repeat, and that repeat's
+    # seconds per call, so each repeat is compared with the bandwidth available at that moment
+    probe_GBps: List[float] = field(default_factory=list)
+    per_call_s: List[float] = field(default_factory=list)
 
 
 MIN_REPEAT_S = 2e-3  # a repeat this long at least, so the timer and Python overhead do not dominate
 
 
-def time_calls(calls: List[Callable[[], Any]], budget_s: float, max_repeats: int = 10) -> Stats:
+def time_calls(calls: List[Callable[[], Any]], budget_s: float, max_repeats: int = 10,
+               probe: Optional[Callable[[], float]] = None) -> Stats:
     """Seconds per call of `calls` (one per weight copy): a warm-up pass over all of them, then
     repeats of whole passes (several per repeat when a pass is shorter than MIN_REPEAT_S), as many
-    as fit in budget_s, at least 3 (so slow calls run 1 + 3 passes) and at most max_repeats."""
+    as fit in budget_s, at least 3 (so slow calls run 1 + 3 passes) and at most max_repeats.
+    probe (decode rows: one DRAM read pass, returning GB/s) runs after every repeat, untimed."""
     t0 = time.perf_counter()
     for c in calls:
         c()
     first_pass = max(time.perf_counter() - t0, 1e-7)
     passes = max(1, math.ceil(MIN_REPEAT_S / first_pass))
     repeats = int(min(max_repeats, max(3, budget_s // (first_pass * passes))))
-    per_call = []
+    per_call, probed = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(passes):
             for c in calls:
                 c()
         per_call.append((time.perf_counter() - t0) / (passes * len(calls)))
+        if probe is not None:
+            probed.append(probe())
     return Stats(statistics.median(per_call), min(per_call), max(per_call), repeats, passes * len(calls),
-                 len(calls))
+                 len(calls), probed, per_call if probe is not None else [])
 
 
 def copies_for_dram(weight_bytes: int, l3_bytes: int) -> int:

@@ -15,7 +15,10 @@ def print_block(row: dict) -> None:
     times slower than each of our kernels they are (peer time / our time)."""
     lim, ours = row["limits"], row["ours"]
     if row["regime"] == "decode":
-        what = f"weights from DRAM, % of DRAM read {lim['dram_read_GBps']:.1f} GB/s"
+        probes = sorted(p for r in row["results"].values() for p in r["probe_GBps"])
+        what = (f"weights from DRAM; %limit: of the DRAM read rate probed between repeats (median "
+                f"{probes[len(probes) // 2]:.1f}, range {probes[0]:.1f}-{probes[-1]:.1f} GB/s; "
+                f"{lim['dram_read_GBps']:.1f} GB/s at the start)")
     else:
         what = (f"% of int8-dot {lim['int8_dot_GOPs']:.0f} GOP/s (int8 compute) or "
                 f"fp32 FMA {lim['fp32_fma_GFLOPs']:.0f} GFLOP/s (float compute)")
