@@ -208,6 +208,8 @@ def make_configs(A, skip):
                                                         clip_hessian_weighted=True, skip=skip),
         "gptq_w3g128_asym_actorder_hclip": A.GPTQConfig(3, 128, False, act_order=True, clip_search=True,
                                                         clip_hessian_weighted=True, skip=skip),
+        "gptq_w4g128_sym_actorder_hclip": A.GPTQConfig(4, 128, True, act_order=True, clip_search=True,
+                                                       clip_hessian_weighted=True, skip=skip),
         # the same calibration streamed: one partial block forward per Linear group plus one
         "gptq_w4g128_asym_actorder_clip_streamed": A.GPTQConfig(4, 128, False, act_order=True,
                                                                 clip_search=True, lockstep=False, skip=skip),
@@ -356,7 +358,8 @@ BASELINE = {
         "gptq_w4g128_asym_actorder_clip_onepass", "gptq_w4g128_asym_actorder_hclip",
         "gptq_w4g128_asym_awq_actorder_clip_blockcal", "awq_w4g128_asym", "qat_w4g128_asym_lsq_kd",
         "mixed_attn8_mlp4g128_rtn", "mixed_ends8_attn8_mlp4g128_gptq", "mixed_sensitivity_rtn_w4w8")},
-    **{n: "rtn_w4g128_sym" for n in ("gptq_w4g128_sym", "gptq_w4g128_sym_actorder_clip_blockcal", "awq_w4g128_sym")},
+    **{n: "rtn_w4g128_sym" for n in ("gptq_w4g128_sym", "gptq_w4g128_sym_actorder_clip_blockcal",
+                                     "gptq_w4g128_sym_actorder_hclip", "awq_w4g128_sym")},
     **{n: "rtn_w3g128_asym" for n in ("gptq_w3g128_asym", "gptq_w3g128_asym_actorder_clip",
                                       "gptq_w3g128_asym_actorder_hclip",
                                       "gptq_w3g128_asym_actorder_static_blockcal",
