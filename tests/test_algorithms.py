@@ -332,6 +332,22 @@ def test_lockstep_error_reaches_the_caller(model, calib):
     assert all(not lin._forward_pre_hooks for lin in A.find_linears(m).values())
 
 
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_calibration_collects_only_what_is_asked(model, calib, lockstep):
+    """GPTQ without AWQ scales needs the Hessian only: no |x| statistics are gathered for it."""
+    seen = []
+
+    def record(stage):
+        st = stage.stats[stage.names[0]]
+        seen.append((st.hessian is not None, st.abs_sum is None and st.abs_max is None))
+        return {}
+
+    m = copy.deepcopy(model)
+    A.sequential.quantize_sequential(m, calib, A.find_linears(m, ["lm_head"]), record, hessian=True,
+                                     abs_stats=False, lockstep=lockstep)
+    assert seen and all(h and no_abs for h, no_abs in seen)
+
+
 def test_lockstep_without_greenlet_streams(model, calib, monkeypatch):
     import builtins
     real_import = builtins.__import__

@@ -180,6 +180,7 @@ def gptq_quantize(model, calibration_data, config: GPTQConfig) -> Dict[str, Laye
     return quantize_sequential(model, calibration_data, find_linears(model, config.skip),
                                lambda st: gptq_stage(st, config), hessian=True,
                                sample_rows=config.awq_max_tokens if config.awq_scales else 0,
+                               abs_stats=config.awq_scales,     # only AWQ's scale search reads them
                                sequential=config.sequential, true_sequential=config.true_sequential,
                                lockstep=config.lockstep,
                                lockstep_max_gib=config.lockstep_max_gib)

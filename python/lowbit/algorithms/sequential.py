@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +31,13 @@ from .observers import CalibrationHooks, LinearStats, _as_2d, accumulate_stats_,
 
 class _Stop(Exception):
     pass
+
+
+class Collect(NamedTuple):
+    """What calibration gathers for each stage's input."""
+    hessian: bool = False       # Σ xᵀx (GPTQ)
+    abs_stats: bool = True      # per-channel mean/max |x| (AWQ, SmoothQuant)
+    sample_rows: int = 0        # this many input rows kept as stage.x (AWQ's search), 0: none
 
 
 @dataclass
@@ -192,7 +199,7 @@ def _greenlet():
 
 
 def _quantize_in_lockstep(model, block, inputs, stages: List["Stage"], stage_fn, results,
-                          hessian: bool, sample_rows: int, greenlet) -> list:
+                          want: Collect, greenlet) -> list:
     """Run the block once per batch, each batch's forward in its own greenlet (a coroutine on this
     thread: no extra OS threads next to torch's). A pre-hook on each stage's first Linear adds the
     batch's input to the stage's statistics and parks the forward. Once every batch is parked, the
@@ -219,9 +226,9 @@ def _quantize_in_lockstep(model, block, inputs, stages: List["Stage"], stage_fn,
             if greenlet.getcurrent() not in mine or k in done:   # not ours, or called again
                 return None
             x = args[0]
-            accumulate_stats_(stats.setdefault(k, LinearStats()), _as_2d(x), hessian)
-            if sample_rows:
-                samples.setdefault(k, []).append(_sample_rows(x, sample_rows))
+            accumulate_stats_(stats.setdefault(k, LinearStats()), _as_2d(x), want.hessian, want.abs_stats)
+            if want.sample_rows:
+                samples.setdefault(k, []).append(_sample_rows(x, want.sample_rows))
             driver.switch(k)                # parked until stage k is quantized
             r, made_by = done[k], producer_inputs.pop((k, greenlet.getcurrent()), None)
             if r is None:
@@ -239,7 +246,7 @@ def _quantize_in_lockstep(model, block, inputs, stages: List["Stage"], stage_fn,
         stage = stages[k]
         st = finish_stats_(stats.pop(k))
         stage.stats = {name: st for name in stage.names}
-        stage.x = _sample_rows(torch.cat(samples.pop(k)), sample_rows) if sample_rows else None
+        stage.x = _sample_rows(torch.cat(samples.pop(k)), want.sample_rows) if want.sample_rows else None
         stage.quantized = frozenset(results)
         res = stage_fn(stage)
         stage.x = None
@@ -387,18 +394,19 @@ class _StageCalibration:
     """Context: while active, hooks fill stage.stats (and stage.x, sampled input rows); finish()
     stores them on the stage."""
 
-    def __init__(self, stage: Stage, hessian: bool, sample_rows: int):
-        self.stage, self.hessian, self.sample_rows = stage, hessian, sample_rows
+    def __init__(self, stage: Stage, want: Collect):
+        self.stage, self.want = stage, want
         self.xs: List[torch.Tensor] = []
 
     def __enter__(self):
         st = self.stage
         self.handle = None
-        if self.sample_rows:
+        rows = self.want.sample_rows
+        if rows:
             first = st.linears[st.names[0]]
             self.handle = first.register_forward_hook(
-                lambda m, a, o: self.xs.append(_sample_rows(a[0], self.sample_rows)))
-        self.cal = CalibrationHooks(st.linears, hessian=self.hessian).__enter__()
+                lambda m, a, o: self.xs.append(_sample_rows(a[0], rows)))
+        self.cal = CalibrationHooks(st.linears, self.want.hessian, self.want.abs_stats).__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -409,18 +417,18 @@ class _StageCalibration:
     def finish(self) -> None:
         self.stage.stats = self.cal.stats
         if self.xs:
-            self.stage.x = _sample_rows(torch.cat(self.xs), self.sample_rows)
+            self.stage.x = _sample_rows(torch.cat(self.xs), self.want.sample_rows)
 
 
 StageFn = Callable[[Stage], Dict[str, LayerResult]]
 
 
-def _calibrate_stages(run_fn, stages: List[Stage], hessian: bool, sample_rows: int) -> None:
+def _calibrate_stages(run_fn, stages: List[Stage], want: Collect) -> None:
     """One run_fn() filling the statistics of several stages at once (their Linears' inputs)."""
     with contextlib.ExitStack() as stack:
         fills = []
         for st in stages:
-            fills.append(stack.enter_context(_StageCalibration(st, hessian, sample_rows)))
+            fills.append(stack.enter_context(_StageCalibration(st, want)))
         run_fn()
     for f in fills:
         f.finish()
@@ -428,12 +436,14 @@ def _calibrate_stages(run_fn, stages: List[Stage], hessian: bool, sample_rows: i
 
 def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.Linear],
                         stage_fn: StageFn, hessian: bool = False, sample_rows: int = 0,
-                        sequential: bool = True, true_sequential: bool = True,
+                        abs_stats: bool = True, sequential: bool = True, true_sequential: bool = True,
                         lockstep: bool = True, lockstep_max_gib: Optional[float] = None
                         ) -> Dict[str, LayerResult]:
     """Drive stage_fn over the model's Linears (see module docstring). stage_fn gets a calibrated
     Stage and returns LayerResults for its Linears; they are applied (simulated) at once so later
-    stages and blocks see quantized inputs. true_sequential=False calibrates all stages of a block
+    stages and blocks see quantized inputs. Stage statistics hold the Hessian when hessian, the
+    per-channel |x| mean/max when abs_stats, and stage.x holds sample_rows input rows when > 0.
+    true_sequential=False calibrates all stages of a block
     in one forward (block inputs from the quantized blocks before it, but the block's own Linears
     still float): two block forwards instead of one per stage plus one. sequential=False
     calibrates every stage on the float model (all statistics from one pass of full-model
@@ -445,6 +455,7 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
     data = list(data)
     if not data:
         raise ValueError("calibration_data is empty; pass a list of input batches")
+    want = Collect(hessian, abs_stats, sample_rows)
     results: Dict[str, LayerResult] = {}
     blocks = find_blocks(model) if sequential else []
     gl = _greenlet() if (blocks and true_sequential and lockstep) else None
@@ -472,16 +483,16 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
                         gl = None
                 if true_sequential and lockstep and gl is not None:
                     hidden = _quantize_in_lockstep(model, block, inputs, stages, stage_fn, results,
-                                                   hessian, sample_rows, gl)
+                                                   want, gl)
                     done.update(blk_lin)
                     continue
                 if not true_sequential:
                     _calibrate_stages(lambda: _run_until(block, inputs, list(blk_lin.values())), stages,
-                                      hessian, sample_rows)
+                                      want)
                 for stage in stages:
                     if true_sequential:
                         mods = list(stage.linears.values())
-                        _calibrate_stages(lambda: _run_until(block, inputs, mods), [stage], hessian, sample_rows)
+                        _calibrate_stages(lambda: _run_until(block, inputs, mods), [stage], want)
                     stage.quantized = frozenset(results)
                     res = stage_fn(stage)
                     apply_simulated(model, res)
@@ -497,13 +508,13 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
         if sequential:
             for st in stages:
                 _calibrate_stages(lambda: _run_until(model, batches, list(st.linears.values())), [st],
-                                  hessian, sample_rows)
+                                  want)
                 res = stage_fn(st)
                 apply_simulated(model, res)
                 results.update(res)
         else:
             # all statistics from the float model, in one pass over the data
-            _calibrate_stages(lambda: _run_until(model, batches, list(rest.values())), stages, hessian, sample_rows)
+            _calibrate_stages(lambda: _run_until(model, batches, list(rest.values())), stages, want)
             for st in stages:
                 results.update(stage_fn(st))
             apply_simulated(model, results)
@@ -538,8 +549,8 @@ def try_fold(stage: Stage, s: torch.Tensor) -> bool:
         if b0 is not None:
             b.div_(sv)
         got = p(*stage.producer_args)
-        want = ref / sv
-        ok = torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-12)
+        expected = ref / sv
+        ok = torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-12)
         if not ok:
             w.copy_(w0)
             if b0 is not None:
