@@ -124,3 +124,25 @@ def test_perplexity_matches_manual_computation(tiny):
             t = torch.tensor([ids[s:s + 40]])
             nll += float(model(t, labels=t).loss) * (t.shape[1] - 1)
     assert abs(ppl - float(torch.exp(torch.tensor(nll / n)))) < 1e-3 * ppl
+
+
+def test_gptq_time_floor_counts_the_calibration_work(tiny):
+    """bench/gptq_time_floor.py: multiply-adds of one calibration sequence through a 2-layer Llama
+    (hidden 64, 4 heads of 16, 2 KV heads, MLP 128), counted by hand."""
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        import gptq_time_floor
+    finally:
+        sys.path.pop(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "model")).eval()
+    S = 16
+    got = gptq_time_floor.count_macs(model, S)
+    per_token_linear = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 64 * 128 + 128 * 64   # q, k+v, o, gate+up, down
+    # distinct Linear inputs per layer: q/k/v's, o's, gate/up's (K=64) and down's (K=128)
+    per_token_hessian = 3 * (64 * 65 // 2) + 128 * 129 // 2
+    assert got["blocks"] == 2 and got["distinct_inputs"] == 8
+    assert got["linear"] == 2 * S * per_token_linear
+    assert got["hessian"] == 2 * S * per_token_hessian
+    assert got["attention"] == 2 * 2 * 4 * 16 * (S * (S + 1) // 2)     # layers x (QKᵀ, AV) x heads x dim
