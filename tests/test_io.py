@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import lowbit as lb
+from lowbit.io import SCHEMA_VERSION
 from lowbit import io as lio
 
 F32 = np.float32
@@ -448,6 +449,38 @@ def test_torch_state_dict_round_trip(tmp_path):
     np.testing.assert_array_equal(as_np["bias"], sd["bias"].float().numpy())
 
 
+def test_shared_memory_is_stored_once(tmp_path):
+    """Two entries viewing the same memory (a tied embedding and lm_head) are written once, as an
+    alias entry (schema 2), and load as one object; equal values in separate memory stay separate."""
+    st = pytest.importorskip("safetensors.numpy")
+    torch = pytest.importorskip("torch")
+    emb = torch.randn(50, 16)
+    sd = {"embed.weight": emb, "head.weight": emb.detach(), "copy": emb.clone(),
+          "q": lb.quantize(np.ones((4, 32), F32), 4, 32), "a": np.arange(6, dtype=F32)}
+    sd["a_view"] = sd["a"][:]
+    path = str(tmp_path / "tied.safetensors")
+    lb.save(sd, path)
+    assert sorted(st.load_file(path)) == ["a", "copy", "embed.weight", "q.lowbit.codes", "q.lowbit.scales",
+                                          "q.lowbit.zeros"]
+    from safetensors import safe_open
+    with safe_open(path, framework="np") as f:
+        meta = f.metadata()
+    entries = json.loads(meta["lowbit.entries"])
+    assert meta["lowbit.schema_version"] == "2" and SCHEMA_VERSION == 2
+    assert entries["head.weight"] == {"kind": "alias", "of": "embed.weight"}
+    assert entries["a_view"] == {"kind": "alias", "of": "a"} and entries["copy"]["kind"] == "dense"
+    got = lb.load(path)
+    assert list(got) == list(sd)
+    assert got["head.weight"] is got["embed.weight"] and torch.equal(got["head.weight"], emb)
+    assert got["copy"] is not got["embed.weight"] and got["a_view"] is got["a"]
+    for bad, msg in (({"x": {"kind": "alias", "of": "nowhere"}}, "'x'.*alias of 'nowhere'"),
+                     ({"x": {"kind": "alias", "of": "q"}}, "'x'.*alias of 'q'.*not an earlier dense")):
+        dst = tmp_path / "bad_alias.safetensors"
+        _rewrite_meta(path, dst, lambda m, e, t: e.update(bad))
+        with pytest.raises(ValueError, match=msg):
+            lb.load(str(dst))
+
+
 def _rewrite_meta(src, dst, fn):
     """Copy a lowbit file with its metadata changed by fn(meta, entries) (written by safetensors)."""
     from safetensors import safe_open
@@ -467,7 +500,8 @@ def test_load_rejects_newer_unknown_inconsistent_truncated(tmp_path):
     src = tmp_path / "ok.safetensors"
     lb.save({"layers.0.w": lb.quantize(rng.standard_normal((8, 64)).astype(F32), 4, 32), "b": np.ones(8, F32)}, str(src))
     cases = {
-        "newer": (lambda m, e, t: m.update({"lowbit.schema_version": "2"}), "schema version 2.*[Uu]pgrade"),
+        "newer": (lambda m, e, t: m.update({"lowbit.schema_version": str(SCHEMA_VERSION + 1)}),
+                  f"schema version {SCHEMA_VERSION + 1}.*[Uu]pgrade"),
         "scheme": (lambda m, e, t: e["layers.0.w"].update(scheme="int5"), "'layers.0.w'.*unknown format scheme"),
         "layout": (lambda m, e, t: e["layers.0.w"].update(layout="marlin-v9"), "'layers.0.w'.*unknown layout"),
         "kind": (lambda m, e, t: e["b"].update(kind="sparse"), "'b'.*unknown entry kind"),

@@ -44,9 +44,14 @@ def _safetensors_rows(path: str) -> List[Row]:
     nbytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
     rows: List[Row] = []
     if meta.get("format") == "lowbit" and "lowbit.entries" in meta:
-        for name, e in json.loads(meta["lowbit.entries"]).items():
+        entries = json.loads(meta["lowbit.entries"])
+        for name, e in entries.items():
             size = sum(nbytes.get(k, 0) for k in e.get("tensors", {}).values())
-            if e.get("kind") == "quantized":
+            if e.get("kind") == "alias":     # stored once under the entry it aliases
+                key = entries[e["of"]]["tensors"]["data"]
+                rows.append((name, f"alias of {e['of']}", "x".join(map(str, header[key]["shape"])),
+                             str(8 * np.dtype(_dtype(header[key]["dtype"])).itemsize), 0))
+            elif e.get("kind") == "quantized":
                 g = e.get("group_size")
                 fmt = QuantFormat(int(e["bits"]), e["scheme"] != "asymmetric", g,
                                   "nf4" if e["scheme"] == "nf4" else None)

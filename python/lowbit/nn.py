@@ -17,6 +17,7 @@ Gradients flow to x (and to a bias that requires grad); the quantized weight is 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Any, Dict, Optional
@@ -298,7 +299,28 @@ def save_quantized_model(model: nn.Module, path: str) -> str:
     return file
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no random init)
+    while buffers stay real: non-persistent ones, such as rotary frequencies, are computed in
+    __init__ and are not in the file."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def _skeleton(model_or_config, folder: Optional[str]) -> nn.Module:
+    """The model to load into: the caller's module, or one built from a transformers config with
+    its parameters on the meta device (the float weights are never allocated)."""
     if isinstance(model_or_config, nn.Module):
         return model_or_config
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -313,7 +335,8 @@ def _skeleton(model_or_config, folder: Optional[str]) -> nn.Module:
     if not isinstance(cfg, PretrainedConfig):
         raise TypeError(f"expected an nn.Module, a transformers PretrainedConfig or a config folder, "
                         f"got {type(model_or_config).__name__}")
-    return AutoModelForCausalLM.from_config(cfg)
+    with _parameters_on_meta():
+        return AutoModelForCausalLM.from_config(cfg)
 
 
 def load_quantized_model(path: str, model_or_config=None) -> nn.Module:
@@ -321,7 +344,8 @@ def load_quantized_model(path: str, model_or_config=None) -> nn.Module:
     model_or_config: an nn.Module skeleton (its float Linears named in the file are replaced by
     QuantLinears; the other weights are loaded into it), a transformers config or config folder
     (AutoModelForCausalLM.from_config builds the skeleton), or None to use path's config.json.
-    Returns the model in eval mode."""
+    Returns the model in eval mode. A skeleton built here holds no float weights: the file's
+    tensors become its parameters; a caller's module gets them copied in."""
     from .io import load
 
     folder = None
@@ -329,6 +353,7 @@ def load_quantized_model(path: str, model_or_config=None) -> nn.Module:
     if os.path.isdir(path):
         folder, file = path, os.path.join(path, MODEL_FILE)
     model = _skeleton(model_or_config, folder)
+    built_here = model is not model_or_config
     sd = load(file, framework="torch")
     quantized = {k[: -len(".weight")] if k != "weight" else "": v for k, v in sd.items()
                  if isinstance(v, QuantizedTensor)}
@@ -342,10 +367,14 @@ def load_quantized_model(path: str, model_or_config=None) -> nn.Module:
         if name == "":
             return q.eval()
         replace_module(model, name, q)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=built_here)
+    if built_here:
+        model.tie_weights()     # assign replaced the tied Parameter on one side only (older files)
     ql = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
           for b in _QL_BUFFERS + ("bias",)}
     missing = [k for k in missing if k not in ql]
+    missing += [n for n, p in model.named_parameters(remove_duplicate=False)
+                if p.is_meta and n not in missing]
     if missing or unexpected:
         raise ValueError(f"{file}: does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     return model.eval()

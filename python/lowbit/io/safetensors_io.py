@@ -6,6 +6,8 @@ The schema (docs/format.md) lives in the safetensors header's __metadata__ (stri
                     "group_size", "shape": [rows, K], "tensors": {"codes", "scales"[, "zeros"]: key},
                     "framework"}
   dense entry:     {"kind": "dense", "tensors": {"data": key}, "dtype", "framework"}
+  alias entry:     {"kind": "alias", "of": name}  (schema 2: a dense array sharing memory with an
+                   earlier entry, e.g. a tied lm_head; stored once, loaded as the same object)
 Files are written by the safetensors package (numpy API, so torch stays optional) and read by the
 small parser below, which checks every tensor's extent against the file before touching data, so
 a truncated or corrupted file fails with the name of the tensor. Nothing is ever unpickled.
@@ -24,7 +26,7 @@ import numpy as np
 from .. import _interop
 from ..tensor import SCHEMES, QuantFormat, QuantizedTensor
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2 added alias entries; files without aliases are still written as 1
 LAYOUT = "lowbit-rows-v1"  # QuantizedTensor's own arrays: codes [rows, K or ceil(K/2)], scales/zeros [rows, G]
 _PARTS = ("codes", "scales", "zeros")
 _MAX_HEADER = 100 << 20
@@ -160,6 +162,7 @@ def save(obj: Mapping[str, Any], path: str) -> None:
         raise TypeError(f"lowbit.save expects a dict of name -> QuantizedTensor or array, got {type(obj).__name__}")
     tensors: Dict[str, np.ndarray] = {}
     entries: Dict[str, dict] = {}
+    stored: Dict[tuple, str] = {}   # memory identity of each dense array written -> its name
 
     def put(key: str, a: np.ndarray, owner: str) -> str:
         if key in tensors:
@@ -187,13 +190,32 @@ def save(obj: Mapping[str, Any], path: str) -> None:
                              "group_size": f.group_size, "shape": list(value.shape), "tensors": parts,
                              "framework": fw}
         else:
+            same = _memory_identity(value)
+            if same is not None and same in stored:
+                entries[name] = {"kind": "alias", "of": stored[same]}
+                continue
             a, dt, fw = _to_host(value, name)
             entries[name] = {"kind": "dense", "tensors": {"data": put(name, a, name)}, "dtype": dt,
                              "framework": fw}
-    meta = {"format": "lowbit", "lowbit.schema_version": str(SCHEMA_VERSION),
+            if same is not None:
+                stored[same] = name
+    aliases = any(e["kind"] == "alias" for e in entries.values())
+    meta = {"format": "lowbit", "lowbit.schema_version": str(SCHEMA_VERSION if aliases else 1),
             "lowbit.entries": json.dumps(entries)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
+
+
+def _memory_identity(x: Any) -> Optional[tuple]:
+    """(device, address, shape, strides, dtype) of a torch tensor or numpy array: equal for two
+    views of the same memory, such as a tied embedding and lm_head in a state_dict."""
+    if getattr(x, "size", None) == 0 or (callable(getattr(x, "numel", None)) and x.numel() == 0):
+        return None
+    if isinstance(x, np.ndarray):
+        return ("numpy", x.__array_interface__["data"][0], x.shape, x.strides, str(x.dtype))
+    if type(x).__module__.startswith("torch") and hasattr(x, "data_ptr"):
+        return (str(x.device), x.data_ptr(), tuple(x.shape), tuple(x.stride()), str(x.dtype))
+    return None
 
 
 @contextlib.contextmanager
@@ -242,6 +264,13 @@ def load(path: str, framework: Optional[str] = None) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     with open(path, "rb") as f:
         for name, ent in entries.items():
+            if isinstance(ent, dict) and ent.get("kind") == "alias":
+                of = ent.get("of")
+                if of not in out or isinstance(out[of], QuantizedTensor):
+                    raise ValueError(f"{path}: tensor {name!r}: alias of {of!r}, which is not an earlier "
+                                     f"dense entry")
+                out[name] = out[of]
+                continue
             out[name] = _load_entry(f, path, header, start, name, ent, framework)
     return out
 
@@ -263,7 +292,7 @@ def _load_entry(f, path, header, start, name, ent, framework):
             raise ValueError(f"{where}: dense entry without data")
         return _to_framework(arrays["data"], ent.get("dtype", ""), fw)
     if kind != "quantized":
-        raise ValueError(f"{where}: unknown entry kind {kind!r} (this lowbit knows 'quantized', 'dense')")
+        raise ValueError(f"{where}: unknown entry kind {kind!r} (this lowbit knows 'quantized', 'dense', 'alias')")
     if ent.get("layout") != LAYOUT:
         raise ValueError(f"{where}: unknown layout {ent.get('layout')!r} (this lowbit reads {LAYOUT!r})")
     scheme = ent.get("scheme")
