@@ -56,16 +56,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", help="an fp32 transformers folder")
     ap.add_argument("--out", required=True, help="folder the quantized model is written to")
-    ap.add_argument("--load-only", action="store_true", help="(internal) load --out in this process")
+    ap.add_argument("--step", choices=["save", "load"], help="(internal) run one step in this process")
     args = ap.parse_args()
-    if args.load_only:
-        print(json.dumps(load(args.out)))
+    if args.step:
+        print(json.dumps(save(args.model_dir, args.out) if args.step == "save" else load(args.out)))
         return
-    file = save(args.model_dir, args.out)
-    r = subprocess.run([sys.executable, __file__, "--out", args.out, "--load-only"], capture_output=True,
-                       text=True, check=True)
-    result = {"file_mb": round(os.path.getsize(file) / 1e6, 1), **json.loads(r.stdout.strip().splitlines()[-1])}
-    print(json.dumps(result))
+    # each step in its own process, started from this small one: Linux carries a parent's peak RSS
+    # over fork+exec, so a loader forked from the saving process would report the saver's peak
+    steps = {}
+    for step in ("save", "load"):
+        cmd = [sys.executable, __file__, "--out", args.out, "--step", step]
+        if args.model_dir:
+            cmd += ["--model-dir", args.model_dir]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        steps[step] = json.loads(r.stdout.strip().splitlines()[-1])
+    print(json.dumps({"file_mb": round(os.path.getsize(steps["save"]) / 1e6, 1), **steps["load"]}))
 
 
 if __name__ == "__main__":
