@@ -2,6 +2,7 @@
 handling of missing optional peers. Runs in seconds; the numbers themselves are not checked."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -29,7 +30,7 @@ def test_every_method_is_measured_or_explained(tiny_run):
     assert [r["M"] for r in tiny_run["rows"]] == [1, 32]
     assert [r["regime"] for r in tiny_run["rows"]] == ["decode", "prefill"]
     for row in tiny_run["rows"]:
-        assert len(row["ours"]) == 3
+        assert len(row["ours"]) == 3 + (importlib.util.find_spec("torch") is not None)  # + bf16 x
         for name, r in row["results"].items():
             assert 0 < r["time_ms_min"] <= r["time_ms"] <= r["time_ms_max"]
             assert r["pct_limit"] > 0 and r["GBps"] > 0
@@ -42,7 +43,11 @@ def test_every_method_is_measured_or_explained(tiny_run):
         assert r["pct_start_limit"] > 0
     for why in tiny_run["unavailable"].values():
         assert why  # a missing peer says why
-    assert tiny_run["bf16_dot_peak"]
+    for lim in tiny_run["limits"].values():
+        assert lim["dram_read_GBps"] > 0 and lim["fp32_fma_GFLOPs"] > 0 and lim["int8_dot_GOPs"] > 0
+        assert lim["fp32_fma_instr"] and lim["int8_dot_instr"]
+        # a bf16-dot peak where the CPU has avx512_bf16, else the reason it is missing
+        assert (lim["bf16_dot_GFLOPs"] or 0) > 0 or lim["bf16_dot_instr"].startswith("unavailable")
 
 
 def test_peers_multiply_by_our_weights(tiny_run):
@@ -53,6 +58,8 @@ def test_peers_multiply_by_our_weights(tiny_run):
     assert float_compute
     for name in float_compute:
         assert errors[name] < 1e-4, name
+    for name in [n for n in errors if "bf16 x" in n]:
+        assert errors[name] < 2e-2, name  # x rounded to bf16
     if "torch int4pack_mm bf16" in errors:
         assert errors["torch int4pack_mm bf16"] < 2e-2  # bf16 activations and scales
     for name in [n for n in errors if n.startswith("llama.cpp")]:
@@ -96,3 +103,27 @@ def test_microbench_read_reps_is_validated():
     import numpy as np
     with pytest.raises(ValueError, match="reps"):
         bench.runner._ext.core().microbench("read", np.ones(1 << 16, np.uint8), 0)
+
+
+@pytest.mark.parametrize("kind", ["fma", "int8", "fma512", "vnni512", "bf16dot512", "amx_int8", "amx_bf16"])
+def test_microbench_peaks_run_or_say_why(kind):
+    """Each peak microbenchmark gives a positive rate where its variant runs, else a clear error."""
+    core = bench.runner._ext.core()
+    try:
+        rate = core.microbench(kind, 1000)
+    except (RuntimeError, ValueError) as e:
+        assert "needs the" in str(e) or "must be" in str(e)
+    else:
+        assert rate > 0
+    with pytest.raises(ValueError, match="iterations"):
+        core.microbench(kind, 0)
+
+
+def test_microbench_peaks_run_on_a_cpu_that_has_them():
+    """On this CPU, the peaks its features promise are measured (an AMX CPU runs the tile ones)."""
+    core = bench.runner._ext.core()
+    feats = set(core.build_info()["cpu_features"])
+    expect = {"avx512vnni": "vnni512", "avx512bf16": "bf16dot512", "amx_int8": "amx_int8", "amx_bf16": "amx_bf16"}
+    for feat, kind in expect.items():
+        if feat in feats and (not kind.startswith("amx") or "os:amx" in feats):
+            assert core.microbench(kind, 1000) > 0, kind

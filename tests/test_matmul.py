@@ -181,6 +181,28 @@ def test_torch_bfloat16_and_batch_dims(isa):
         assert np.all(np.abs(got - want) <= 8 * _bound(xr, qt) + 2 ** -8 * np.abs(want) + 1e-3)
 
 
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")] + ["int4-asym-g32"])
+@pytest.mark.parametrize("shape", [(16, 16, 32), (35, 37, 576), (70, 50, 300), (48, 33, 1000)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_prefill(isa, fmt, shape):
+    """bf16 activations at M >= 16 (the AMX-BF16 tiles where the CPU has them: codes as bf16,
+    exact; fp32 accumulation), every format the tiles take, K off the 32/64 steps, partial tiles
+    in M and N. Against the float64 reference: the bf16 output's rounding plus fp32 sums."""
+    torch = pytest.importorskip("torch")
+    M, N, K = shape
+    kw = FORMATS.get(fmt, dict(bits=4, group_size=32))
+    x, w = _data(M, N, K, seed=5)
+    qt = lb.quantize(w, **kw)
+    xt = torch.from_numpy(x).to(torch.bfloat16)
+    bias = torch.linspace(-1, 1, N, dtype=torch.bfloat16)
+    y = lb.matmul(xt, qt, bias=bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    xr = xt.float().numpy()
+    want = _ref(xr, qt, bias.float().numpy())
+    got = y.float().numpy()
+    assert np.all(np.abs(got - want) <= 8 * _bound(xr, qt) + 2 ** -8 * np.abs(want) + 1e-6), fmt
+
+
 def test_per_tensor_scale_torch():
     # (torch weights: per-tensor quantize of a numpy array trips a foundation bug in ops.py)
     torch = pytest.importorskip("torch")

@@ -5,7 +5,6 @@
 #include <immintrin.h>
 
 #include <atomic>
-#include <chrono>
 
 #include "common/dispatch.h"
 #include "common/peak.h"
@@ -13,16 +12,12 @@
 namespace lowbit {
 namespace avx2 {
 
-static double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 double peak_read_gbps(const uint8_t* buf, int64_t bytes, int reps) {
   std::atomic<int64_t> sink{0};
   const int64_t lines = bytes / 128;
   double best = 0;
   for (int r = 0; r < reps; ++r) {
-    double t0 = now();
+    double t0 = seconds_now();
     parallel_for(lines, 1024, [&](int64_t l0, int64_t l1) {
       __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
       for (int64_t l = l0; l < l1; ++l) {
@@ -35,7 +30,7 @@ double peak_read_gbps(const uint8_t* buf, int64_t bytes, int reps) {
       __m256i s = _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_xor_si256(c, d));
       sink += _mm256_extract_epi64(s, 0);
     });
-    double dt = now() - t0;
+    double dt = seconds_now() - t0;
     if (dt > 0 && lines * 128 / dt / 1e9 > best) best = lines * 128 / dt / 1e9;
   }
   return best + 0 * double(sink.load());
@@ -44,7 +39,7 @@ double peak_read_gbps(const uint8_t* buf, int64_t bytes, int reps) {
 double peak_fma_gflops(int64_t iters) {
   const int threads = get_num_threads();
   std::atomic<int64_t> sink{0};
-  double t0 = now();
+  double t0 = seconds_now();
   parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
     for (int64_t t = t0_; t < t1_; ++t) {
       __m256 acc[10];
@@ -57,14 +52,14 @@ double peak_fma_gflops(int64_t iters) {
       sink += int64_t(_mm256_cvtss_f32(s));
     }
   });
-  double dt = now() - t0;
+  double dt = seconds_now() - t0;
   return double(threads) * iters * 10 * 8 * 2 / dt / 1e9 + 0 * double(sink.load());
 }
 
 double peak_int8_gops(int64_t iters) {
   const int threads = get_num_threads();
   std::atomic<int64_t> sink{0};
-  double t0 = now();
+  double t0 = seconds_now();
   parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
     for (int64_t t = t0_; t < t1_; ++t) {
       __m256i acc[8];
@@ -81,7 +76,7 @@ double peak_int8_gops(int64_t iters) {
       sink += _mm256_extract_epi32(r, 0);
     }
   });
-  double dt = now() - t0;
+  double dt = seconds_now() - t0;
   return double(threads) * iters * 8 * 32 * 2 / dt / 1e9 + 0 * double(sink.load());
 }
 

@@ -58,12 +58,15 @@ struct PackedLinear {
 //                          sa [M] = max|x_row| / 127, suma [M][G] = Σ_group xq  (int32)
 //   float mode            : xf [M][Kp] float (x widened; act_bits=8 with nf4: xq * sa), zero
 //                          padded; sumx [M][G] = Σ_group xf in float (8 interleaved partial
-//                          sums, a fixed order: matmul.cpp sum8)
+//                          sums, a fixed order: matmul.cpp sum8); xb [M][Kp] the bfloat16 input's
+//                          own bits, zero padded, only when x is bfloat16 and the kernel table
+//                          asks for it (float_wants_bf16_x), else nullptr
 struct PreparedAct {
   int64_t M, Kp, G;
   int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets
   const int8_t* xq; const float* sa; const int32_t* suma;
   const float* xf; const float* sumx;
+  const uint16_t* xb;
 };
 
 struct MatmulArgs {

@@ -156,8 +156,12 @@ void matmul(const MatmulCall& c) {
   std::vector<int8_t> xq;
   std::vector<float> sa, xf, sumx, bias;
   std::vector<int32_t> suma;
+  std::vector<uint16_t> xb;
+  const KernelTable& t = active();
+  const bool keep_bf16 = !int_mode && c.x_dtype == DType::bf16 && c.act_bits == 0 && t.float_wants_bf16_x;
   if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
   else { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
+  if (keep_bf16) xb.assign(size_t(M * ld), 0);
   const int64_t gs = w.h->group_size;
   std::atomic<int64_t> bad{-1};
   parallel_for(M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
@@ -189,6 +193,7 @@ void matmul(const MatmulCall& c) {
         for (int64_t k = 0; k < K; ++k) xf[m * ld + k] = float(q[k]) * s;
       } else {
         std::memcpy(&xf[m * ld], row, size_t(K) * 4);
+        if (keep_bf16) std::memcpy(&xb[m * ld], static_cast<const uint16_t*>(c.x) + m * K, size_t(K) * 2);
       }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t k0 = g * gs;
@@ -201,9 +206,9 @@ void matmul(const MatmulCall& c) {
     bias.resize(size_t(N));
     for (int64_t n = 0; n < N; ++n) bias[n] = load_as_f32(c.bias, c.x_dtype, n);
   }
-  MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), xf.data(), sumx.data()},
+  MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), xf.data(), sumx.data(),
+                                  keep_bf16 ? xb.data() : nullptr},
                c.bias ? bias.data() : nullptr, c.y, c.x_dtype};
-  const KernelTable& t = active();
   MatmulFn fn = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)
                          : (t.matmul_float ? t.matmul_float : reference().matmul_float);
   const int64_t P = w.h->Np / kPanelRows;
@@ -211,9 +216,11 @@ void matmul(const MatmulCall& c) {
     parallel_for(P, 8, [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
     return;
   }
-  // prefill: tiles of 64 rows × 16 panels (16·4 rows of W ≈ K·32 bytes for int4, L2-resident);
-  // each kernel call walks its panels with the activation block reused from L2.
-  constexpr int64_t MT = 64, PT = 16;
+  // prefill: tiles of MT rows (64, or the table's int_prefill_rows in int mode) × 16 panels
+  // (16·4 rows of W ≈ K·32 bytes for int4, L2-resident); each kernel call walks its panels with
+  // the activation block reused from L2.
+  const bool tall = int_mode ? t.matmul_int != nullptr : keep_bf16;
+  const int64_t MT = tall ? t.int_prefill_rows : 64, PT = 16;
   const int64_t mt = (M + MT - 1) / MT, pt = (P + PT - 1) / PT;
   parallel_for(mt * pt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

@@ -252,24 +252,42 @@ PYBIND11_MODULE(_core, m) {
   }, "which variant:mode matmul would run");
   m.def("packed_layout", [] { return py::make_tuple("panel4_k32", int(kPanel4Version)); });
   m.def("microbench", [](const std::string& kind, py::object arg, int reps) -> double {
-    bool avx2_ok = false;
-    for (const auto& v : variants()) avx2_ok |= v.runnable && std::string(v.table->name) == "avx2";
-    if (!avx2_ok) fail("the machine-limit microbenchmarks need the avx2 variant");
+    const CpuFeatures& f = cpu_features();
+    auto need = [](const char* variant, bool extra, const char* what) {
+      bool ok = false;
+      for (const auto& v : variants()) ok |= v.runnable && std::string(v.table->name) == variant;
+      if (!ok || !extra) fail(std::string("microbenchmark ") + what + " needs the " + variant + " variant runnable here");
+    };
     if (kind == "read") {
+      need("avx2", true, "read");
       py::array_t<uint8_t, py::array::c_style> buf = arg.cast<py::array_t<uint8_t, py::array::c_style>>();
       const uint8_t* p = buf.data();
       int64_t n = buf.size();
-      py::gil_scoped_release nogil;
       if (reps < 1) throw py::value_error("reps must be >= 1");
+      py::gil_scoped_release nogil;
       return avx2::peak_read_gbps(p, n, reps);
     }
-    int64_t iters = arg.cast<int64_t>();
+    const int64_t iters = arg.cast<int64_t>();
+    if (iters < 1) throw py::value_error("iterations must be >= 1");
+    using Fn = double (*)(int64_t);
+    Fn fn = nullptr;
+    if (kind == "fma") { need("avx2", true, "fma"); fn = avx2::peak_fma_gflops; }
+    else if (kind == "int8") { need("avx2", true, "int8"); fn = avx2::peak_int8_gops; }
+    else if (kind == "fma512") { need("avx512", true, "fma512"); fn = avx512::peak_fma512_gflops; }
+    else if (kind == "vnni512") { need("avx512", true, "vnni512"); fn = avx512::peak_vnni512_gops; }
+    else if (kind == "bf16dot512") { need("avx512", f.avx512bf16, "bf16dot512 (avx512_bf16)"); fn = avx512::peak_bf16dot512_gflops; }
+#ifdef LOWBIT_HAVE_AMX
+    else if (kind == "amx_int8") { need("amx", true, "amx_int8"); fn = amx::peak_amx_int8_gops; }
+    else if (kind == "amx_bf16") { need("amx", f.amx_bf16, "amx_bf16"); fn = amx::peak_amx_bf16_gflops; }
+#endif
+    else throw py::value_error("microbench kind must be read, fma, int8, fma512, vnni512, bf16dot512, amx_int8 or amx_bf16"
+                               " (the last five where this build has the variant)");
     py::gil_scoped_release nogil;
-    if (kind == "fma") return avx2::peak_fma_gflops(iters);
-    if (kind == "int8") return avx2::peak_int8_gops(iters);
-    throw py::value_error("microbench kind must be read, fma or int8");
+    return fn(iters);
   }, py::arg("kind"), py::arg("arg"), py::arg("reps") = 5,
-        "machine limits: read GB/s (best of reps passes over arg), fp32 FMA GFLOP/s, int8 dot GOP/s");
+        "machine limits: read GB/s (best of reps passes over arg); the others take an iteration count:"
+        " fp32 FMA GFLOP/s (fma: ymm, fma512: zmm), int8 dot GOP/s (int8: vpmaddubsw, vnni512:"
+        " vpdpbusd, amx_int8: tdpbusd), bf16 dot GFLOP/s (bf16dot512: vdpbf16ps, amx_bf16: tdpbf16ps)");
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));
   m.def("get_isa", [] { return active_isa(); });

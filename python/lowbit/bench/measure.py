@@ -22,7 +22,7 @@ class Method:
     """
     name: str
     weight_bytes: int                # bytes of the weight format this method streams per call
-    int8_compute: bool               # prefill limit: the int8-dot peak (True) or the fp32 FMA peak
+    compute: str                     # prefill limit: the "int8", "bf16" dot or "fp32" FMA peak
     make_weight: Callable[[], Any]
     run: Callable[[Any, Any], Any]
     prepare_x: Callable[[np.ndarray], Any] = lambda x: x

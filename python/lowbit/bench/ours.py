@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import List
 
 import numpy as np
@@ -43,20 +44,29 @@ def _copy(qt: QuantizedTensor) -> QuantizedTensor:
                            qt.shape, qt.format)
 
 
-def _lowbit(name: str, qt: QuantizedTensor, act_bits) -> Method:
+def _lowbit(name: str, qt: QuantizedTensor, act_bits, bf16_x: bool = False) -> Method:
     def make_weight():
         q = _copy(qt)
         ops.matmul(np.zeros((1, qt.shape[1]), np.float32), q)  # prepacks (cached on q), untimed
         return q
 
-    return Method(name, weight_bytes=int(ops._packed_weight(qt).nbytes), int8_compute=act_bits == 8,
+    compute = "int8" if act_bits == 8 else "bf16" if bf16_x else "fp32"
+    extra = {}
+    if bf16_x:
+        import torch
+        extra = dict(prepare_x=lambda x: torch.from_numpy(x).to(torch.bfloat16),
+                     to_numpy=lambda y: y.float().numpy())
+    return Method(name, weight_bytes=int(ops._packed_weight(qt).nbytes), compute=compute,
                   make_weight=make_weight, run=lambda x, q: ops.matmul(x, q, act_bits=act_bits),
-                  ours=True, reference=qt)
+                  ours=True, reference=qt, **extra)
 
 
 def methods(case: Case) -> List[Method]:
     """Weight bytes are the prepacked buffer the kernel streams (codes, scales, zeros, column sums)."""
     g = case.group(128)
-    return [_lowbit(f"lowbit w4a8 int4 g{g}", case.int4_g128, 8),
-            _lowbit(f"lowbit w4a32 int4 g{g}", case.int4_g128, None),
-            _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8)]
+    out = [_lowbit(f"lowbit w4a8 int4 g{g}", case.int4_g128, 8),
+           _lowbit(f"lowbit w4a32 int4 g{g}", case.int4_g128, None),
+           _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8)]
+    if importlib.util.find_spec("torch") is not None:  # bf16 activations come as torch tensors
+        out.insert(2, _lowbit(f"lowbit w4a16 int4 g{g} (bf16 x)", case.int4_g128, None, bf16_x=True))
+    return out

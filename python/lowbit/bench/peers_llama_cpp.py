@@ -180,7 +180,7 @@ def _method(lib, name, ggml_type, case: Case, threads) -> Method:
     w = np.ascontiguousarray(case.w)
     lib.ggml_quantize_chunk(ggml_type, w.ctypes.data, data.ctypes.data, 0, case.N, case.K, None)
     layout = "repacked" if _Weight(lib, ggml_type, data, case.K, case.N, threads).repacked else "plain"
-    return Method(f"{name} ({layout})", nbytes, True, lambda: _Weight(lib, ggml_type, data, case.K, case.N, threads),
+    return Method(f"{name} ({layout})", nbytes, "int8", lambda: _Weight(lib, ggml_type, data, case.K, case.N, threads),
                   run=lambda x, weight: weight(x), to_numpy=_output,
                   reference=_as_quantized_tensor(ggml_type, data, case.K, case.N), reference_origin="ggml's codes")
 

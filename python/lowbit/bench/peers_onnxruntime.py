@@ -82,7 +82,7 @@ def _matmul_integer(name, case: Case, threads) -> Method:
         scale = max(float(np.abs(x).max()) / 127, 1e-30)
         return np.clip(np.rint(x / scale) + 128, 0, 255).astype(np.uint8)
 
-    return Method(name, b.nbytes, True, make, _run, prepare_x=quantize_x, to_numpy=lambda y: y[0])
+    return Method(name, b.nbytes, "int8", make, _run, prepare_x=quantize_x, to_numpy=lambda y: y[0])
 
 
 def _dynamic_quantize_matmul(name, case: Case, threads) -> Method:
@@ -94,7 +94,7 @@ def _dynamic_quantize_matmul(name, case: Case, threads) -> Method:
     node = helper.make_node("DynamicQuantizeMatMul", ["x", "B", "b_scale"], ["y"], domain="com.microsoft")
     make = _session_factory(node, TensorProto.FLOAT, TensorProto.FLOAT, case.K, case.N,
                             {"B": b, "b_scale": scales}, threads)
-    return Method(name, b.nbytes + scales.nbytes, True, make, _run, to_numpy=lambda y: y[0], reference=qt)
+    return Method(name, b.nbytes + scales.nbytes, "int8", make, _run, to_numpy=lambda y: y[0], reference=qt)
 
 
 def _matmul_nbits(name, case: Case, threads, block, level) -> Method:

@@ -40,9 +40,9 @@ def _linear(torch, case: Case) -> List[Method]:
 
     w = torch.from_numpy(case.w)
     numel = case.N * case.K
-    return [Method("torch fp32 F.linear", 4 * numel, False, make_weight=w.clone, run=F.linear,
+    return [Method("torch fp32 F.linear", 4 * numel, "fp32", make_weight=w.clone, run=F.linear,
                    prepare_x=torch.from_numpy, to_numpy=lambda y: y.numpy()),
-            Method("torch bf16 F.linear", 2 * numel, False, make_weight=lambda: w.to(torch.bfloat16),
+            Method("torch bf16 F.linear", 2 * numel, "bf16", make_weight=lambda: w.to(torch.bfloat16),
                    run=F.linear, prepare_x=lambda x: torch.from_numpy(x).to(torch.bfloat16),
                    to_numpy=lambda y: y.float().numpy())]
 
@@ -66,7 +66,7 @@ def _dynamic_int8(torch, case: Case, engine: str) -> Method:
             torch.backends.quantized.engine = previous
 
     make_weight()
-    return Method(f"torch dynamic int8 ({engine})", qt.nbytes, True, make_weight,
+    return Method(f"torch dynamic int8 ({engine})", qt.nbytes, "int8", make_weight,
                   run=lambda x, p: torch.ops.quantized.linear_dynamic(x, p, True),
                   prepare_x=torch.from_numpy, to_numpy=lambda y: y.numpy(), reference=qt)
 
@@ -86,7 +86,7 @@ def _int4pack(torch, case: Case) -> Method:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2), scales_offsets.clone()
 
     make_weight()
-    return Method("torch int4pack_mm bf16", case.N * case.K // 2 + scales_offsets.numel() * 2, False,
+    return Method("torch int4pack_mm bf16", case.N * case.K // 2 + scales_offsets.numel() * 2, "bf16",
                   make_weight, run=lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], g, w[1]),
                   prepare_x=lambda x: torch.from_numpy(x).to(torch.bfloat16),
                   to_numpy=lambda y: y.float().numpy(), reference=qt)

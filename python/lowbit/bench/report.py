@@ -20,7 +20,8 @@ def print_block(row: dict) -> None:
                 f"{probes[len(probes) // 2]:.1f}, range {probes[0]:.1f}-{probes[-1]:.1f} GB/s; "
                 f"{lim['dram_read_GBps']:.1f} GB/s at the start)")
     else:
-        what = (f"% of int8-dot {lim['int8_dot_GOPs']:.0f} GOP/s (int8 compute) or "
+        bf16 = f", bf16-dot {lim['bf16_dot_GFLOPs']:.0f} GFLOP/s (bf16)" if lim.get("bf16_dot_GFLOPs") else ""
+        what = (f"% of int8-dot {lim['int8_dot_GOPs']:.0f} GOP/s (int8 compute){bf16} or "
                 f"fp32 FMA {lim['fp32_fma_GFLOPs']:.0f} GFLOP/s (float compute)")
     print(f"\n[{row['threads']} thread(s)] K={row['K']} N={row['N']} M={row['M']}  {row['regime']}: {what}")
     ratio_cols = "".join(f" {'÷' + _short(o):>7s}" for o in ours)

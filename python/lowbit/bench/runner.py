@@ -103,10 +103,14 @@ def _measure_method(m: Method, xs: Dict[int, np.ndarray], l3: int, budget: float
     return stats, skipped
 
 
-def _limit(lim: dict, M: int, int8_compute: bool):
+def _limit(lim: dict, M: int, compute: str):
     if M <= DECODE_MAX_M:
         return "DRAM read GB/s, probed between repeats", lim["dram_read_GBps"]
-    return ("int8-dot GOP/s", lim["int8_dot_GOPs"]) if int8_compute else ("fp32 FMA GFLOP/s", lim["fp32_fma_GFLOPs"])
+    if compute == "int8":
+        return f"int8-dot GOP/s ({lim['int8_dot_instr']})", lim["int8_dot_GOPs"]
+    if compute == "bf16" and lim.get("bf16_dot_GFLOPs"):
+        return f"bf16-dot GFLOP/s ({lim['bf16_dot_instr']})", lim["bf16_dot_GFLOPs"]
+    return f"fp32 FMA GFLOP/s ({lim['fp32_fma_instr']})", lim["fp32_fma_GFLOPs"]
 
 
 def _rows(t, case, methods, measured, lim) -> List[dict]:
@@ -123,11 +127,11 @@ def _rows(t, case, methods, measured, lim) -> List[dict]:
                 continue
             s = stats[M]
             gbps, gops = m.weight_bytes / s.median_s / 1e9, 2 * M * N * K / s.median_s / 1e9
-            limit_name, limit = _limit(lim, M, m.int8_compute)
+            limit_name, limit = _limit(lim, M, m.compute)
             r = {"time_ms": s.median_s * 1e3, "time_ms_min": s.min_s * 1e3, "time_ms_max": s.max_s * 1e3,
                  "repeats": s.repeats, "calls_per_repeat": s.calls_per_repeat, "weight_copies": s.copies,
                  "weight_bytes": m.weight_bytes, "GBps": gbps, "GOPs": gops, "limit": limit_name,
-                 "ours": m.ours, "int8_compute": m.int8_compute}
+                 "ours": m.ours, "compute": m.compute}
             if M <= DECODE_MAX_M:
                 # each repeat against the read rate probed right after it; the median of those ratios
                 paired = [m.weight_bytes / t / 1e9 / p for t, p in zip(s.per_call_s, s.probe_GBps)]
@@ -163,18 +167,21 @@ def main(argv=None) -> dict:
     read_buf = machine.read_buffer(l3)
     limits = machine.measure_limits(threads, read_buf)
     probe = machine.dram_probe(read_buf)
-    bf16 = machine.bf16_dot_status()
     print(f"lowbit matmul bench  isa={core.get_isa()}  L3={l3 / (1 << 20):g} MiB  threads={threads}")
     if not idle["idle"]:
         print(f"  WARNING: the machine is busy ({100 * idle['busy_fraction']:.0f}% of the CPUs used by other "
               f"work after waiting {idle['waited_s']} s): numbers are pessimistic and noisy")
     for t, lim in limits.items():
+        bf16 = (f"{lim['bf16_dot_GFLOPs']:.0f} GFLOP/s ({lim['bf16_dot_instr']})" if lim["bf16_dot_GFLOPs"]
+                else lim["bf16_dot_instr"])
+        amx = "".join(f", {k.replace('_', ' ')[:-1]}/s {lim[k]:.0f}" for k in ("amx_int8_GOPs", "amx_bf16_GFLOPs")
+                      if k in lim)
         print(f"  limits @ {t} thread(s): DRAM read {lim['dram_read_GBps']:.1f} GB/s, fp32 FMA "
-              f"{lim['fp32_fma_GFLOPs']:.0f} GFLOP/s, int8 dot {lim['int8_dot_GOPs']:.0f} GOP/s")
-    print(f"  bf16 dot peak: {bf16}")
+              f"{lim['fp32_fma_GFLOPs']:.0f} GFLOP/s ({lim['fp32_fma_instr']}), int8 dot "
+              f"{lim['int8_dot_GOPs']:.0f} GOP/s ({lim['int8_dot_instr']}), bf16 dot {bf16}{amx}")
     print(f"  decode (M <= {DECODE_MAX_M}): weight copies totalling >= 4x L3 rotated; %limit = median over "
           f"repeats of the weight GB/s over a DRAM read pass run right after that repeat; "
-          f"prefill: % of the int8-dot (A8 / int8-compute modes) or fp32 FMA peak. Times: median, min, max.")
+          f"prefill: % of the int8-dot (A8 / int8-compute), bf16-dot (bf16 activations) or fp32 FMA peak. Times: median, min, max.")
 
     rows, unavailable, accuracy_report = [], {}, None
     for t in threads:
@@ -210,7 +217,7 @@ def main(argv=None) -> dict:
     plot_skipped = report.plot(rows, plot_path) if rows else "no rows"
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "l3_bytes": l3, "isa": core.get_isa(),
                        "build": core.build_info().get("cpu_features")},
-           "idle_check": idle, "limits": {str(t): v for t, v in limits.items()}, "bf16_dot_peak": bf16,
+           "idle_check": idle, "limits": {str(t): v for t, v in limits.items()},
            "config": {"threads": threads, "shapes": shapes, "M": Ms, "one_thread_M": ONE_THREAD_M, "budget_s": budget,
                       "decode_max_M": DECODE_MAX_M, "slow_call_s": SLOW_CALL_S},
            "unavailable": unavailable, "summary": summary, "rows": rows, "accuracy": accuracy_report,
