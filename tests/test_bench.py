@@ -30,7 +30,7 @@ def test_every_method_is_measured_or_explained(tiny_run):
     assert [r["M"] for r in tiny_run["rows"]] == [1, 32]
     assert [r["regime"] for r in tiny_run["rows"]] == ["decode", "prefill"]
     for row in tiny_run["rows"]:
-        assert len(row["ours"]) == 3 + (importlib.util.find_spec("torch") is not None)  # + bf16 x
+        assert len(row["ours"]) == 4 + (importlib.util.find_spec("torch") is not None)  # + bf16 x
         for name, r in row["results"].items():
             assert 0 < r["time_ms_min"] <= r["time_ms"] <= r["time_ms_max"]
             assert r["pct_limit"] > 0 and r["GBps"] > 0

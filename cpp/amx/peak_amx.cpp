@@ -6,6 +6,7 @@
 
 #include <atomic>
 
+#include "amx/tiles.h"
 #include "common/dispatch.h"
 #include "common/peak.h"
 
@@ -13,22 +14,13 @@ namespace lowbit {
 namespace amx {
 namespace {
 
-struct alignas(64) TileConfig {  // the LDTILECFG memory format, palette 1
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 template <class Body>
 double rate(int64_t iters, double ops_per_iter, Body body) {
   const int threads = get_num_threads();
   const double t0 = seconds_now();
   parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
     for (int64_t t = t0_; t < t1_; ++t) {
-      TileConfig c{};
-      c.palette_id = 1;
-      for (int i = 0; i < 8; ++i) { c.colsb[i] = 64; c.rows[i] = 16; }
-      _tile_loadconfig(&c);
+      amx_tiles::configure();
       alignas(64) static const uint8_t ones[16 * 64] = {1};
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
       _tile_loadd(4, ones, 64); _tile_loadd(5, ones, 64);

@@ -3,10 +3,14 @@ installed here, in one run.  `python -m lowbit.bench [--quick] [--json out.json]
 (also `lowbit bench ...` and bench/bench_matmul.py).
 
 Limits, measured by lowbit's microbenchmarks for 1 and all threads: DRAM read bandwidth (streaming
-loads over a buffer 8x the L3), peak fp32 FMA and int8-dot (vpmaddubsw) throughput; the bf16-dot
-peak is reported as unavailable (with the reason) where the CPU has no bf16 dot instructions.
+loads over a buffer 8x the L3); peak fp32 FMA, int8-dot and bf16-dot throughput of the widest
+instruction the CPU has (zmm vfmadd / vpdpbusd / vdpbf16ps with AVX-512, else ymm vfmadd and
+vpmaddubsw; bf16 reported unavailable without avx512_bf16), named beside each; and, where the CPU
+and OS allow AMX, the tdpbusd / tdpbf16ps tile peaks (reported; the % of limit stays against the
+vector peaks, so an AMX kernel can exceed 100%).
 
-Methods: lowbit w4a8, w4a32 (int4 g128 asymmetric) and w8a8 (int8 per-channel); torch fp32/bf16
+Methods: lowbit w4a8 (int4 g128 and g32, asymmetric), w4a32 and w4a16 (int4 g128, float32 and
+bfloat16 activations; the latter where torch is installed) and w8a8 (int8 per-channel); torch fp32/bf16
 F.linear, torch dynamic int8 (fbgemm and onednn engines), torch int4pack_mm; onnxruntime
 MatMulInteger, DynamicQuantizeMatMul and MatMulNBits (int4, blocks 128 and 32, accuracy levels 0
 and 4); llama.cpp Q4_0/Q8_0 through ggml. Peers take our exact codes where their format allows, and
@@ -19,7 +23,7 @@ Decode rows (M <= 16) rotate weight copies totalling >= 4x the L3, so weights st
 DRAM read rate, taken per repeat against a read pass run right after it (the median of those
 ratios), because a VM's DRAM rate drifts by tens of percent during a run; the JSON also keeps the
 % of the rate measured once at the start (pct_start_limit). Prefill rows are compute-bound: % of limit = GOP/s over the int8-dot peak (int8
-compute) or the fp32 FMA peak (float compute). Each measurement: a warm-up pass, then repeats within
+compute), the bf16-dot peak (bf16 activations) or the fp32 FMA peak (float compute). Each measurement: a warm-up pass, then repeats within
 a time budget; median, min and max per call. Ratio = peer time / our time (> 1: ours is faster).
 Accuracy: relative error of each method against x @ dequantize(W).T on activations with outlier
 channels, beside the error that rounding x to int8 alone causes.

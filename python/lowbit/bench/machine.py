@@ -24,17 +24,6 @@ def l3_bytes(override_mib: Optional[float] = None) -> int:
         return DEFAULT_L3_BYTES
 
 
-def cpu_flags() -> List[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return []
-
-
 def read_buffer(l3: int) -> np.ndarray:
     """The DRAM read microbenchmark's buffer: 8x the L3, so a pass over it streams from DRAM."""
     return np.ones(8 * l3, np.uint8)
@@ -48,7 +37,7 @@ def dram_probe(buf: np.ndarray) -> Callable[[], float]:
     return lambda: core.microbench("read", buf, 1)
 
 
-# Each limit: the fastest instruction of its kind this CPU runs, as (microbench kind, name, key).
+# Candidates for each limit, fastest first: (microbench kind, instruction); AMX: (kind, key, instruction).
 _FMA = [("fma512", "zmm vfmadd"), ("fma", "ymm vfmadd")]
 _INT8 = [("vnni512", "zmm vpdpbusd"), ("int8", "ymm vpmaddubsw+vpmaddwd")]
 _BF16 = [("bf16dot512", "zmm vdpbf16ps")]

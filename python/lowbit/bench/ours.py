@@ -65,6 +65,7 @@ def methods(case: Case) -> List[Method]:
     """Weight bytes are the prepacked buffer the kernel streams (codes, scales, zeros, column sums)."""
     g = case.group(128)
     out = [_lowbit(f"lowbit w4a8 int4 g{g}", case.int4_g128, 8),
+           _lowbit(f"lowbit w4a8_g32 int4 g{case.group(32)}", case.int4_g32, 8),
            _lowbit(f"lowbit w4a32 int4 g{g}", case.int4_g128, None),
            _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8)]
     if importlib.util.find_spec("torch") is not None:  # bf16 activations come as torch tensors

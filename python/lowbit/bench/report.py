@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 
 
 def _short(name: str) -> str:
-    """'lowbit w4a8 int4 g128' -> 'w4a8' (ratio column headers)."""
+    """'lowbit w4a8 int4 g128' -> 'w4a8', 'lowbit w4a8_g32 int4 g32' -> 'w4a8_g32' (ratio columns)."""
     return name.split()[1]
 
 
@@ -24,11 +24,11 @@ def print_block(row: dict) -> None:
         what = (f"% of int8-dot {lim['int8_dot_GOPs']:.0f} GOP/s (int8 compute){bf16} or "
                 f"fp32 FMA {lim['fp32_fma_GFLOPs']:.0f} GFLOP/s (float compute)")
     print(f"\n[{row['threads']} thread(s)] K={row['K']} N={row['N']} M={row['M']}  {row['regime']}: {what}")
-    ratio_cols = "".join(f" {'÷' + _short(o):>7s}" for o in ours)
+    ratio_cols = "".join(f" {'÷' + _short(o):>9s}" for o in ours)
     print(f"  {'method':42s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'GB/s':>6s} {'GOP/s':>6s} "
           f"{'%limit':>6s}{ratio_cols}")
     for name, r in row["results"].items():
-        ratios = "".join(f" {r['ratio_vs_ours'][o]:7.2f}" if o in r.get("ratio_vs_ours", {}) else f" {'':7s}"
+        ratios = "".join(f" {r['ratio_vs_ours'][o]:9.2f}" if o in r.get("ratio_vs_ours", {}) else f" {'':9s}"
                          for o in ours)
         print(f"  {name:42s} {r['time_ms']:10.3f} {r['time_ms_min']:8.3f} {r['time_ms_max']:8.3f} "
               f"{r['GBps']:6.1f} {r['GOPs']:6.1f} {r['pct_limit']:5.0f}%{ratios}")
@@ -107,6 +107,6 @@ def print_summary(summary: Dict[str, Dict[str, Dict[str, float]]]) -> None:
     print("\nsummary: peer time / our time, geometric mean over shapes and M (> 1: ours is faster)")
     for group, peers in summary.items():
         modes = list(dict.fromkeys(o for ratios in peers.values() for o in ratios))
-        print(f"  {group:44s}" + "".join(f" {'÷' + o:>7s}" for o in modes))
+        print(f"  {group:44s}" + "".join(f" {'÷' + o:>9s}" for o in modes))
         for peer, ratios in peers.items():
-            print(f"    {peer:42s}" + "".join(f" {ratios[o]:7.2f}" if o in ratios else f" {'':7s}" for o in modes))
+            print(f"    {peer:42s}" + "".join(f" {ratios[o]:9.2f}" if o in ratios else f" {'':9s}" for o in modes))
