@@ -184,20 +184,25 @@ def test_torch_bfloat16_and_batch_dims(isa):
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")] + ["int4-asym-g32"])
 @pytest.mark.parametrize("shape", [(16, 16, 32), (35, 37, 576), (70, 50, 300), (48, 33, 1000)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_bfloat16_prefill(isa, fmt, shape):
-    """bf16 activations at M >= 16 (the AMX-BF16 tiles where the CPU has them: codes as bf16,
-    exact; fp32 accumulation), every format the tiles take, K off the 32/64 steps, partial tiles
-    in M and N. Against the float64 reference: the bf16 output's rounding plus fp32 sums."""
+@pytest.mark.parametrize("dtype,act_bits", [("bfloat16", None), ("bfloat16", 8), ("float16", 8)])
+def test_half_precision_prefill(isa, fmt, shape, dtype, act_bits):
+    """bf16 / fp16 activations at M >= 16 (the AMX tiles where the CPU has them: bf16 x times the
+    codes as bf16, exact, fp32 sums; or int8 x), every format the tiles take, K off the 32/64
+    steps, partial tiles in M and N, outputs stored in x's dtype. Against the float64 reference:
+    the output's rounding plus fp32 sums (plus the per-token int8 rounding of x with act_bits=8)."""
     torch = pytest.importorskip("torch")
     M, N, K = shape
     kw = FORMATS.get(fmt, dict(bits=4, group_size=32))
     x, w = _data(M, N, K, seed=5)
     qt = lb.quantize(w, **kw)
-    xt = torch.from_numpy(x).to(torch.bfloat16)
-    bias = torch.linspace(-1, 1, N, dtype=torch.bfloat16)
-    y = lb.matmul(xt, qt, bias=bias)
-    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    tdtype = getattr(torch, dtype)
+    xt = torch.from_numpy(x).to(tdtype)
+    bias = torch.linspace(-1, 1, N, dtype=tdtype)
+    y = lb.matmul(xt, qt, bias=bias, act_bits=act_bits)
+    assert y.dtype == tdtype and y.shape == (M, N)
     xr = xt.float().numpy()
+    if act_bits:
+        xr = _fake_quant(xr)
     want = _ref(xr, qt, bias.float().numpy())
     got = y.float().numpy()
     assert np.all(np.abs(got - want) <= 8 * _bound(xr, qt) + 2 ** -8 * np.abs(want) + 1e-6), fmt
