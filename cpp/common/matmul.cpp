@@ -22,7 +22,11 @@ static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // max |x| of a row, or a value above FLT_MAX when the row holds NaN/Inf. On the bits: for
 // |x| = bits & 0x7fffffff the integer order is the float order, and every NaN/Inf is >= the bits
 // of Inf, so one integer max (which vectorizes, unlike a float max) does both jobs.
-static float abs_max(const float* x, int64_t K) {
+// The row helpers below are compiled per ISA by GCC's target_clones (picked once at load): the
+// same element-wise steps in the same order, so every clone gives bit-identical results.
+#define LOWBIT_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+LOWBIT_ROW_CLONES static float abs_max(const float* x, int64_t K) {
   int32_t m = 0;
   for (int64_t k = 0; k < K; ++k) {
     uint32_t u;
@@ -36,7 +40,7 @@ static float abs_max(const float* x, int64_t K) {
 
 // q = clamp(rint(x · inv), -127, 127). Adding and subtracting 1.5·2^23 rounds a float of
 // magnitude < 2^22 to the nearest integer, ties to even (as rint does), without a libm call.
-static void round_row_int8(const float* x, int64_t K, float inv, int8_t* q) {
+LOWBIT_ROW_CLONES static void round_row_int8(const float* x, int64_t K, float inv, int8_t* q) {
   constexpr float kRound = 12582912.0f;  // 1.5 · 2^23
   for (int64_t k = 0; k < K; ++k) {  // |x·inv| <= 127 + a few ulps; the clamp is a guard
     int32_t r = int32_t((x[k] * inv + kRound) - kRound);
@@ -47,13 +51,29 @@ static void round_row_int8(const float* x, int64_t K, float inv, int8_t* q) {
 
 // Σ x in float, as 8 interleaved partial sums (lane j takes k ≡ j mod 8, k ascending) added
 // pairwise at the end: a fixed order, so every variant sees the same sumx.
-static float sum8(const float* x, int64_t n) {
+LOWBIT_ROW_CLONES static float sum8(const float* x, int64_t n) {
   float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
     for (int j = 0; j < 8; ++j) p[j] = p[j] + x[k + j];
   for (int j = 0; k < n; ++k, ++j) p[j] = p[j] + x[k];
   return ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+}
+
+LOWBIT_ROW_CLONES static int32_t sum_int8(const int8_t* q, int64_t n) {
+  int32_t t = 0;
+  for (int64_t k = 0; k < n; ++k) t += q[k];
+  return t;
+}
+
+// A row of x in float: bfloat16 widens by a shift (vectorizes); float16 goes through the scalar rule.
+LOWBIT_ROW_CLONES static void widen_row(const void* x, DType t, int64_t i0, int64_t K, float* out) {
+  if (t == DType::bf16) {
+    const uint16_t* h = static_cast<const uint16_t*>(x) + i0;
+    for (int64_t k = 0; k < K; ++k) out[k] = bits_to_f32(uint32_t(h[k]) << 16);
+  } else {
+    for (int64_t k = 0; k < K; ++k) out[k] = load_as_f32(x, t, i0 + k);
+  }
 }
 
 int64_t packed_linear_bytes(int64_t N, int64_t K, const QuantFormat& f) {
@@ -170,7 +190,7 @@ void matmul(const MatmulCall& c) {
     for (int64_t m = r0; m < r1; ++m) {
       const float* row = static_cast<const float*>(c.x) + m * K;
       if (c.x_dtype != DType::f32) {
-        for (int64_t k = 0; k < K; ++k) buf[k] = load_as_f32(c.x, c.x_dtype, m * K + k);
+        widen_row(c.x, c.x_dtype, m * K, K, buf.data());
         row = buf.data();
       }
       const float amax = abs_max(row, K);
@@ -183,10 +203,8 @@ void matmul(const MatmulCall& c) {
         if (int_mode) {
           sa[m] = s;
           for (int64_t g = 0; g < G; ++g) {
-            const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
-            int32_t t = 0;
-            for (int64_t k = k0; k < k1; ++k) t += q[k];
-            suma[m * G + g] = t;
+            const int64_t k0 = g * gs;
+            suma[m * G + g] = sum_int8(q + k0, std::min(K, k0 + gs) - k0);
           }
           continue;
         }
