@@ -40,11 +40,27 @@ def _ref(x, qt, bias=None):
     return y if bias is None else y + np.asarray(bias, np.float64)
 
 
-def _fake_quant(x):  # the kernels' per-token int8 rule, float32 steps
+def _act_steps(x, block=None):
+    """The kernels' int8 activation scale of every element: max|x| / 127 over its row (per token)
+    or over its block of `block` elements along K (per block), in float32."""
     x = np.asarray(x, np.float32)
-    s = (np.abs(x).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+    M, K = x.shape
+    b = K if block is None else block
+    s = np.empty_like(x)
+    for k0 in range(0, K, b):
+        s[:, k0:k0 + b] = (np.abs(x[:, k0:k0 + b]).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+    return s
+
+
+def _fake_quant(x, block=None):  # the kernels' int8 rule, float32 steps
+    x = np.asarray(x, np.float32)
+    s = _act_steps(x, block)
     inv = np.where(s > 0, np.float32(1) / np.where(s > 0, s, 1), 0).astype(np.float32)
     return np.clip(np.rint(x * inv), -127, 127) * s
+
+
+def _act_block(qt, granularity):
+    return qt.format.kernel_group_size(qt.shape[1]) if granularity == "block" else None
 
 
 def _bound(x, qt, rel=2e-6):
@@ -65,25 +81,55 @@ def test_float_activations(isa, fmt, shape):
     assert np.all(err <= 8 * _bound(x, qt)), (isa, fmt, shape, err.max())
 
 
+@pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_act_int8(isa, fmt, shape):
+def test_act_int8(isa, fmt, shape, granularity):
     M, N, K = shape
     x, w = _data(M, N, K, seed=1)
+    x[:, 1::7] *= 20  # outlier channels
     qt = lb.quantize(w, **FORMATS[fmt])
-    y = lb.matmul(x, qt, act_bits=8)
-    # exact contract: the per-token-rounded x times dequantize(W) in float
-    err = np.abs(y - _ref(_fake_quant(x), qt))
+    block = _act_block(qt, granularity)
+    y = lb.matmul(x, qt, act_bits=8, act_granularity=granularity)
+    # exact contract: the rounded x (per token / per block) times dequantize(W) in float
+    err = np.abs(y - _ref(_fake_quant(x, block), qt))
     assert np.all(err <= 8 * _bound(x, qt)), (isa, fmt, shape, err.max())
     # and the rounding itself is bounded by half an activation step per element
-    step = np.abs(x).max(axis=1, keepdims=True) / 127
-    assert np.all(np.abs(y - _ref(x, qt)) <= 0.5 * step * np.abs(lb.dequantize(qt)).sum(1)[None] + 1e-4)
+    step = _act_steps(x, block).astype(np.float64)
+    assert np.all(np.abs(y - _ref(x, qt)) <= 0.5 * step @ np.abs(lb.dequantize(qt)).T + 1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["int4-asym-g128", "int4-sym-g64", "int8-asym-g32"])
+def test_act_per_block_beats_per_token_on_outliers(isa, fmt):
+    # A few outlier channels set the per-token step for the whole row; per block they only
+    # coarsen their own groups, so the result is closer to the unrounded product.
+    x, w = _data(8, 64, 1024, seed=5)
+    x[:, [3, 500, 900]] *= 60
+    qt = lb.quantize(w, **FORMATS[fmt])
+    exact = _ref(x, qt)
+    errs = {g: np.linalg.norm(lb.matmul(x, qt, act_bits=8, act_granularity=g) - exact) for g in ("token", "block")}
+    assert errs["block"] < 0.5 * errs["token"], errs
+
+
+def test_per_block_kernel_names():
+    # every variant runs per-block int8 activations itself except amx, which hands them to avx512
+    packed = lb.ops._packed_weight(lb.quantize(_data(1, 8, 256)[1], bits=4, group_size=64))
+    try:
+        for name in VARIANTS:
+            _ext.core().set_isa(name)
+            assert _ext.core().matmul_kernel(packed, 8, False) == f"{name}:int"
+            expected = "avx512" if name == "amx" else name
+            assert _ext.core().matmul_kernel(packed, 8, True) == f"{expected}:int"
+            assert _ext.core().matmul_kernel(packed, 0, True) == f"{name}:float"
+    finally:
+        _ext.core().set_isa("auto")
+
+
+@pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")])
 @pytest.mark.parametrize("shape", [(17, 37, 576), (130, 70, 512), (1, 9, 4099), (3, 200, 1024)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_integer_paths_match_reference(fmt, shape):
+def test_integer_paths_match_reference(fmt, shape, granularity):
     # The SIMD kernels apply the per-group scales lane-wise and sum in their own order, so they
     # match the scalar reference kernel to float rounding: 1e-5 of the output's scale.
     M, N, K = shape
@@ -94,7 +140,7 @@ def test_integer_paths_match_reference(fmt, shape):
     try:
         for name in VARIANTS:
             _ext.core().set_isa(name)
-            outs[name] = lb.matmul(x, qt, bias=bias, act_bits=8)
+            outs[name] = lb.matmul(x, qt, bias=bias, act_bits=8, act_granularity=granularity)
     finally:
         _ext.core().set_isa("auto")
     scale = np.abs(outs["ref"]).max()
@@ -120,20 +166,22 @@ def _integer_weight(rng, fmt, N, K):
     return qt, q - z
 
 
+@pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")])
 @pytest.mark.parametrize("shape", [(1, 37, 576), (2, 64, 4096), (17, 9, 576), (70, 40, 512)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_integer_dots_exact(isa, fmt, shape):
-    # Integer activations with max |x| = 127 give the activation scale 1, and unit weight scales
-    # make every float step exact (partial sums < 2^24): each output is exactly Σ_k (q - z)·x.
+def test_integer_dots_exact(isa, fmt, shape, granularity):
+    # Integer activations with max |x| = 127 (in every row, and per block in every group) give
+    # activation scales of 1, and unit weight scales make every float step exact (partial sums
+    # < 2^24): each output is exactly Σ_k (q - z)·x.
     M, N, K = shape
     if FORMATS[fmt]["bits"] == 8 and K > 1024:
         K = 1024  # 128·127·K must stay below 2^24
     rng = np.random.default_rng(11)
     qt, wint = _integer_weight(rng, fmt, N, K)
     xi = rng.integers(-127, 128, (M, K))
-    xi[:, 0] = 127
-    y = lb.matmul(xi.astype(np.float32), qt, act_bits=8)
+    xi[:, ::qt.format.kernel_group_size(K)] = 127
+    y = lb.matmul(xi.astype(np.float32), qt, act_bits=8, act_granularity=granularity)
     np.testing.assert_array_equal(y, (xi @ wint.T).astype(np.float32))
 
 
@@ -316,12 +364,18 @@ def test_bad_inputs():
         lb.matmul(x[:0], qt)
     with pytest.raises(ValueError, match="act_bits"):
         lb.matmul(x, qt, act_bits=4)
+    with pytest.raises(ValueError, match="act_granularity"):
+        lb.matmul(x, qt, act_bits=8, act_granularity="channel")
+    with pytest.raises(ValueError, match="needs act_bits=8"):
+        lb.matmul(x, qt, act_granularity="block")
+    with pytest.raises(ValueError, match="per-block activation scales need act_bits=8"):  # the C++ check
+        _ext.core().matmul(x, lb.ops._packed_weight(qt), None, np.empty((2, 8), np.float32), 0, True)
     with pytest.raises(ValueError, match="bias"):
         lb.matmul(x, qt, bias=np.zeros(7, np.float32))
     with pytest.raises(TypeError, match="QuantizedTensor"):
         lb.matmul(x, w)
     xn = x.copy()
     xn[1, 5] = np.nan
-    for ab in (None, 8):
+    for kw in (dict(), dict(act_bits=8), dict(act_bits=8, act_granularity="block")):
         with pytest.raises(ValueError, match="NaN"):
-            lb.matmul(xn, qt, act_bits=ab)
+            lb.matmul(xn, qt, **kw)

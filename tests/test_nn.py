@@ -142,9 +142,22 @@ class _MLP(nn.Module):
 
 def _quantized_mlp():
     m = _MLP().eval()
-    m.fc1 = QuantLinear.from_linear(m.fc1, bits=4, group_size=32)
+    m.fc1 = QuantLinear.from_linear(m.fc1, bits=4, group_size=32, act_bits=8, act_granularity="block")
     m.fc2 = QuantLinear.from_linear(m.fc2, bits=8, group_size=None, symmetric=True, act_bits=8)
     return m
+
+
+def test_per_block_activations_forward():
+    # QuantLinear(act_granularity="block") runs lowbit.matmul's per-block int8 activations
+    q = _quantized_mlp().fc1
+    x = torch.randn(3, 5, 64)
+    y = q(x)
+    ref = lb.matmul(x, q.quantized_tensor(), bias=q.bias.detach(), act_bits=8, act_granularity="block")
+    assert torch.equal(y, ref)
+    assert not torch.equal(y, lb.matmul(x, q.quantized_tensor(), bias=q.bias.detach(), act_bits=8))
+    assert "act_granularity=block" in repr(q)
+    with pytest.raises(ValueError, match="act_granularity"):
+        QuantLinear(64, 8, act_granularity="block")  # needs act_bits=8
 
 
 def test_torch_compile_fullgraph_no_repacking():
@@ -234,6 +247,7 @@ def test_save_load_quantized_model_fresh_module(tmp_path):
     assert set(lb.load(f)) >= {"fc1.weight", "fc2.weight", "fc1.bias", "fc2.lowbit_act_bits"}
     back = load_quantized_model(f, _MLP())
     assert isinstance(back.fc2, QuantLinear) and back.fc2.act_bits == 8
+    assert back.fc1.act_granularity == "block" and back.fc2.act_granularity == "token"
     assert torch.equal(back(x), m(x))
 
 

@@ -1,4 +1,5 @@
-// The "amx" variant: AVX-512 kernels everywhere, AMX-INT8 tiles for the integer matmul.
+// The "amx" variant: AVX-512 kernels everywhere, AMX-INT8 tiles for the integer matmul with
+// per-token activations (per-block activations take the AVX-512 kernel), AMX-BF16 for bf16 x.
 #include "common/kernels.h"
 
 namespace lowbit {
@@ -9,6 +10,6 @@ void dequantize_rows(const DequantizeArgs& a, int64_t r0, int64_t r1);
 namespace LOWBIT_ISA_NS {
 extern const KernelTable kTable;
 const KernelTable kTable = {LOWBIT_ISA_NAME, avx512::quantize_rows, avx512::dequantize_rows, matmul_int,
-                            matmul_float, 256, true};
+                            matmul_float, 256, true, &avx512::kTable};
 }  // namespace LOWBIT_ISA_NS
 }  // namespace lowbit

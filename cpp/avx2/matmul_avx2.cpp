@@ -146,11 +146,12 @@ inline void int_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m
   }
 }
 
-// Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats) against panel p: [y_r0..y_r3] per row,
-// before the activation scale.
+// Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats, already times sg when per block;
+// sg: each row's per-block activation scales [G], or nullptr per token) against panel p:
+// [y_r0..y_r3] per row, before the per-token activation scale.
 template <int BITS, int MR, int NB>
 inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float* const* nsuma,
-                      int64_t p, __m128* out) {
+                      const float* const* sg, int64_t p, __m128* out) {
   const int64_t G = w.h->G, gs = w.h->group_size;
   const int64_t nb = std::min(gs, w.h->Kp) / kBlockK;
   const uint8_t* panel = w.panel(p);
@@ -162,7 +163,8 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     __m256i d[MR];
     int_group<BITS, MR, NB>(panel + k0 / kBlockK * (BITS == 4 ? kW4Bytes : kW8Bytes), xg, n, d);
     const __m256 s = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(sw + g * 4));
-    for (int i = 0; i < MR; ++i) f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), s, f[i]);
+    for (int i = 0; i < MR; ++i)
+      f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), sg ? _mm256_mul_ps(s, _mm256_set1_ps(sg[i][g])) : s, f[i]);
   };
   __m256 f0[MR], f1[MR];
   for (int i = 0; i < MR; ++i) f0[i] = f1[i] = _mm256_setzero_ps();
@@ -190,24 +192,27 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
 template <int BITS, int NB>
 void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G;
-  std::vector<float> nsuma(size_t((m1 - m0) * G * 4));  // −suma, each repeated 4 times
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      _mm_storeu_ps(&nsuma[((m - m0) * G + g) * 4], _mm_set1_ps(-float(a.x.suma[m * G + g])));
+  const std::vector<float> nsuma = neg_suma(a, m0, m1);
   const int8_t* x[2];
   const float* ns[2];
+  const float* sg[2];
   __m128 out[2];
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
     for (; m + 2 <= m1; m += 2) {
-      for (int i = 0; i < 2; ++i) { x[i] = a.x.xq + (m + i) * a.x.ld; ns[i] = &nsuma[(m + i - m0) * G * 4]; }
-      int_panel<BITS, 2, NB>(a.w, x, ns, p, out);
+      for (int i = 0; i < 2; ++i) {
+        x[i] = a.x.xq + (m + i) * a.x.ld;
+        ns[i] = &nsuma[(m + i - m0) * G * 4];
+        sg[i] = a.x.sg + (m + i) * G;
+      }
+      int_panel<BITS, 2, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
       for (int i = 0; i < 2; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
     }
     if (m < m1) {
       x[0] = a.x.xq + m * a.x.ld;
       ns[0] = &nsuma[(m - m0) * G * 4];
-      int_panel<BITS, 1, NB>(a.w, x, ns, p, out);
+      sg[0] = a.x.sg + m * G;
+      int_panel<BITS, 1, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
       store_tile(a, m, p, out[0], a.x.sa[m]);
     }
   }

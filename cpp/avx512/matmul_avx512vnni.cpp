@@ -32,11 +32,12 @@ inline void prefetch_weights(const uint8_t* line) {
   _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
 }
 
-// Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats) against panel p: [y_r0..y_r3]
-// per row, before the activation scale.
+// Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats, already times sg when per block;
+// sg: each row's per-block activation scales [G], or nullptr per token) against panel p:
+// [y_r0..y_r3] per row, before the per-token activation scale.
 template <int BITS, int MR>
 inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float* const* nsuma,
-                      int64_t p, __m128* out) {
+                      const float* const* sg, int64_t p, __m128* out) {
   const int64_t G = w.h->G;
   const uint8_t* wp = w.panel(p);
   const float* sw = w.sw + p * G * 4;
@@ -81,7 +82,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sw + g * 4)));
     for (int i = 0; i < MR; ++i) {
       const __m512i d = _mm512_add_epi32(_mm512_unpacklo_epi32(d0[i], d1[i]), _mm512_unpackhi_epi32(d0[i], d1[i]));
-      f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i]);
+      f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sg ? _mm512_mul_ps(s, _mm512_set1_ps(sg[i][g])) : s, f[i]);
     }
   }
   const float* swz = w.swz + p * G * 4;
@@ -105,9 +106,14 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
   const int64_t G = a.w.h->G;
   const int8_t* x[MR];
   const float* ns[MR];
-  for (int i = 0; i < MR; ++i) { x[i] = a.x.xq + (m + i) * a.x.ld; ns[i] = &nsuma[(m + i - m0) * G * 4]; }
+  const float* sg[MR];
+  for (int i = 0; i < MR; ++i) {
+    x[i] = a.x.xq + (m + i) * a.x.ld;
+    ns[i] = &nsuma[(m + i - m0) * G * 4];
+    sg[i] = a.x.sg + (m + i) * G;
+  }
   __m128 out[MR];
-  int_panel<BITS, MR>(a.w, x, ns, p, out);
+  int_panel<BITS, MR>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
   for (int i = 0; i < MR; ++i) {
     alignas(16) float y[4];
     _mm_store_ps(y, out[i]);
@@ -123,10 +129,7 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
 template <int BITS>
 void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G;
-  std::vector<float> nsuma(size_t((m1 - m0) * G * 4));  // −suma, each repeated 4 times
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      _mm_storeu_ps(&nsuma[((m - m0) * G + g) * 4], _mm_set1_ps(-float(a.x.suma[m * G + g])));
+  const std::vector<float> nsuma = neg_suma(a, m0, m1);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
     for (; m + 4 <= m1; m += 4) int_rows<BITS, 4>(a, m, m0, nsuma, p);

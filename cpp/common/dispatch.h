@@ -76,9 +76,10 @@ struct MatmulCall {
   const void* bias;                             // [N] in x_dtype, or nullptr
   void* y;                                      // [M, N] contiguous, x_dtype
   int act_bits;                                 // 0 (float activations) or 8
+  bool act_per_block;                           // act_bits=8: one scale per row and weight group
 };
 void matmul(const MatmulCall& c);
 // Which kernel matmul() would run for this packed weight and act_bits ("avx2:int", "ref:float").
-std::string matmul_kernel_name(const uint8_t* packed, int act_bits);
+std::string matmul_kernel_name(const uint8_t* packed, int act_bits, bool act_per_block);
 
 }  // namespace lowbit

@@ -77,6 +77,9 @@ struct KernelTable {
   int64_t int_prefill_rows = 64;
   // matmul_float wants bfloat16 activations as such (PreparedAct::xb).
   bool float_wants_bf16_x = false;
+  // The table whose matmul_int serves per-block activations (PreparedAct::sg) when this one's
+  // does not take them; nullptr: matmul_int takes both.
+  const KernelTable* per_block_int = nullptr;
 };
 
 // Each variant defines its table in cpp/<isa>/table.cpp, in namespace lowbit::<isa>.

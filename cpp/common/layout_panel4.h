@@ -56,6 +56,10 @@ struct PackedLinear {
 // Activations prepared once per call (common code, identical for every variant):
 //   int mode (act_bits=8): xq [M][Kp] int8 = clamp(rint(x * inv_sa), -127, 127), zero padded,
 //                          sa [M] = max|x_row| / 127, suma [M][G] = Σ_group xq  (int32)
+//                          per-block activations (act_per_block): each (row, weight group)
+//                          has its own scale sg [M][G] = max|x_group| / 127 and sa [M] = 1;
+//                          per token, sg is nullptr. A kernel scales group g's integer dot
+//                          (and its zero-point term) by sg[m][g] when sg is set.
 //   float mode            : xf [M][Kp] float (x widened; act_bits=8 with nf4: xq * sa), zero
 //                          padded; sumx [M][G] = Σ_group xf in float (8 interleaved partial
 //                          sums, a fixed order: matmul.cpp sum8); xb [M][Kp] the bfloat16 input's
@@ -64,7 +68,7 @@ struct PackedLinear {
 struct PreparedAct {
   int64_t M, Kp, G;
   int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets
-  const int8_t* xq; const float* sa; const int32_t* suma;
+  const int8_t* xq; const float* sa; const int32_t* suma; const float* sg;
   const float* xf; const float* sumx;
   const uint16_t* xb;
 };

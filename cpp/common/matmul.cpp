@@ -152,10 +152,16 @@ static bool use_int(const PackedLinear& w, int act_bits) {
   return act_bits == 8 && w.h->scheme != int(Scheme::nf4);
 }
 
-std::string matmul_kernel_name(const uint8_t* packed, int act_bits) {
+// The table whose kernel runs: the active one, or its stand-in for per-block int activations.
+static const KernelTable& kernel_table(bool int_mode, bool per_block) {
+  const KernelTable& t = active();
+  return int_mode && per_block && t.per_block_int ? *t.per_block_int : t;
+}
+
+std::string matmul_kernel_name(const uint8_t* packed, int act_bits, bool act_per_block) {
   PackedLinear w = view_packed(packed);
   const bool i = use_int(w, act_bits);
-  const KernelTable& t = active();
+  const KernelTable& t = kernel_table(i, act_per_block);
   bool has = i ? t.matmul_int != nullptr : t.matmul_float != nullptr;
   return std::string(has ? t.name : reference().name) + (i ? ":int" : ":float");
 }
@@ -167,6 +173,7 @@ void matmul(const MatmulCall& c) {
   require(c.K == w.h->K, "x has K=" + std::to_string(c.K) + " but the weight has K=" + std::to_string(w.h->K));
   require(c.M > 0, "x is empty");
   require(c.act_bits == 0 || c.act_bits == 8, "act_bits must be None or 8, got " + std::to_string(c.act_bits));
+  require(c.act_bits == 8 || !c.act_per_block, "per-block activation scales need act_bits=8");
   const int64_t M = c.M, K = c.K, Kp = w.h->Kp, G = w.h->G, N = w.h->N;
   const int64_t ld = Kp + 64;  // a 4 KiB-multiple row stride would map every row to the same L1 sets
   const bool int_mode = use_int(w, c.act_bits);
@@ -174,12 +181,13 @@ void matmul(const MatmulCall& c) {
   // Per-call activation preparation (portable code, O(M·K); written as simple loops the compiler
   // vectorizes at the baseline ISA, so M=1 decode spends ~1 µs here, not tens).
   std::vector<int8_t> xq;
-  std::vector<float> sa, xf, sumx, bias;
+  std::vector<float> sa, sg, xf, sumx, bias;
   std::vector<int32_t> suma;
   std::vector<uint16_t> xb;
-  const KernelTable& t = active();
+  const KernelTable& t = kernel_table(int_mode, c.act_per_block);
   const bool keep_bf16 = !int_mode && c.x_dtype == DType::bf16 && c.act_bits == 0 && t.float_wants_bf16_x;
   if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
+  if (int_mode && c.act_per_block) sg.resize(size_t(M * G));
   else { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
   if (keep_bf16) xb.assign(size_t(M * ld), 0);
   const int64_t gs = w.h->group_size;
@@ -196,19 +204,29 @@ void matmul(const MatmulCall& c) {
       const float amax = abs_max(row, K);
       if (!(amax <= FLT_MAX)) { bad = m; continue; }  // NaN or Inf
       if (c.act_bits == 8) {
-        // Dynamic per-token int8: sa = max|x| / 127, q = clamp(rint(x / sa), -127, 127).
-        const float s = amax / 127.f;
+        // Dynamic int8, per token: s = max|x_row| / 127, q = clamp(rint(x / s), -127, 127); per
+        // block: the same rule on each weight group of the row with its own s.
         int8_t* q = int_mode ? &xq[m * ld] : qbuf.data();
-        round_row_int8(row, K, inverse_scale(s), q);
+        const bool per_block = c.act_per_block;
+        const int64_t blocks = per_block ? G : 1, bk = per_block ? gs : K;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t k0 = b * bk, n = std::min(K, k0 + bk) - k0;
+          const float s = (per_block ? abs_max(row + k0, n) : amax) / 127.f;
+          round_row_int8(row + k0, n, inverse_scale(s), q + k0);
+          if (!int_mode) {
+            for (int64_t k = k0; k < k0 + n; ++k) xf[m * ld + k] = float(q[k]) * s;
+          } else {
+            sa[m] = per_block ? 1.f : s;
+            if (per_block) sg[m * G + b] = s;
+          }
+        }
         if (int_mode) {
-          sa[m] = s;
           for (int64_t g = 0; g < G; ++g) {
             const int64_t k0 = g * gs;
             suma[m * G + g] = sum_int8(q + k0, std::min(K, k0 + gs) - k0);
           }
           continue;
         }
-        for (int64_t k = 0; k < K; ++k) xf[m * ld + k] = float(q[k]) * s;
       } else {
         std::memcpy(&xf[m * ld], row, size_t(K) * 4);
         if (keep_bf16) std::memcpy(&xb[m * ld], static_cast<const uint16_t*>(c.x) + m * K, size_t(K) * 2);
@@ -224,8 +242,8 @@ void matmul(const MatmulCall& c) {
     bias.resize(size_t(N));
     for (int64_t n = 0; n < N; ++n) bias[n] = load_as_f32(c.bias, c.x_dtype, n);
   }
-  MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), xf.data(), sumx.data(),
-                                  keep_bf16 ? xb.data() : nullptr},
+  MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), sg.empty() ? nullptr : sg.data(),
+                              xf.data(), sumx.data(), keep_bf16 ? xb.data() : nullptr},
                c.bias ? bias.data() : nullptr, c.y, c.x_dtype};
   MatmulFn fn = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)
                          : (t.matmul_float ? t.matmul_float : reference().matmul_float);

@@ -1,7 +1,7 @@
 // Reference (scalar) matmul kernels on layout panel4_k32 — the oracle every SIMD variant is tested
 // against. Per output (m, n) and group g, in this exact order of float operations:
 //   integer mode: dot_g = Σ_k code'·xq (int32, exact);  acc += sw·float(dot_g) − swz·float(suma_g)
-//                 y = acc · sa[m] (+ bias)
+//                 (per-block activations: that difference times sg[m][g]);  y = acc · sa[m] (+ bias)
 //   float mode  : dot_g = Σ_k d(code)·xf (float, k ascending);  acc += sw·dot_g − swz·sumx_g
 //                 y = acc (+ bias)
 // The SIMD kernels compute the same integer dots exactly but scale and sum them in their own
@@ -43,7 +43,7 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
           for (int64_t e = w.group_end(g); k < e; ++k) dot += code_at(w, p, r, k) * int32_t(xq[k]);
           const int64_t s = (p * G + g) * kPanelRows + r;
           float t1 = w.sw[s] * float(dot), t2 = w.swz[s] * float(a.x.suma[m * G + g]);
-          acc = acc + (t1 - t2);
+          acc = acc + (a.x.sg ? (t1 - t2) * a.x.sg[m * G + g] : t1 - t2);
         }
         store_matmul_out(a, m, n, acc, a.x.sa[m]);
       }

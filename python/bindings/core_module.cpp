@@ -181,7 +181,7 @@ py::array_t<uint8_t> pack_linear_py(py::handle codes, py::handle scales, py::han
 }
 
 void matmul_py(py::handle x, py::array_t<uint8_t, py::array::c_style> packed, py::handle bias,
-               py::handle y, int act_bits) {
+               py::handle y, int act_bits, bool act_per_block) {
   ArrayView xv = view_array(x, "x", false);
   require_cpu(xv, "x");
   if (xv.shape.size() != 2 || !xv.contiguous()) fail("x must be a contiguous 2-D array [M, K]");
@@ -193,7 +193,8 @@ void matmul_py(py::handle x, py::array_t<uint8_t, py::array::c_style> packed, py
   ArrayView bv;
   if (!bias.is_none()) bv = view_exact(bias, "bias", xv.dtype, {N}, false);
   ArrayView yv = view_exact(y, "out", xv.dtype, {M, N}, true);
-  MatmulCall c{xv.data, t, M, K, packed.data(), int64_t(packed.size()), bv.data, yv.data, act_bits};
+  MatmulCall c{xv.data, t, M, K, packed.data(), int64_t(packed.size()), bv.data, yv.data, act_bits,
+               act_per_block};
   py::gil_scoped_release nogil;
   lowbit::matmul(c);
 }
@@ -246,10 +247,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("scheme"), py::arg("group_size"),
         "prepack a quantized weight into layout panel4_k32 (a uint8 buffer)");
   m.def("matmul", &matmul_py, py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("out"),
-        py::arg("act_bits"));
-  m.def("matmul_kernel", [](py::array_t<uint8_t, py::array::c_style> packed, int act_bits) {
-    return matmul_kernel_name(packed.data(), act_bits);
-  }, "which variant:mode matmul would run");
+        py::arg("act_bits"), py::arg("act_per_block") = false);
+  m.def("matmul_kernel", [](py::array_t<uint8_t, py::array::c_style> packed, int act_bits, bool act_per_block) {
+    return matmul_kernel_name(packed.data(), act_bits, act_per_block);
+  }, "which variant:mode matmul would run", py::arg("packed"), py::arg("act_bits"),
+        py::arg("act_per_block") = false);
   m.def("packed_layout", [] { return py::make_tuple("panel4_k32", int(kPanel4Version)); });
   m.def("microbench", [](const std::string& kind, py::object arg, int reps) -> double {
     const CpuFeatures& f = cpu_features();

@@ -52,19 +52,24 @@ class QuantLinear(nn.Module):
     Construct an empty (zero) layer of a given format — e.g. as a skeleton for load_state_dict —
     with QuantLinear(in_features, out_features, bias, bits=, group_size=, symmetric=, codebook=,
     act_bits=, act_order=, input_scale=), or fill one with from_linear / from_quantized /
-    from_layer_result. act_bits=8: dynamic per-token int8 activations (W8A8 / W4A8 kernels)."""
+    from_layer_result. act_bits=8: dynamic int8 activations (W8A8 / W4A8 kernels), one scale per
+    token, or per token and weight group with act_granularity="block" (see lowbit.matmul)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 4,
                  group_size=128, symmetric: bool = False, codebook: Optional[str] = None,
-                 act_bits: Optional[int] = None, act_order: bool = False, input_scale: bool = False,
-                 device=None):
+                 act_bits: Optional[int] = None, act_granularity: str = "token", act_order: bool = False,
+                 input_scale: bool = False, device=None):
         super().__init__()
         fmt = ops._format(bits, group_size, symmetric, codebook)  # validates like lowbit.quantize
         if act_bits not in (None, 8):
             raise ValueError(f"act_bits must be None or 8, got {act_bits!r}")
+        if act_granularity not in ops.ACT_GRANULARITIES or (act_granularity == "block" and act_bits is None):
+            raise ValueError(f"act_granularity must be one of {ops.ACT_GRANULARITIES} ('block' with act_bits=8), "
+                             f"got {act_granularity!r} with act_bits={act_bits!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.format = fmt
         self.act_bits = act_bits
+        self.act_granularity = act_granularity
         K, N = self.in_features, self.out_features
         rows = 1 if fmt.group_size == "tensor" else N
         G = fmt.num_groups(K)
@@ -81,7 +86,7 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias=None, *, perm=None, input_scale=None,
-                       act_bits: Optional[int] = None) -> "QuantLinear":
+                       act_bits: Optional[int] = None, act_granularity: str = "token") -> "QuantLinear":
         """A layer over an existing QuantizedTensor (numpy or torch arrays), e.g. a lowbit.load
         entry or a lowbit.io.from_gptq import (pass its perm)."""
         if not isinstance(qt, QuantizedTensor):
@@ -91,7 +96,8 @@ class QuantLinear(nn.Module):
         f = qt.format
         dev = qt.codes.device if isinstance(qt.codes, torch.Tensor) else None
         m = cls(K, N, bias is not None, bits=f.bits, group_size=f.group_size, symmetric=f.symmetric,
-                codebook=f.codebook, act_bits=act_bits, act_order=perm is not None,
+                codebook=f.codebook, act_bits=act_bits, act_granularity=act_granularity,
+                act_order=perm is not None,
                 input_scale=input_scale is not None, device=dev)
         m.codes = _as_torch(qt.codes, dev).contiguous()
         m.scales = _as_torch(qt.scales, dev).contiguous()
@@ -113,14 +119,14 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size=128, symmetric: bool = False,
                     codebook: Optional[str] = None, act_bits: Optional[int] = None,
-                    clip_ratio: float = 1.0) -> "QuantLinear":
+                    act_granularity: str = "token", clip_ratio: float = 1.0) -> "QuantLinear":
         """Round-to-nearest quantization of linear.weight with lowbit.quantize (on its device)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach().float().contiguous()
         qt = ops.quantize(w, bits, group_size, symmetric, codebook=codebook, clip_ratio=clip_ratio)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls.from_quantized(qt, bias, act_bits=act_bits)
+        return cls.from_quantized(qt, bias, act_bits=act_bits, act_granularity=act_granularity)
 
     @classmethod
     def from_layer_result(cls, result, linear: Optional[nn.Module] = None, bias=None) -> "QuantLinear":
@@ -173,7 +179,8 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         codes, scales, zeros, bits, scheme, g = self.op_args()
-        return torch.ops.lowbit.matmul(x, codes, scales, zeros, self.bias, bits, scheme, g, self.act_bits or 0)
+        return torch.ops.lowbit.matmul(x, codes, scales, zeros, self.bias, bits, scheme, g, self.act_bits or 0,
+                                       self.act_granularity == "block")
 
     def _apply(self, fn, recurse=True):
         # model.half() / .to(torch.bfloat16) would cast the float32 scales, which the format fixes
@@ -191,6 +198,8 @@ class QuantLinear(nn.Module):
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"bits={self.bits}, group_size={'per_row' if g is None else g}, scheme={self.scheme}, "
              f"act_bits={self.act_bits}")
+        if self.act_granularity != "token":
+            s += f", act_granularity={self.act_granularity}"
         if self.perm is not None:
             s += ", act_order=True"
         if self.input_scale is not None:
@@ -253,8 +262,9 @@ _QL_BUFFERS = ("codes", "scales", "zeros", "perm", "input_scale")
 
 def quantized_state_dict(model: nn.Module) -> Dict[str, Any]:
     """model.state_dict() with each QuantLinear's buffers replaced by one QuantizedTensor under
-    '<name>.weight' (plus '<name>.perm', '<name>.input_scale', '<name>.lowbit_act_bits' where
-    set) — the dict lowbit.save writes and load_quantized_model reads."""
+    '<name>.weight' (plus '<name>.perm', '<name>.input_scale', '<name>.lowbit_act_bits' and
+    '<name>.lowbit_act_per_block' where set) — the dict lowbit.save writes and
+    load_quantized_model reads."""
     out: Dict[str, Any] = {}
     qnames = set()
     for name, m in model.named_modules():
@@ -268,6 +278,8 @@ def quantized_state_dict(model: nn.Module) -> Dict[str, Any]:
                 out[pre + "input_scale"] = m.input_scale
             if m.act_bits is not None:
                 out[pre + "lowbit_act_bits"] = torch.tensor([m.act_bits], dtype=torch.int64)
+            if m.act_granularity == "block":
+                out[pre + "lowbit_act_per_block"] = torch.tensor([1], dtype=torch.int64)
     skip = {f"{n}.{b}" if n else b for n in qnames for b in _QL_BUFFERS}
     for k, v in model.state_dict().items():
         if k not in skip:
@@ -360,9 +372,11 @@ def load_quantized_model(path: str, model_or_config=None) -> nn.Module:
     for name, qt in quantized.items():
         pre = f"{name}." if name else ""
         act = sd.pop(pre + "lowbit_act_bits", None)
+        per_block = sd.pop(pre + "lowbit_act_per_block", None) is not None
         q = QuantLinear.from_quantized(qt, sd.pop(pre + "bias", None), perm=sd.pop(pre + "perm", None),
                                        input_scale=sd.pop(pre + "input_scale", None),
-                                       act_bits=None if act is None else int(act.reshape(-1)[0]))
+                                       act_bits=None if act is None else int(act.reshape(-1)[0]),
+                                       act_granularity="block" if per_block else "token")
         del sd[pre + "weight"]
         if name == "":
             return q.eval()

@@ -346,12 +346,20 @@ def _packed_weight(qt: QuantizedTensor):
     return cache[layout]
 
 
-def _fake_quant_act(x64: np.ndarray) -> np.ndarray:
-    """Dynamic per-token int8 rounding, the rule of the kernels (float32 steps)."""
+def _fake_quant_act(x64: np.ndarray, block: Optional[int] = None) -> np.ndarray:
+    """Dynamic int8 rounding of [M, K] rows, the rule of the kernels (float32 steps): one scale per
+    row, or per block of `block` elements along K (the last block of a row may be shorter)."""
     x32 = x64.astype(np.float32)
-    s = (np.abs(x32).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    M, K = x32.shape
+    b = K if block is None else min(int(block), K)
+    nb = -(-K // b)
+    xp = np.zeros((M, nb * b), np.float32)
+    xp[:, :K] = x32
+    xp = xp.reshape(M, nb, b)
+    s = (np.abs(xp).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
     inv = np.where(s >= np.finfo(np.float32).tiny, np.float32(1) / np.where(s > 0, s, 1), 0).astype(np.float32)
-    return np.clip(np.rint(x32 * inv), -127, 127).astype(np.float32) * s
+    q = np.clip(np.rint(xp * inv), -127, 127).astype(np.float32) * s
+    return q.reshape(M, nb * b)[:, :K]
 
 
 _DTYPE_NAMES: dict = {}  # (array type, dtype object) -> name; _interop.dtype_name costs ~15 µs
@@ -366,11 +374,18 @@ def _x_dtype_name(x: Any) -> str:
     return name
 
 
-def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int] = None) -> Any:
+ACT_GRANULARITIES = ("token", "block")
+
+
+def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int] = None,
+           act_granularity: str = "token") -> Any:
     """y = x @ dequantize(qt).T (+ bias), for x [..., K] (float32, bfloat16 or float16; numpy or
     torch on the CPU; torch/CuPy float16/bfloat16 on CUDA) and qt a quantized [N, K] weight. Returns [..., N] in x's dtype.
-    act_bits=8 quantizes each row of x to int8 on the fly (scale max|x_row|/127) and multiplies
-    with integer dot products (W8A8 / W4A8; nf4 weights use the rounded activations in float).
+    act_bits=8 quantizes x to int8 on the fly and multiplies with integer dot products (W8A8 /
+    W4A8; nf4 weights use the rounded activations in float). act_granularity picks the scales:
+    "token", one per row of x (max|x_row|/127); "block", one per row and per group of qt along K
+    (the K-blocks of qt's group_size, as llama.cpp's Q8_0 activations), which bounds the damage
+    an outlier channel does to the rest of its row.
     The weight is prepacked on first use and the packed copy cached on qt."""
     # The per-call Python work is kept to a few µs (decode calls are ~100 µs in all): qt.validate
     # and the packed weight are cached on qt, dtype names per dtype object.
@@ -378,6 +393,11 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
     if act_bits not in (None, 8):
         raise ValueError(f"act_bits must be None or 8, got {act_bits!r}")
+    if act_granularity not in ACT_GRANULARITIES:
+        raise ValueError(f"act_granularity must be one of {ACT_GRANULARITIES}, got {act_granularity!r}")
+    per_block = act_granularity == "block"
+    if per_block and act_bits is None:
+        raise ValueError('act_granularity="block" quantizes activations: it needs act_bits=8')
     if not hasattr(x, "shape") or len(x.shape) < 1:
         raise ValueError("x must be an array of shape [..., K]")
     dt = _x_dtype_name(x)
@@ -398,6 +418,8 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
     if dev[0] != "cpu":
         from .ops_cuda import matmul_cuda  # tensor-core kernels (fp16/bf16 activations)
 
+        if per_block:
+            raise NotImplementedError('act_granularity="block" is not implemented on CUDA')
         return matmul_cuda(x, qt, bias, act_bits)
     if type(qt.codes) is not np.ndarray and _interop.device_of(qt.codes) != dev:
         _check_same_device("qt", qt.codes, x, "x")  # raises, naming both devices
@@ -412,25 +434,27 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
     x2 = _interop.contiguous(x if len(x.shape) == 2 else x.reshape(M, K))
     packed = _packed_weight(qt)
     if packed is None:
-        return _matmul_unpacked(x2, qt, bias, act_bits, lead, dt)
+        return _matmul_unpacked(x2, qt, bias, act_bits, per_block, lead, dt)
     out = np.empty((M, N), dt) if numpy_x else _interop.empty(x2, (M, N), dt)
+    bits = 0 if act_bits is None else act_bits
     if numpy_x or dt == "bfloat16":
-        _ext.core().matmul(x2, packed, bias, out, 0 if act_bits is None else act_bits)
+        _ext.core().matmul(x2, packed, bias, out, bits, per_block)
     else:  # torch float32/float16 on the CPU: numpy views of the same memory cross the binding
         # far faster than torch's Python-level __dlpack__
         _ext.core().matmul(x2.numpy(), packed, None if bias is None else bias.numpy(), out.numpy(),
-                           0 if act_bits is None else act_bits)
+                           bits, per_block)
     return out.reshape(*lead, N)
 
 
-def _matmul_unpacked(x2, qt, bias, act_bits, lead, dt):
+def _matmul_unpacked(x2, qt, bias, act_bits, per_block, lead, dt):
     """Formats no packed kernel takes (2/3-bit codes, group sizes not a multiple of 32): a plain
     float64 product with the dequantized weight. Correct, not fast."""
     x64 = _interop.to_numpy(x2).astype(np.float64)
     if not np.all(np.isfinite(x64)):
         raise ValueError("x contains NaN or Inf")
     if act_bits == 8:
-        x64 = _fake_quant_act(x64).astype(np.float64)
+        block = qt.format.kernel_group_size(qt.shape[1]) if per_block else None
+        x64 = _fake_quant_act(x64, block).astype(np.float64)
     y = x64 @ _interop.to_numpy(dequantize(qt)).astype(np.float64).T
     if bias is not None:
         y = y + _interop.to_numpy(bias).astype(np.float64)

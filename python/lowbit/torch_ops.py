@@ -1,7 +1,8 @@
 """lowbit's primitives as torch.library custom ops, so torch.compile / torch.export see one opaque
 node per quantized matmul (no graph break) and autograd reaches the input.
 
-    torch.ops.lowbit.matmul(x, codes, scales, zeros, bias, bits, scheme, group_size, act_bits)
+    torch.ops.lowbit.matmul(x, codes, scales, zeros, bias, bits, scheme, group_size, act_bits,
+                            act_per_block=False)
         y = x @ dequantize(W).T (+ bias); differentiable w.r.t. x (and bias); weights frozen.
     torch.ops.lowbit.dequantize(codes, scales, zeros, bits, scheme, group_size, K) -> float32 [N, K]
     torch.ops.lowbit.quantize(w, bits, group_size, symmetric, nf4) -> (codes, scales, zeros)
@@ -10,7 +11,8 @@ node per quantized matmul (no graph break) and autograd reaches the input.
 The ops take a QuantizedTensor's *buffers* (what QuantLinear registers), not the dataclass, so a
 compiled graph holds plain tensors. group_size is encoded as an int: -1 one group per row,
 0 one scale for the whole tensor, g > 0 elements per group. scheme: 0 asymmetric, 1 symmetric,
-2 nf4 (tensor.SCHEMES). act_bits 0 means weight-only.
+2 nf4 (tensor.SCHEMES). act_bits 0 means weight-only; act_per_block: one activation scale per
+weight group instead of per token (lowbit.matmul's act_granularity="block").
 
 Prepacking: the CPU kernels want the weight in a packed layout (ops._packed_weight), the CUDA
 kernels in theirs (ops_cuda). Packing once per *buffer set* is done here: the packed copies are
@@ -93,22 +95,24 @@ def clear_cache() -> None:
 # ------------------------------------------------------------------------------------------ matmul
 @torch.library.custom_op("lowbit::matmul", mutates_args=())
 def matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-           bias: Optional[torch.Tensor], bits: int, scheme: int, group_size: int, act_bits: int) -> torch.Tensor:
+           bias: Optional[torch.Tensor], bits: int, scheme: int, group_size: int, act_bits: int,
+           act_per_block: bool = False) -> torch.Tensor:
     K = int(x.shape[-1])
     qt = _qt_from_buffers(codes, scales, zeros, bits, scheme, group_size, K)
     # the kernels read through DLPack, which refuses tensors that require grad: hand them plain views
-    y = ops.matmul(x.detach(), qt, bias=None if bias is None else bias.detach(), act_bits=act_bits or None)
+    y = ops.matmul(x.detach(), qt, bias=None if bias is None else bias.detach(), act_bits=act_bits or None,
+                   act_granularity="block" if act_per_block else "token")
     _remember(qt, codes, scales, zeros, bits, scheme, group_size, K)
     return y
 
 
 @matmul.register_fake
-def _(x, codes, scales, zeros, bias, bits, scheme, group_size, act_bits):
+def _(x, codes, scales, zeros, bias, bits, scheme, group_size, act_bits, act_per_block=False):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
 def _matmul_setup(ctx, inputs, output):
-    x, codes, scales, zeros, bias, bits, scheme, group_size, act_bits = inputs
+    x, codes, scales, zeros, bias, bits, scheme, group_size = inputs[:8]
     ctx.save_for_backward(codes, scales, zeros)
     ctx.fmt = (bits, scheme, group_size, int(x.shape[-1]))
     ctx.has_bias = bias is not None
@@ -124,7 +128,7 @@ def _matmul_backward(ctx, grad):
         gx = grad @ w.to(grad.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return gx, None, None, None, gb, None, None, None, None
+    return gx, None, None, None, gb, None, None, None, None, None
 
 
 matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)

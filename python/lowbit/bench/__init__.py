@@ -9,7 +9,8 @@ vpmaddubsw; bf16 reported unavailable without avx512_bf16), named beside each; a
 and OS allow AMX, the tdpbusd / tdpbf16ps tile peaks (reported; the % of limit stays against the
 vector peaks, so an AMX kernel can exceed 100%).
 
-Methods: lowbit w4a8 (int4 g128 and g32, asymmetric), w4a32 and w4a16 (int4 g128, float32 and
+Methods: lowbit w4a8 (int4 g128 and g32, asymmetric; g128 also with activations per K-block of
+128, "w4a8_xblk"), w4a32 and w4a16 (int4 g128, float32 and
 bfloat16 activations; the latter where torch is installed) and w8a8 (int8 per-channel); torch fp32/bf16
 F.linear, torch dynamic int8 (fbgemm and onednn engines), torch int4pack_mm; onnxruntime
 MatMulInteger, DynamicQuantizeMatMul and MatMulNBits (int4, blocks 128 and 32, accuracy levels 0

@@ -21,10 +21,16 @@ def outlier_activations(M: int, K: int, seed: int = 1) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def round_per_token_int8(x: np.ndarray) -> np.ndarray:
-    """The kernels' dynamic activation rule: symmetric int8, scale max|row| / 127."""
-    s = np.abs(x).max(axis=1, keepdims=True) / 127
-    return np.rint(x / np.where(s > 0, s, 1)) * s
+def round_int8(x: np.ndarray, block: int = 0) -> np.ndarray:
+    """The kernels' dynamic activation rule: symmetric int8, scale max|x| / 127 over each row, or
+    over each block of `block` elements of a row (block > 0)."""
+    out = np.empty_like(x)
+    b = block or x.shape[1]
+    for k0 in range(0, x.shape[1], b):
+        xb = x[:, k0:k0 + b]
+        s = np.abs(xb).max(axis=1, keepdims=True) / 127
+        out[:, k0:k0 + b] = np.rint(xb / np.where(s > 0, s, 1)) * s
+    return out
 
 
 def round_per_tensor_uint8(x: np.ndarray) -> np.ndarray:
@@ -50,8 +56,10 @@ def measure(case: Case, methods: List[Method], M: int = 16) -> Dict[str, Dict[st
             continue
         w = np.asarray(ops.dequantize(m.reference), np.float64)
         ref = x64 @ w.T
+        g = m.reference.format.kernel_group_size(case.K)
         section = out.setdefault(f"{m.reference.format.name}, {m.reference_origin}", {
-            "(x rounded per token to int8, exact product)": _rel_err(round_per_token_int8(x64) @ w.T, ref),
+            "(x rounded per token to int8, exact product)": _rel_err(round_int8(x64) @ w.T, ref),
+            f"(x rounded per block of {g} to int8, exact product)": _rel_err(round_int8(x64, g) @ w.T, ref),
             "(x rounded per tensor to uint8, exact product)": _rel_err(round_per_tensor_uint8(x64) @ w.T, ref)})
         section[m.name] = _rel_err(m.to_numpy(m.run(m.prepare_x(x), m.make_weight())), ref)
     return out

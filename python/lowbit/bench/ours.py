@@ -44,7 +44,7 @@ def _copy(qt: QuantizedTensor) -> QuantizedTensor:
                            qt.shape, qt.format)
 
 
-def _lowbit(name: str, qt: QuantizedTensor, act_bits, bf16_x: bool = False) -> Method:
+def _lowbit(name: str, qt: QuantizedTensor, act_bits, bf16_x: bool = False, act_granularity: str = "token") -> Method:
     def make_weight():
         q = _copy(qt)
         ops.matmul(np.zeros((1, qt.shape[1]), np.float32), q)  # prepacks (cached on q), untimed
@@ -57,7 +57,8 @@ def _lowbit(name: str, qt: QuantizedTensor, act_bits, bf16_x: bool = False) -> M
         extra = dict(prepare_x=lambda x: torch.from_numpy(x).to(torch.bfloat16),
                      to_numpy=lambda y: y.float().numpy())
     return Method(name, weight_bytes=int(ops._packed_weight(qt).nbytes), compute=compute,
-                  make_weight=make_weight, run=lambda x, q: ops.matmul(x, q, act_bits=act_bits),
+                  make_weight=make_weight,
+                  run=lambda x, q: ops.matmul(x, q, act_bits=act_bits, act_granularity=act_granularity),
                   ours=True, reference=qt, **extra)
 
 
@@ -66,6 +67,7 @@ def methods(case: Case) -> List[Method]:
     g = case.group(128)
     out = [_lowbit(f"lowbit w4a8 int4 g{g}", case.int4_g128, 8),
            _lowbit(f"lowbit w4a8_g32 int4 g{case.group(32)}", case.int4_g32, 8),
+           _lowbit(f"lowbit w4a8_xblk int4 g{g} (x per block)", case.int4_g128, 8, act_granularity="block"),
            _lowbit(f"lowbit w4a32 int4 g{g}", case.int4_g128, None),
            _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8)]
     if importlib.util.find_spec("torch") is not None:  # bf16 activations come as torch tensors

@@ -42,7 +42,7 @@ def print_accuracy(acc: Dict[str, Dict[str, float]], K: int, N: int, M: int) -> 
     for fmt, errs in acc.items():
         print(f"  weights {fmt}")
         for name, e in errs.items():
-            print(f"    {name:48s} {e:9.2e}")
+            print(f"    {name:52s} {e:9.2e}")
 
 
 def plot(rows: List[dict], path: str) -> Optional[str]:
