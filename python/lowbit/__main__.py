@@ -14,13 +14,15 @@ import numpy as np
 
 import lowbit as lb
 
-# (name, quantize arguments, act_bits for the matmul: None = float activations, 8 = int8 per token)
+# (name, quantize arguments, matmul arguments: float activations, or int8 per token / per block)
+A8_TOKEN, A8_BLOCK = dict(act_bits=8), dict(act_bits=8, act_granularity="block")
 FORMATS = [
-    ("int8 per-channel (W8A8)", dict(bits=8, group_size=None, symmetric=True), 8),
-    ("int4 g128 asym (W4A8)", dict(bits=4, group_size=128), 8),
-    ("int4 g128 asym (W4A32)", dict(bits=4, group_size=128), None),
-    ("int4 g32 sym (W4A32)", dict(bits=4, group_size=32, symmetric=True), None),
-    ("nf4 g64 (W4A32)", dict(bits=4, group_size=64, codebook="nf4"), None),
+    ("int8 per-channel (W8A8)", dict(bits=8, group_size=None, symmetric=True), A8_TOKEN),
+    ("int4 g128 asym (W4A8)", dict(bits=4, group_size=128), A8_TOKEN),
+    ("int4 g128 asym (W4A8 blk)", dict(bits=4, group_size=128), A8_BLOCK),
+    ("int4 g128 asym (W4A32)", dict(bits=4, group_size=128), {}),
+    ("int4 g32 sym (W4A32)", dict(bits=4, group_size=32, symmetric=True), {}),
+    ("nf4 g64 (W4A32)", dict(bits=4, group_size=64, codebook="nf4"), {}),
 ]
 
 
@@ -48,10 +50,11 @@ def main(argv=None) -> int:
           f"(compiled: {', '.join(v['name'] for v in info['cpu_variants'])}), "
           f"{info['num_threads']} threads, CUDA extension built: {info['cuda']['built']}")
     rng = np.random.default_rng(args.seed)
-    # Weights with a few outlier columns, as in real LLM layers.
+    # Weights and activations with a few outlier columns / channels, as in real LLM layers.
     w = rng.standard_normal((args.n, args.k), dtype=np.float32) * np.float32(0.02)
     w[:, rng.choice(args.k, size=max(1, args.k // 256), replace=False)] *= 8
     x = rng.standard_normal((args.m, args.k), dtype=np.float32)
+    x[:, rng.choice(args.k, size=max(1, args.k // 512), replace=False)] *= 20
     y_ref = x @ w.T
     t_float = best_of(lambda: x @ w.T)
 
@@ -60,15 +63,15 @@ def main(argv=None) -> int:
     head = f"{'format':26s} {'MiB':>7s} {'ratio':>6s} {'rel.err W':>10s} {'quantize ms':>12s}"
     head += f" {'matmul ms':>10s} {'vs float':>9s} {'rel.err y':>10s}"
     print(head)
-    for name, kw, act_bits in FORMATS:
+    for name, kw, mm in FORMATS:
         t_q = best_of(lambda: lb.quantize(w, **kw), repeats=3)
         qt = lb.quantize(w, **kw)
         w_hat = lb.dequantize(qt)
         err = np.linalg.norm(w_hat - w) / np.linalg.norm(w)
         line = (f"{name:26s} {qt.nbytes / 2**20:7.2f} {w.nbytes / qt.nbytes:5.1f}x {err:10.4f} "
                 f"{t_q * 1e3:12.2f}")
-        t_mm = best_of(lambda: lb.matmul(x, qt, act_bits=act_bits))
-        y = lb.matmul(x, qt, act_bits=act_bits)
+        t_mm = best_of(lambda: lb.matmul(x, qt, **mm))
+        y = lb.matmul(x, qt, **mm)
         yerr = np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref)
         line += f" {t_mm * 1e3:10.2f} {t_float / t_mm:8.2f}x {yerr:10.4f}"
         print(line)
