@@ -169,19 +169,24 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   __m256 f0[MR], f1[MR];
   for (int i = 0; i < MR; ++i) f0[i] = f1[i] = _mm256_setzero_ps();
   int64_t g2 = 0;
-  if (MR == 1)  // even / odd groups in two chains: small groups do not wait on the FMA latency
-    for (; g2 + 2 <= G; g2 += 2) {
-      group(g2, f0);
-      group(g2 + 1, f1);
-    }
+  for (; g2 + 2 <= G; g2 += 2) {  // even / odd groups in two chains: small groups do not wait on the FMA latency
+    group(g2, f0);
+    group(g2 + 1, f1);
+  }
   for (; g2 < G; ++g2) group(g2, f0);
   const float* swz = w.swz + p * G * 4;
   for (int i = 0; i < MR; ++i) {
-    __m256 z = _mm256_add_ps(f0[i], f1[i]);
+    // [swz_g | swz_g+1] · [−suma_g ×4 | −suma_g+1 ×4], in four chains: with 32-wide groups this
+    // dot is G/2 = K/64 FMAs per row and panel, as long as a chain as the dot products themselves
+    __m256 z[4] = {_mm256_add_ps(f0[i], f1[i]), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t g = 0;
-    for (; g + 2 <= G; g += 2)  // [swz_g | swz_g+1] · [−suma_g ×4 | −suma_g+1 ×4]
-      z = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(nsuma[i] + g * 4), z);
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+    for (; g + 8 <= G; g += 8)
+      for (int j = 0; j < 4; ++j)
+        z[j] = _mm256_fmadd_ps(_mm256_loadu_ps(swz + (g + 2 * j) * 4), _mm256_loadu_ps(nsuma[i] + (g + 2 * j) * 4), z[j]);
+    for (; g + 2 <= G; g += 2)
+      z[0] = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(nsuma[i] + g * 4), z[0]);
+    const __m256 zs = _mm256_add_ps(_mm256_add_ps(z[0], z[1]), _mm256_add_ps(z[2], z[3]));
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(zs), _mm256_extractf128_ps(zs, 1));
     if (g < G) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
     out[i] = t;
   }

@@ -45,10 +45,10 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   const __m512i sidx = BITS == 4 ? _mm512_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)
                                  : _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 1, 3, 1, 3, 1, 3, 1, 3);
   const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
-  __m512 f[MR];
-  for (int i = 0; i < MR; ++i) f[i] = _mm512_setzero_ps();
+  __m512 f[MR], f1[MR];
+  for (int i = 0; i < MR; ++i) f[i] = f1[i] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (int64_t g = 0; g < G; ++g) {
+  auto group = [&](int64_t g, __m512* acc) {
     const int64_t n = g + 1 < G ? nb : (w.h->Kp - k) / kBlockK;
     __m512i d0[MR], d1[MR];
     for (int i = 0; i < MR; ++i) d0[i] = d1[i] = _mm512_setzero_si512();
@@ -82,18 +82,30 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sw + g * 4)));
     for (int i = 0; i < MR; ++i) {
       const __m512i d = _mm512_add_epi32(_mm512_unpacklo_epi32(d0[i], d1[i]), _mm512_unpackhi_epi32(d0[i], d1[i]));
-      f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sg ? _mm512_mul_ps(s, _mm512_set1_ps(sg[i][g])) : s, f[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sg ? _mm512_mul_ps(s, _mm512_set1_ps(sg[i][g])) : s, acc[i]);
     }
+  };
+  int64_t g2 = 0;
+  for (; g2 + 2 <= G; g2 += 2) {  // even / odd groups in two chains: small groups do not wait on the FMA latency
+    group(g2, f);
+    group(g2 + 1, f1);
   }
+  for (; g2 < G; ++g2) group(g2, f);
   const float* swz = w.swz + p * G * 4;
   for (int i = 0; i < MR; ++i) {
+    f[i] = _mm512_add_ps(f[i], f1[i]);
     // lanes: int4 [a b a b ..| c d c d ..] = rows (0 1 | 2 3), int8 rows (0 2 | 1 3)
     const __m128 lo = _mm_add_ps(_mm512_castps512_ps128(f[i]), _mm512_extractf32x4_ps(f[i], 1));
     const __m128 hi = _mm_add_ps(_mm512_extractf32x4_ps(f[i], 2), _mm512_extractf32x4_ps(f[i], 3));
     const __m128 lo2 = _mm_add_ps(lo, _mm_movehl_ps(lo, lo)), hi2 = _mm_add_ps(hi, _mm_movehl_ps(hi, hi));
     __m128 t = BITS == 4 ? _mm_movelh_ps(lo2, hi2) : _mm_unpacklo_ps(lo2, hi2);
-    __m512 z = _mm512_setzero_ps();
+    __m512 z = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();  // two chains (G/4 FMAs is long for 32-wide groups)
     int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+      z = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4), _mm512_loadu_ps(nsuma[i] + g * 4), z);
+      z1 = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4 + 16), _mm512_loadu_ps(nsuma[i] + g * 4 + 16), z1);
+    }
+    z = _mm512_add_ps(z, z1);
     for (; g + 4 <= G; g += 4) z = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4), _mm512_loadu_ps(nsuma[i] + g * 4), z);
     for (; g < G; ++g) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
     const __m256 z8 = _mm256_add_ps(_mm512_castps512_ps256(z), _mm512_extractf32x8_ps(z, 1));
