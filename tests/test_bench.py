@@ -30,7 +30,8 @@ def test_every_method_is_measured_or_explained(tiny_run):
     assert [r["M"] for r in tiny_run["rows"]] == [1, 32]
     assert [r["regime"] for r in tiny_run["rows"]] == ["decode", "prefill"]
     for row in tiny_run["rows"]:
-        assert len(row["ours"]) == 4 + (importlib.util.find_spec("torch") is not None)  # + bf16 x
+        # w4a8 g128 / g32 / g128 with x per block, w4a32, w8a8; + w4a16 (bf16 x) with torch
+        assert len(row["ours"]) == 5 + (importlib.util.find_spec("torch") is not None)
         for name, r in row["results"].items():
             assert 0 < r["time_ms_min"] <= r["time_ms"] <= r["time_ms_max"]
             assert r["pct_limit"] > 0 and r["GBps"] > 0
@@ -64,6 +65,19 @@ def test_peers_multiply_by_our_weights(tiny_run):
         assert errors["torch int4pack_mm bf16"] < 2e-2  # bf16 activations and scales
     for name in [n for n in errors if n.startswith("llama.cpp")]:
         assert errors[name] < 5e-2, name  # x rounded to int8 per block of 32; a misread layout gives ~1
+
+
+def test_int8_activation_errors_are_their_rounding(tiny_run):
+    """Each A8 method's error is what its activation rounding explains: per token for w4a8/w8a8,
+    per K-block for w4a8_xblk (the same rounding, exact products); per block is never worse."""
+    for section in tiny_run["accuracy"]["errors"].values():
+        token = section["(x rounded per token to int8, exact product)"]
+        block = next(e for n, e in section.items() if n.startswith("(x rounded per block of"))
+        for name, e in section.items():
+            if name.startswith("lowbit") and ("w4a8" in name or "w8a8" in name):
+                expected = block if "x per block" in name else token
+                assert abs(e - expected) <= 0.02 * expected, (name, e, expected)
+        assert block <= token * (1 + 1e-9)  # equal when the block is the whole row (per-channel)
 
 
 def test_missing_peers_are_reported_not_raised(monkeypatch):
