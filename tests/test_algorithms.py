@@ -6,6 +6,8 @@ channels in the norm gains (so AWQ/SmoothQuant have something to do)."""
 import copy
 import math
 
+import numpy as np
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -467,6 +469,76 @@ def test_gptq_columns_matches_reference(bits, sym, per_column, N):
     lowbit.ops.gptq_columns(got_w, q, e, u, begin, end, s, z, bits, sym)
     assert torch.equal(got_w, want[0])
     assert torch.equal(q[begin:end], want[1][begin:end]) and torch.equal(e[begin:end], want[2][begin:end])
+
+
+def _reference_clip_search(w, bits, gs, sym, ratios, col_weight=None):
+    """The search spelled out with lowbit.quantize / dequantize per ratio (numpy float64 errors)."""
+    K = w.shape[1]
+    g = K if gs is None else (w.numel() if gs == "tensor" else gs)
+    flat = w.reshape(1, -1) if gs == "tensor" else w
+    best = None
+    for c in ratios:
+        qt = lowbit.quantize(w, bits, gs, sym, clip_ratio=c)
+        d = (w - lowbit.dequantize(qt)).double().square()
+        if col_weight is not None:
+            d = d * col_weight.double()
+        d = d.reshape(flat.shape)
+        err = torch.stack([d[:, j:j + g].sum(1) for j in range(0, flat.shape[1], g)], 1)
+        s, z = qt.scales, qt.zeros
+        if best is None:
+            best = [err, s, z, torch.full_like(err, c)]
+            continue
+        b = err < best[0]
+        best = [torch.where(b, err, best[0]), torch.where(b, s, best[1]),
+                None if z is None else torch.where(b, z, best[2]), torch.where(b, torch.full_like(err, c), best[3])]
+    return best
+
+
+@pytest.mark.parametrize("bits,gs,sym,weighted", [(4, 128, False, False), (3, 64, True, True),
+                                                  (4, None, False, True), (8, 32, True, False),
+                                                  (2, "tensor", False, False)])
+def test_clip_search_matches_quantize_round_trips(bits, gs, sym, weighted):
+    # the C++ search picks the ratio the spelled-out search picks (its float32 error sums may break
+    # an exact tie differently: the chosen error must then equal the best to rounding)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 300, generator=g)
+    w[2, 7] = 25.0  # an outlier: clipping pays
+    cw = torch.rand(300, generator=g) if weighted else None
+    ratios = torch.linspace(1.0, 0.5, 12).tolist()
+    s, z, r = lowbit.ops.clip_search(w, bits, gs, sym, ratios, cw)
+    err, s_ref, z_ref, r_ref = _reference_clip_search(w, bits, gs, sym, ratios, cw)
+    same = r == r_ref
+    assert same.float().mean() > 0.98 and (bits == 8 or (r < 1).any())  # clipping pays at low bits
+    assert torch.equal(s[same], s_ref[same]) and (z is None or torch.equal(z[same], z_ref[same]))
+    # the chosen parameters quantize like lowbit.quantize with them, and their error is the least
+    qt = lowbit.quantize(w, bits, gs, sym, scales=s, zeros=z)
+    d = (w - lowbit.dequantize(qt)).double().square() * (1 if cw is None else cw.double())
+    flat_d = d.reshape(1, -1) if gs == "tensor" else d
+    step = flat_d.shape[1] if gs in (None, "tensor") else gs
+    got = torch.stack([flat_d[:, j:j + step].sum(1) for j in range(0, flat_d.shape[1], step)], 1)
+    assert torch.all(got <= err * (1 + 1e-5) + 1e-12)
+    # numpy in, numpy out
+    sn, zn, rn = lowbit.ops.clip_search(w.numpy(), bits, gs, sym, ratios, None if cw is None else cw.numpy())
+    assert isinstance(sn, np.ndarray) and np.array_equal(rn, r.numpy())
+
+
+def test_clip_search_bad_input():
+    w = torch.randn(8, 64)
+    op = lowbit.ops.clip_search
+    with pytest.raises(ValueError, match="clip ratios must be in"):
+        op(w, 4, 32, False, [1.0, 0.0])
+    with pytest.raises(ValueError, match="no clip ratios"):
+        op(w, 4, 32, False, [])
+    with pytest.raises(ValueError, match="shape"):
+        op(w, 4, 32, False, [1.0], torch.ones(63))
+    with pytest.raises(ValueError, match="column weights"):
+        op(w, 4, 32, False, [1.0], -torch.ones(64))
+    bad = w.clone()
+    bad[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        op(bad, 4, 32, False, [1.0])
+    with pytest.raises(ValueError, match="empty"):
+        op(w[:0], 4, 32, False, [1.0])
 
 
 def test_gptq_columns_bad_input():

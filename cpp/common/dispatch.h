@@ -36,6 +36,11 @@ const KernelTable& reference();
 void set_isa(const std::string& name);
 std::string active_isa();
 
+// Portable loops compiled per ISA by GCC's target_clones (picked once at load): the same
+// element-wise steps in the same order (and -ffp-contract=off), so every clone gives
+// bit-identical results.
+#define LOWBIT_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
 // Thread pool: persistent workers; parallel_for splits [0, n) into contiguous chunks.
 void set_num_threads(int n);
 int get_num_threads();
@@ -63,6 +68,20 @@ struct GptqColumnsCall {
   bool param_stride;      // one parameter row per column (static groups under act-order)
 };
 void gptq_columns(const GptqColumnsCall& c);
+
+// Per-group clip-ratio search by squared error (GPTQ's and the observers' clip search): for each
+// group of w [rows, K] and each ratio, the group's parameters by params_from_range with that
+// clip_ratio, and the error Σ_k c_k (w_k − dequantize(quantize(w_k)))² of the round trip (c: the
+// per-column weights col_weight [K], or 1). The first ratio with the least error wins: its scale
+// and zero go to scales/zeros [rows, groups] and the ratio to best_ratio. Uniform formats only.
+struct ClipSearchCall {
+  const float* w; int64_t rows, K;
+  QuantFormat fmt;            // bits, scheme (asymmetric / symmetric), group_size
+  const float* ratios; int64_t n_ratios;
+  const float* col_weight;    // [K] or nullptr
+  float* scales; uint8_t* zeros; float* best_ratio;  // zeros: nullptr unless asymmetric
+};
+void clip_search(const ClipSearchCall& c);
 
 // matmul (cpp/common/matmul.cpp). Prepack W once into layout panel4_k32 (see layout_panel4.h):
 // packed_linear_bytes() says how big a buffer pack_linear() fills. codes/scales/zeros as in a

@@ -22,9 +22,7 @@ static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // max |x| of a row, or a value above FLT_MAX when the row holds NaN/Inf. On the bits: for
 // |x| = bits & 0x7fffffff the integer order is the float order, and every NaN/Inf is >= the bits
 // of Inf, so one integer max (which vectorizes, unlike a float max) does both jobs.
-// The row helpers below are compiled per ISA by GCC's target_clones (picked once at load): the
-// same element-wise steps in the same order, so every clone gives bit-identical results.
-#define LOWBIT_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// The row helpers below are compiled per ISA (LOWBIT_ROW_CLONES, dispatch.h).
 
 LOWBIT_ROW_CLONES static float abs_max(const float* x, int64_t K) {
   int32_t m = 0;

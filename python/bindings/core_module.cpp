@@ -121,6 +121,33 @@ void gptq_columns_py(py::handle w, py::handle q, py::handle err, py::handle u, i
   lowbit::gptq_columns(c);
 }
 
+void clip_search_py(py::handle w, py::handle ratios, py::handle col_weight, py::handle scales,
+                    py::handle zeros, py::handle best_ratio, int bits, int scheme, int64_t group_size) {
+  ArrayView wv = view_array(w, "w", false);
+  require_cpu(wv, "w");
+  if (wv.dtype != "float32") throw py::type_error("w must be float32, got " + wv.dtype);
+  if (wv.shape.size() != 2 || !wv.contiguous()) fail("w must be a contiguous 2-D array [rows, K]");
+  const int64_t rows = wv.shape[0], K = wv.shape[1];
+  if (rows == 0 || K == 0) fail("w is empty");
+  if (group_size <= 0) fail("group_size must be positive");
+  QuantFormat f = make_format(bits, scheme, group_size, 1.0f);
+  const int64_t G = num_groups(K, f.group_size);
+  ArrayView rv = view_array(ratios, "ratios", false);
+  if (rv.dtype != "float32" || rv.shape.size() != 1 || !rv.contiguous()) fail("ratios must be a contiguous 1-D float32 array");
+  ArrayView cv;
+  if (!col_weight.is_none()) cv = view_exact(col_weight, "col_weight", "float32", {K}, false);
+  ArrayView sv = view_exact(scales, "scales", "float32", {rows, G}, true);
+  ArrayView bv = view_exact(best_ratio, "best_ratio", "float32", {rows, G}, true);
+  ArrayView zv;
+  if (f.scheme == Scheme::asymmetric) zv = view_exact(zeros, "zeros", "uint8", {rows, G}, true);
+  else if (!zeros.is_none()) fail("zeros are only used by asymmetric formats");
+  ClipSearchCall c{static_cast<const float*>(wv.data), rows, K, f, static_cast<const float*>(rv.data),
+                   rv.shape[0], static_cast<const float*>(cv.data), static_cast<float*>(sv.data),
+                   static_cast<uint8_t*>(zv.data), static_cast<float*>(bv.data)};
+  py::gil_scoped_release nogil;
+  lowbit::clip_search(c);
+}
+
 void pack_int4_py(py::handle codes, py::handle packed) {
   ArrayView cv = view_array(codes, "codes", false);
   require_cpu(cv, "codes");
@@ -236,6 +263,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("gptq_columns", &gptq_columns_py, py::arg("w"), py::arg("q"), py::arg("err"), py::arg("u"),
         py::arg("begin"), py::arg("end"), py::arg("scales"), py::arg("zeros"), py::arg("bits"),
         py::arg("scheme"));
+  m.def("clip_search", &clip_search_py, py::arg("w"), py::arg("ratios"), py::arg("col_weight"),
+        py::arg("scales"), py::arg("zeros"), py::arg("best_ratio"), py::arg("bits"), py::arg("scheme"),
+        py::arg("group_size"));
   m.def("pack_int4", &pack_int4_py, py::arg("codes"), py::arg("packed"));
   m.def("unpack_int4", &unpack_int4_py, py::arg("packed"), py::arg("out"));
   m.def("group_params", [](int bits, int scheme, float clip_ratio, float lo, float hi, float amax) {

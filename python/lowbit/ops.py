@@ -176,6 +176,34 @@ def gptq_columns(w: Any, q: Any, err: Any, u: Any, begin: int, end: int, scales:
                              SCHEMES[fmt.scheme])
 
 
+def clip_search(w: Any, bits: int, group_size: GroupSize, symmetric: bool, ratios, col_weight: Any = None):
+    """Per-group clip ratio of least squared round-trip error (CPU, float32 w [rows, K]): for each
+    ratio c, quantize(w, clip_ratio=c) then dequantize, error Σ_k col_weight_k (w_k − ŵ_k)² per group
+    (col_weight [K], default 1); the first c with the least error wins. Returns (scales, zeros,
+    best_ratio), each [rows, groups] ([1, 1] for "tensor"; zeros None unless asymmetric), numpy or
+    torch like w, ready for quantize(w, scales=, zeros=)."""
+    fmt = _format(bits, group_size, symmetric, None)
+    _check_float_2d(w, "w")
+    if _interop.device_of(w)[0] != "cpu":
+        raise ValueError("clip_search runs on the CPU; w is on "
+                         f"{_interop.describe_device(_interop.device_of(w))}")
+    rows, K = (int(d) for d in w.shape)
+    w32 = _interop.to_numpy(w).astype(np.float32, copy=False)
+    if fmt.group_size == "tensor":   # one group over the whole tensor: the same rule on one long row
+        w32, rows, K = w32.reshape(1, rows * K), 1, rows * K
+    w32 = np.ascontiguousarray(w32)
+    G = fmt.num_groups(K)
+    r = np.ascontiguousarray(np.asarray(ratios, np.float32).reshape(-1))
+    cw = None if col_weight is None else np.ascontiguousarray(_interop.to_numpy(col_weight), np.float32).reshape(-1)
+    scales = np.empty((rows, G), np.float32)
+    best = np.empty((rows, G), np.float32)
+    zeros = np.empty((rows, G), np.uint8) if fmt.scheme == "asymmetric" else None
+    _ext.core().clip_search(w32, r, cw, scales, zeros, best, fmt.bits, SCHEMES[fmt.scheme],
+                            fmt.kernel_group_size(K))
+    wrap = (lambda a: a) if type(w) is np.ndarray else (lambda a: _interop.asarray_like(w, a, str(a.dtype)))
+    return wrap(scales), None if zeros is None else wrap(zeros), wrap(best)
+
+
 def _given_param(w, value, name, dtype, fmt, rows, G):
     """A caller-supplied scales/zeros as a contiguous [rows, G] array beside w. Values are checked
     here (zeros: integers in [0, 2^bits - 1]; scales: finite, >= 0) so nothing wraps silently."""

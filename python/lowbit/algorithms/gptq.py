@@ -30,9 +30,7 @@ def _group_params(Wg: torch.Tensor, config: GPTQConfig, col_weight=None):
     (each column's error weighted by col_weight [gs] when given)."""
     if config.clip_search:
         ratios = torch.linspace(1.0, config.min_clip, config.n_clip_grid).tolist()
-        err_fn = None if col_weight is None else (
-            lambda a, b: ((a - b).square() * col_weight).sum(1, keepdim=True))
-        s, z, _ = search_clip(Wg, config.bits, None, config.symmetric, ratios, err_fn)
+        s, z, _ = search_clip(Wg, config.bits, None, config.symmetric, ratios, col_weight=col_weight)
         return s, z
     qg = quantize(Wg, config.bits, None, config.symmetric)
     return qg.scales, qg.zeros

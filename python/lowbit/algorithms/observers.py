@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..ops import dequantize, quantize
+from ..ops import clip_search, dequantize, quantize
 from ..tensor import QuantizedTensor
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -55,10 +55,6 @@ def group_reduce(x: torch.Tensor, granularity: str, group_size: Optional[int], f
         return fn(x, 1).reshape(-1, 1)
     K = x.shape[1]
     return torch.stack([fn(x[:, g:g + group_size], 1) for g in range(0, K, group_size)], dim=1)
-
-
-def group_sum(values: torch.Tensor, granularity: str, group_size: Optional[int]) -> torch.Tensor:
-    return group_reduce(values, granularity, group_size, lambda t, d: t.sum(d))
 
 
 class Observer:
@@ -169,15 +165,19 @@ class PercentileObserver(Observer):
 
 def search_clip(w: torch.Tensor, bits: int, group_size, symmetric: bool,
                 ratios: Sequence[float],
-                err_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+                err_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                col_weight: Optional[torch.Tensor] = None):
     """Per-group clip-ratio search: quantize w with lowbit.quantize(clip_ratio=c) for each candidate c,
     keep per group the candidate with the least error, and return (scales, zeros, best_ratio) with
-    scales/zeros [rows, G] ready for lowbit.quantize(w, scales=, zeros=). err_fn(w, w_hat) -> [rows, G]
-    error per group (default: squared error). group_size: int, None (per row) or "tensor"."""
+    scales/zeros [rows, G] ready for lowbit.quantize(w, scales=, zeros=). group_size: int, None
+    (per row) or "tensor". The error is the squared round-trip error, each column weighted by
+    col_weight [K] when given — lowbit.ops.clip_search, one C++ pass per group (on the CPU) — or
+    err_fn(w, w_hat) -> [rows, G] for any other measure (AWQ's output error)."""
     w = w.detach().float().contiguous()
-    gran = "tensor" if group_size == "tensor" else "channel" if group_size is None else "group"
     if err_fn is None:
-        err_fn = lambda a, b: group_sum((a - b).square(), gran, group_size)
+        s, z, r = clip_search(w.cpu(), bits, group_size, symmetric, ratios,
+                              None if col_weight is None else col_weight.detach().float().cpu())
+        return s.to(w.device), (z.to(w.device) if z is not None else None), r.to(w.device)
     best_err = best_s = best_z = best_r = None
     for c in ratios:
         qt = quantize(w, bits, group_size, symmetric, clip_ratio=float(c))
