@@ -168,7 +168,7 @@ def _integer_weight(rng, fmt, N, K):
 
 @pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")])
-@pytest.mark.parametrize("shape", [(1, 37, 576), (2, 64, 4096), (17, 9, 576), (70, 40, 512)],
+@pytest.mark.parametrize("shape", [(1, 37, 576), (2, 64, 4096), (12, 37, 576), (17, 9, 576), (70, 40, 512)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_integer_dots_exact(isa, fmt, shape, granularity):
     # Integer activations with max |x| = 127 (in every row, and per block in every group) give
@@ -183,6 +183,26 @@ def test_integer_dots_exact(isa, fmt, shape, granularity):
     xi[:, ::qt.format.kernel_group_size(K)] = 127
     y = lb.matmul(xi.astype(np.float32), qt, act_bits=8, act_granularity=granularity)
     np.testing.assert_array_equal(y, (xi @ wint.T).astype(np.float32))
+
+
+@pytest.mark.parametrize("M", [9, 14])
+def test_threads_agree_when_a_thread_gets_part_of_a_panel_set(M):
+    # 8-16 rows of X: the threads split N into panel ranges that need not be multiples of the
+    # AVX2 int4 GEMM's four-panel sets; each call must write only its own panels' outputs (a
+    # write past them races with the neighbouring thread, so the calls are repeated).
+    x, w = _data(M, 52, 576, seed=5)
+    n = lb.get_num_threads()
+    try:
+        for gs in (32, 128):
+            qt = lb.quantize(w, bits=4, group_size=gs)
+            lb.set_num_threads(1)
+            want = lb.matmul(x, qt, act_bits=8)
+            for t in (2, 3):
+                lb.set_num_threads(t)
+                for _ in range(150):
+                    np.testing.assert_array_equal(lb.matmul(x, qt, act_bits=8), want)
+    finally:
+        lb.set_num_threads(n)
 
 
 def test_threads_agree():

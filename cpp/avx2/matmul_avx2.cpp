@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "common/format.h"
@@ -223,6 +224,186 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
   }
 }
 
+// int4 GEMM on a k4 scratch (many rows of X). The panel4 blocks keep each row's 32 codes in one
+// register, so every group ends with a horizontal fold per (row of X, panel) — three vphaddw per
+// group, about a third of the g32 GEMM. Here four panels (16 rows of W) are first unpacked into
+// a scratch of 4-k steps: one step is two registers, each 8 rows of W × 4 consecutive k (u8), so
+// vpmaddubsw against 4 int8 activations broadcast to every lane leaves each row's dot in its own
+// lane, and a group ends with a vpmaddwd, a convert and two FMAs per (row of X, 8 rows of W).
+// 3 rows of X × 16 rows of W per step: 6 multiplies per 3 broadcasts and 2 loads (measured
+// best of 1-6 rows × 8-32 W rows). The scratch (Kp·16 bytes, L2-resident) is built once per
+// four panels and tile and read by every row of X.
+constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
+constexpr int64_t kK4MinRows = 8;  // fewer rows of X: the panel4 kernel, no scratch to build (>= 2)
+constexpr int64_t kK4ChunkK = 1024;
+
+// Panels [p, p + np) (np <= 4; the rest zero) as k4 steps, rows 0-7 in the first half of a step
+// and 8-15 in the second; their scales as [G][sw 0-7 | sw 8-15 | swz 0-7 | swz 8-15].
+inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst, float* sc) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t nblk = w.h->Kp / kBlockK, G = w.h->G;
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* src[2];
+    for (int q = 0; q < 2; ++q) src[q] = 2 * half + q < np ? w.panel(p + 2 * half + q) : nullptr;
+    for (int64_t b = 0; b < nblk; ++b) {
+      __m256i r[8];  // rows 0-3 of the first panel, then of the second: 32 codes each, k in order
+      for (int q = 0; q < 2; ++q)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = src[q] ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[q] + b * kW4Bytes + 32 * h))
+                                   : _mm256_setzero_si256();
+          r[4 * q + 2 * h] = _mm256_and_si256(v, low4);
+          r[4 * q + 2 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+      // 8 × 8 transpose of dwords: step s gets dword s (k 4s .. 4s+3) of rows 0..7
+      __m256i t[8], u[8];
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+      }
+      uint8_t* out = dst + b * 8 * kK4Step + 32 * half;
+      for (int s = 0; s < 4; ++s) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + s * kK4Step), _mm256_permute2x128_si256(u[s], u[4 + s], 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (s + 4) * kK4Step), _mm256_permute2x128_si256(u[s], u[4 + s], 0x31));
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int q = 0; q < 4; ++q)
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = ((p + q) * G + g) * 4 + r;
+        sc[g * 32 + 4 * q + r] = q < np ? w.sw[i] : 0.f;
+        sc[g * 32 + 16 + 4 * q + r] = q < np ? w.swz[i] : 0.f;
+      }
+}
+
+// One block (8 steps, 32 k from k) of MR rows of X against 16 rows of W: int16 sums s[i][v].
+template <int MR>
+inline void k4_block(const uint8_t* wk, const int8_t* const* x, int64_t k, __m256i (*s)[2]) {
+  for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm256_setzero_si256();
+  const uint8_t* wb = wk + (k >> 2) * kK4Step;
+#pragma GCC unroll 8  // unrolled, the 2·MR sums stay in registers
+  for (int j = 0; j < 8; ++j) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step + 32));
+    for (int i = 0; i < MR; ++i) {
+      int32_t x4;
+      std::memcpy(&x4, x[i] + k + 4 * j, 4);
+      const __m256i xb = _mm256_set1_epi32(x4);
+      s[i][0] = _mm256_add_epi16(s[i][0], _mm256_maddubs_epi16(w0, xb));
+      s[i][1] = _mm256_add_epi16(s[i][1], _mm256_maddubs_epi16(w1, xb));
+      asm("" : "+x"(s[i][0]), "+x"(s[i][1]));  // one running sum each: GCC's reassociated add tree spills
+    }
+  }
+}
+
+// Rows m .. m+MR-1 of X against the unpacked panels, groups [g0, g1): y[i][0..15] (16 rows of W,
+// before the per-token activation scale; ns: −suma, times sg per block, [row][G]) += the groups'
+// scaled dots. A vpmaddubsw lane is <= 2·15·127 = 3810, so the int16 sums take one block (8 steps,
+// <= 30480) before vpmaddwd widens them. G32 (32-wide groups, one block each): the float sums
+// stay in registers across groups; larger groups sum blocks in int32 and update y per group.
+template <int MR, bool G32>
+inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m,
+                    int64_t g0, int64_t g1, float (*y)[16]) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const int8_t* x[MR];
+  __m256 f[MR][2];
+  for (int i = 0; i < MR; ++i) {
+    x[i] = a.x.xq + (m + i) * a.x.ld;
+    for (int v = 0; v < 2; ++v) f[i][v] = _mm256_load_ps(y[i] + 8 * v);
+  }
+  // f += s_g · d + swz_g · ns (s_g: the group scale, times sg per block)
+  auto scale_add = [&](int64_t g, int i, int v, __m256i d, __m256 acc) {
+    __m256 s = _mm256_loadu_ps(sc + g * 32 + 8 * v);
+    if (a.x.sg) s = _mm256_mul_ps(s, _mm256_broadcast_ss(a.x.sg + (m + i) * G + g));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
+    return _mm256_fmadd_ps(_mm256_loadu_ps(sc + g * 32 + 16 + 8 * v), _mm256_broadcast_ss(ns + i * G + g), acc);
+  };
+  int64_t k = g0 * w.h->group_size;
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256i s[MR][2];
+    if constexpr (G32) {
+      k4_block<MR>(wk, x, k, s);
+      k += kBlockK;
+      for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < 2; ++v) f[i][v] = scale_add(g, i, v, _mm256_madd_epi16(s[i][v], ones16), f[i][v]);
+    } else {
+      __m256i d[MR][2];
+      for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
+      for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
+        k4_block<MR>(wk, x, k, s);
+        for (int i = 0; i < MR; ++i)
+          for (int v = 0; v < 2; ++v) d[i][v] = _mm256_add_epi32(d[i][v], _mm256_madd_epi16(s[i][v], ones16));
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < 2; ++v)
+          _mm256_store_ps(y[i] + 8 * v, scale_add(g, i, v, d[i][v], _mm256_load_ps(y[i] + 8 * v)));
+    }
+  }
+  if constexpr (G32)
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < 2; ++v) _mm256_store_ps(y[i] + 8 * v, f[i][v]);
+}
+
+// Rows [m0, m1) (at least kK4MinRows) three at a time, the rest in pairs.
+template <bool G32>
+void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m0, int64_t m1,
+             int64_t g0, int64_t g1, float (*y)[16]) {
+  const int64_t G = a.w.h->G, rows = m1 - m0;
+  int64_t i = 0;
+  for (; rows - i >= 3 && rows - i != 4; i += 3) k4_rows<3, G32>(a, wk, sc, ns + i * G, m0 + i, g0, g1, y + i);
+  for (; i < rows; i += 2) k4_rows<2, G32>(a, wk, sc, ns + i * G, m0 + i, g0, g1, y + i);
+}
+
+void int4_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t G = a.w.h->G, rows = m1 - m0;
+  thread_local std::vector<uint8_t> wk;
+  thread_local std::vector<float> sc, ns, yv;
+  wk.resize(size_t(a.w.h->Kp / 4 * kK4Step));
+  sc.resize(size_t(G * 32));
+  ns.resize(size_t(rows * G));
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      ns[size_t((m - m0) * G + g)] = -float(a.x.suma[m * G + g]) * (a.x.sg ? a.x.sg[m * G + g] : 1.f);
+  yv.resize(size_t(rows * 16 + 8));
+  float (*y)[16] = reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
+  // whole groups in chunks of about kK4ChunkK k: the chunk's scratch (16 KiB) and activations
+  // stay in L1 while every row of the tile passes over them
+  const int64_t gpc = std::max<int64_t>(1, kK4ChunkK / a.w.h->group_size);
+  for (int64_t p = p0; p < p1; p += 4) {
+    const int64_t np = std::min<int64_t>(4, p1 - p);
+    unpack_k4(a.w, p, np, wk.data(), sc.data());
+    std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
+    for (int64_t g0 = 0; g0 < G; g0 += gpc) {
+      const int64_t g1 = std::min(G, g0 + gpc);
+      if (a.w.h->group_size == kBlockK) k4_tile<true>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, g1, y);
+      else k4_tile<false>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, g1, y);
+    }
+    // only this call's panels: the rows past them belong to another call (thread)
+    const int64_t n0 = p * kPanelRows, n1 = std::min(a.w.h->N, (p + np) * kPanelRows);
+    for (int64_t m = m0; m < m1; ++m) {
+      if (a.y_dtype == DType::f32 && n0 + 16 <= n1) {  // the common case, 16 outputs at once
+        float* out = static_cast<float*>(a.y) + m * a.w.h->N + n0;
+        const __m256 sa = _mm256_broadcast_ss(a.x.sa + m);
+        for (int v = 0; v < 2; ++v) {
+          __m256 o = _mm256_mul_ps(_mm256_load_ps(y[m - m0] + 8 * v), sa);
+          if (a.bias) o = _mm256_add_ps(o, _mm256_loadu_ps(a.bias + n0 + 8 * v));
+          _mm256_storeu_ps(out + 8 * v, o);
+        }
+        continue;
+      }
+      for (int64_t n = n0; n < n1; ++n) store_matmul_out(a, m, n, y[m - m0][n - n0], a.x.sa[m]);
+    }
+  }
+}
+
 // Eight codes (bytes 8q .. 8q+7 of v) as floats: d(u) = u, NF4[u], or the int8 value.
 template <int BITS, bool NF4>
 inline __m256 decode8(__m256i v, int q, __m256 lut_lo, __m256 lut_hi) {
@@ -401,6 +582,7 @@ void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (a.w.h->bits == 8) return int_walk<8, 0>(a, m0, m1, p0, p1);
+  if (m1 - m0 >= kK4MinRows) return int4_k4_walk(a, m0, m1, p0, p1);
   // int4 with every group whole (K = G · group_size): unrolled group bodies
   const int64_t gs = a.w.h->group_size, G = a.w.h->G;
   if (G > 1 && a.w.h->K == G * gs) {

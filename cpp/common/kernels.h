@@ -73,7 +73,8 @@ struct KernelTable {
   MatmulFn matmul_int;    // W4A8 / W8A8 on layout panel4_k32
   MatmulFn matmul_float;  // weight-only int4 / int8 / nf4, float activations, panel4_k32
   // Rows of X per prefill work item of matmul_int (and of matmul_float on bfloat16 x when it asks
-  // for those): a kernel that rebuilds its weight operand per call (amx) wants tall items.
+  // for those): a kernel that rebuilds its weight operand per call (amx, avx2's int4 GEMM)
+  // wants tall items.
   int64_t int_prefill_rows = 64;
   // matmul_float wants bfloat16 activations as such (PreparedAct::xb).
   bool float_wants_bf16_x = false;
