@@ -188,19 +188,19 @@ def test_integer_dots_exact(isa, fmt, shape, granularity):
 @pytest.mark.parametrize("M", [9, 14])
 def test_threads_agree_when_a_thread_gets_part_of_a_panel_set(M):
     # 8-16 rows of X: the threads split N into panel ranges that need not be multiples of the
-    # AVX2 int4 GEMM's four-panel sets; each call must write only its own panels' outputs (a
-    # write past them races with the neighbouring thread, so the calls are repeated).
+    # AVX2 GEMMs' four-panel sets; each call must write only its own panels' outputs (a write
+    # past them races with the neighbouring thread, so the calls are repeated).
     x, w = _data(M, 52, 576, seed=5)
     n = lb.get_num_threads()
     try:
-        for gs in (32, 128):
+        for gs, act_bits in ((32, 8), (128, 8), (128, None)):
             qt = lb.quantize(w, bits=4, group_size=gs)
             lb.set_num_threads(1)
-            want = lb.matmul(x, qt, act_bits=8)
+            want = lb.matmul(x, qt, act_bits=act_bits)
             for t in (2, 3):
                 lb.set_num_threads(t)
                 for _ in range(150):
-                    np.testing.assert_array_equal(lb.matmul(x, qt, act_bits=8), want)
+                    np.testing.assert_array_equal(lb.matmul(x, qt, act_bits=act_bits), want)
     finally:
         lb.set_num_threads(n)
 

@@ -8,11 +8,13 @@
 //     The integer dots are exact; per group they are scaled lane-wise in float (see int_panel),
 //     so outputs match cpp/ref to float rounding, not bit for bit.
 //     Tiling: per panel (4 rows of W), the dispatcher's rows of X in pairs; decode (M <= 16)
-//     streams each panel from DRAM once with software prefetch.
+//     streams each panel from DRAM once with software prefetch. int4 with 8 or more rows of X:
+//     on a k4 scratch instead (int4_k4_walk), no per-group fold.
 //   matmul_float: weight-only; codes -> int32 -> float (nf4: two 8-entry vpermps tables and a
 //     blend on bit 3) fused with the FMA; the float weight matrix never exists in memory.
-//     1-2 rows of X: decoded on the fly per block (float_tile); more: per 128-k chunk decoded
-//     once into an L1 scratch and reused by every row (float_gemm_tile).
+//     Up to 7 rows of X: decoded on the fly per block, two rows at a time (float_tile); 8 or
+//     more: the k4 scratch, decoded per 256-k chunk into an L1 tile of floats that every row
+//     streams over (float_k4_walk).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -234,11 +236,15 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
 // best of 1-6 rows × 8-32 W rows). The scratch (Kp·16 bytes, L2-resident) is built once per
 // four panels and tile and read by every row of X.
 constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
-constexpr int64_t kK4MinRows = 8;  // fewer rows of X: the panel4 kernel, no scratch to build (>= 2)
+// Fewer rows of X: the panel4 kernels (no scratch to build) were as fast or faster, int4 and float
+// activations alike (>= 2: the int4 GEMM walks rows in threes and pairs).
+constexpr int64_t kK4MinRows = 8;
 constexpr int64_t kK4ChunkK = 1024;
 
 // Panels [p, p + np) (np <= 4; the rest zero) as k4 steps, rows 0-7 in the first half of a step
-// and 8-15 in the second; their scales as [G][sw 0-7 | sw 8-15 | swz 0-7 | swz 8-15].
+// and 8-15 in the second (int4: u in [0, 15]; int8: the stored int8 w'); their scales as
+// [G][sw 0-7 | sw 8-15 | swz 0-7 | swz 8-15].
+template <int BITS>
 inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst, float* sc) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const int64_t nblk = w.h->Kp / kBlockK, G = w.h->G;
@@ -247,13 +253,20 @@ inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst
     for (int q = 0; q < 2; ++q) src[q] = 2 * half + q < np ? w.panel(p + 2 * half + q) : nullptr;
     for (int64_t b = 0; b < nblk; ++b) {
       __m256i r[8];  // rows 0-3 of the first panel, then of the second: 32 codes each, k in order
-      for (int q = 0; q < 2; ++q)
+      for (int q = 0; q < 2; ++q) {
+        if constexpr (BITS == 8) {
+          for (int row = 0; row < 4; ++row)
+            r[4 * q + row] = src[q] ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[q] + b * kW8Bytes + 32 * row))
+                                    : _mm256_setzero_si256();
+          continue;
+        }
         for (int h = 0; h < 2; ++h) {
           const __m256i v = src[q] ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[q] + b * kW4Bytes + 32 * h))
                                    : _mm256_setzero_si256();
           r[4 * q + 2 * h] = _mm256_and_si256(v, low4);
           r[4 * q + 2 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         }
+      }
       // 8 × 8 transpose of dwords: step s gets dword s (k 4s .. 4s+3) of rows 0..7
       __m256i t[8], u[8];
       for (int i = 0; i < 4; ++i) {
@@ -352,6 +365,33 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, con
       for (int v = 0; v < 2; ++v) _mm256_store_ps(y[i] + 8 * v, f[i][v]);
 }
 
+// y[m - m0][r] (rows of W p·4 + r of the set of np panels at p) times row_scale[m] (nullptr: 1)
+// into the output. Only this call's panels: the rows past them belong to another call (thread).
+inline void store_k4_set(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p, int64_t np, const float (*y)[16],
+                         const float* row_scale) {
+  const int64_t n0 = p * kPanelRows, n1 = std::min(a.w.h->N, (p + np) * kPanelRows);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float rs = row_scale ? row_scale[m] : 1.f;
+    if (a.y_dtype == DType::f32 && n0 + 16 <= n1) {  // the common case, 16 outputs at once
+      float* out = static_cast<float*>(a.y) + m * a.w.h->N + n0;
+      for (int v = 0; v < 2; ++v) {
+        __m256 o = _mm256_mul_ps(_mm256_load_ps(y[m - m0] + 8 * v), _mm256_set1_ps(rs));
+        if (a.bias) o = _mm256_add_ps(o, _mm256_loadu_ps(a.bias + n0 + 8 * v));
+        _mm256_storeu_ps(out + 8 * v, o);
+      }
+      continue;
+    }
+    for (int64_t n = n0; n < n1; ++n) store_matmul_out(a, m, n, y[m - m0][n - n0], rs);
+  }
+}
+
+// Aligned per-thread scratch for y[rows][16].
+inline float (*k4_out_scratch(int64_t rows))[16] {
+  thread_local std::vector<float> yv;
+  yv.resize(size_t(rows * 16 + 8));
+  return reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
+}
+
 // Rows [m0, m1) (at least kK4MinRows) three at a time, the rest in pairs.
 template <bool G32>
 void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m0, int64_t m1,
@@ -365,42 +405,27 @@ void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const floa
 void int4_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G, rows = m1 - m0;
   thread_local std::vector<uint8_t> wk;
-  thread_local std::vector<float> sc, ns, yv;
+  thread_local std::vector<float> sc, ns;
   wk.resize(size_t(a.w.h->Kp / 4 * kK4Step));
   sc.resize(size_t(G * 32));
   ns.resize(size_t(rows * G));
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t g = 0; g < G; ++g)
       ns[size_t((m - m0) * G + g)] = -float(a.x.suma[m * G + g]) * (a.x.sg ? a.x.sg[m * G + g] : 1.f);
-  yv.resize(size_t(rows * 16 + 8));
-  float (*y)[16] = reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
+  float (*y)[16] = k4_out_scratch(rows);
   // whole groups in chunks of about kK4ChunkK k: the chunk's scratch (16 KiB) and activations
   // stay in L1 while every row of the tile passes over them
   const int64_t gpc = std::max<int64_t>(1, kK4ChunkK / a.w.h->group_size);
   for (int64_t p = p0; p < p1; p += 4) {
     const int64_t np = std::min<int64_t>(4, p1 - p);
-    unpack_k4(a.w, p, np, wk.data(), sc.data());
+    unpack_k4<4>(a.w, p, np, wk.data(), sc.data());
     std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
     for (int64_t g0 = 0; g0 < G; g0 += gpc) {
       const int64_t g1 = std::min(G, g0 + gpc);
       if (a.w.h->group_size == kBlockK) k4_tile<true>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, g1, y);
       else k4_tile<false>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, g1, y);
     }
-    // only this call's panels: the rows past them belong to another call (thread)
-    const int64_t n0 = p * kPanelRows, n1 = std::min(a.w.h->N, (p + np) * kPanelRows);
-    for (int64_t m = m0; m < m1; ++m) {
-      if (a.y_dtype == DType::f32 && n0 + 16 <= n1) {  // the common case, 16 outputs at once
-        float* out = static_cast<float*>(a.y) + m * a.w.h->N + n0;
-        const __m256 sa = _mm256_broadcast_ss(a.x.sa + m);
-        for (int v = 0; v < 2; ++v) {
-          __m256 o = _mm256_mul_ps(_mm256_load_ps(y[m - m0] + 8 * v), sa);
-          if (a.bias) o = _mm256_add_ps(o, _mm256_loadu_ps(a.bias + n0 + 8 * v));
-          _mm256_storeu_ps(out + 8 * v, o);
-        }
-        continue;
-      }
-      for (int64_t n = n0; n < n1; ++n) store_matmul_out(a, m, n, y[m - m0][n - n0], a.x.sa[m]);
-    }
+    store_k4_set(a, m0, m1, p, np, y, a.x.sa);
   }
 }
 
@@ -490,87 +515,94 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
 
-// Weight-only GEMM (several rows of X). Loops: group, chunk of <= 128 k, panel, rows of X. Each
-// panel's chunk (4 rows × 128 k) is decoded to float once into an L1 scratch (2 KiB; never the
-// whole matrix) and every row of X streams against it, 3 rows at a time: per 8 k, 4 weight loads
-// feed 12 FMAs. Chunk-major order keeps the X chunk (<= 64 rows × 512 B) in L1 across the
-// (<= 16) panels of the dispatcher's tile; float activations are 4× the int8 ones, so a panel-
-// major order would re-read all of X from L2/L3 per panel.
-constexpr int64_t kChunkK = 128;
-constexpr int64_t kTileRows = 64, kTilePanels = 16;
+// Weight-only GEMM (kK4MinRows or more rows of X) on the k4 scratch: per chunk of kF4ChunkK k the four
+// panels' codes are decoded once into dequantized floats wf[k][16 rows] (s·d(u) − s·z, one
+// rounding, in L1 — never the whole matrix), then every row of X streams over them as a
+// broadcast-and-FMA GEMM: 6 rows of X × 16 rows of W = 12 independent FMA chains per k, so the
+// FMA units never wait and no horizontal sum or per-group scaling is left in the loop.
+constexpr int64_t kF4ChunkK = 256;  // wf: 16 KiB
 
-// MR rows of X (stride ld) against the decoded chunk wf[4][len]: dot[i][r] += Σ x_i·w_r.
-// MR = 3: 12 accumulators, so 2 FMAs per cycle never wait on the 4-cycle FMA latency.
-template <int MR>
-inline void float_rows_chunk(const float* x, int64_t ld, const float (*wf)[kChunkK], int64_t len,
-                             float (*dot)[4]) {
-  __m256 f[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < 4; ++r) f[i][r] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < len; c += 8) {
-    __m256 xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ld + c);
-    for (int r = 0; r < 4; ++r) {
-      const __m256 wr = _mm256_load_ps(&wf[r][c]);
-      for (int i = 0; i < MR; ++i) f[i][r] = _mm256_fmadd_ps(wr, xv[i], f[i][r]);
-    }
+template <int BITS, bool NF4>
+inline void decode_k4_chunk(const PackedLinear& w, const uint8_t* wk, const float* sc, int64_t k0, int64_t k1,
+                            float (*wf)[16]) {
+  const int64_t G = w.h->G, gs = w.h->group_size;
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
+  const __m256i byte = _mm256_set1_epi32(0xFF);
+  for (int64_t k = k0; k < k1; k += kBlockK) {  // groups start on a block
+    const float* sg = sc + std::min(k / gs, G - 1) * 32;
+    for (int s = 0; s < 8; ++s)
+      for (int v = 0; v < 2; ++v) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + ((k >> 2) + s) * kK4Step + 32 * v));
+        const __m256 sw = _mm256_loadu_ps(sg + 8 * v), swz = _mm256_loadu_ps(sg + 16 + 8 * v);
+        for (int j = 0; j < 4; ++j) {  // byte j of each row's dword: k = k + 4s + j
+          __m256 d;
+          if constexpr (BITS == 8) d = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(c, 24 - 8 * j), 24));
+          else d = decode_u32<NF4>(_mm256_and_si256(_mm256_srli_epi32(c, 8 * j), byte), lut_lo, lut_hi);
+          _mm256_store_ps(wf[k - k0 + 4 * s + j] + 8 * v, _mm256_fmsub_ps(d, sw, swz));
+        }
+      }
   }
-  for (int i = 0; i < MR; ++i)
-    _mm_store_ps(dot[i], _mm_add_ps(_mm_load_ps(dot[i]), hsum4_ps(f[i][0], f[i][1], f[i][2], f[i][3])));
 }
 
-// Rows [m0, m1) (<= kTileRows) × panels [p0, p1) (<= kTilePanels).
-template <int BITS, bool NF4>
-void float_gemm_tile(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, rows = m1 - m0, np = p1 - p0;
-  const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
-  alignas(32) float wf[4][kChunkK];
-  alignas(16) float dot[kTilePanels][kTileRows][4], acc[kTilePanels][kTileRows][4];
-  for (int64_t q = 0; q < np; ++q)
-    for (int64_t i = 0; i < rows; ++i) _mm_store_ps(acc[q][i], _mm_setzero_ps());
-  const float* x0 = a.x.xf + m0 * a.x.ld;
-  int64_t k = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t q = 0; q < np; ++q)
-      for (int64_t i = 0; i < rows; ++i) _mm_store_ps(dot[q][i], _mm_setzero_ps());
-    for (const int64_t e = w.group_end(g); k < e;) {
-      const int64_t len = std::min(kChunkK, e - k);
-      for (int64_t q = 0; q < np; ++q) {
-        const uint8_t* panel = w.panel(p0 + q);
-        for (int64_t c = 0; c < len; c += kBlockK) {
-          __m256i wv[4];
-          load_block<BITS>(panel, (k + c) / kBlockK, wv);
-          for (int r = 0; r < 4; ++r)
-            for (int j = 0; j < 4; ++j) _mm256_store_ps(&wf[r][c + 8 * j], decode8<BITS, NF4>(wv[r], j, lut_lo, lut_hi));
-        }
-        int64_t i = 0;
-        for (; i + 3 <= rows; i += 3) float_rows_chunk<3>(x0 + i * a.x.ld + k, a.x.ld, wf, len, dot[q] + i);
-        for (; i < rows; ++i) float_rows_chunk<1>(x0 + i * a.x.ld + k, a.x.ld, wf, len, dot[q] + i);
-      }
-      k += len;
-    }
-    for (int64_t q = 0; q < np; ++q) {
-      const int64_t s = ((p0 + q) * G + g) * 4;
-      const __m128 sw = _mm_loadu_ps(w.sw + s), swz = _mm_loadu_ps(w.swz + s);
-      for (int64_t i = 0; i < rows; ++i) {
-        const __m128 t2 = _mm_mul_ps(swz, _mm_set1_ps(a.x.sumx[(m0 + i) * G + g]));
-        _mm_store_ps(acc[q][i], _mm_add_ps(_mm_load_ps(acc[q][i]), _mm_sub_ps(_mm_mul_ps(sw, _mm_load_ps(dot[q][i])), t2)));
-      }
-    }
+// y[i] += Σ_k x_i[k] · wf[k] for MR rows of X (x at the chunk's first k, row stride ld). Two
+// arrays of MR accumulators, not one [MR][2]: GCC keeps the smaller ones in registers.
+template <int MR>
+inline void k4f_rows(const float* x, int64_t ld, const float (*wf)[16], int64_t len, float (*y)[16]) {
+  __m256 lo[MR], hi[MR];
+  for (int i = 0; i < MR; ++i) {
+    lo[i] = _mm256_load_ps(y[i]);
+    hi[i] = _mm256_load_ps(y[i] + 8);
   }
-  for (int64_t q = 0; q < np; ++q)
-    for (int64_t i = 0; i < rows; ++i) store_tile(a, m0 + i, p0 + q, _mm_load_ps(acc[q][i]), 1.0f);
+  int64_t k = 0;
+  do {  // len > 0; with a for loop GCC keeps the accumulators in memory as well, storing every k
+    const __m256 w0 = _mm256_load_ps(wf[k]), w1 = _mm256_load_ps(wf[k] + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xb = _mm256_broadcast_ss(x + i * ld + k);
+      lo[i] = _mm256_fmadd_ps(w0, xb, lo[i]);
+      hi[i] = _mm256_fmadd_ps(w1, xb, hi[i]);
+    }
+  } while (++k < len);
+  for (int i = 0; i < MR; ++i) {
+    _mm256_store_ps(y[i], lo[i]);
+    _mm256_store_ps(y[i] + 8, hi[i]);
+  }
+}
+
+template <int BITS, bool NF4>
+void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t Kp = a.w.h->Kp, rows = m1 - m0, ld = a.x.ld;
+  thread_local std::vector<uint8_t> wk;
+  thread_local std::vector<float> sc, wfv;
+  wk.resize(size_t(Kp / 4 * kK4Step));
+  sc.resize(size_t(a.w.h->G * 32));
+  wfv.resize(size_t(kF4ChunkK * 16 + 8));
+  float (*wf)[16] = reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(wfv.data()) + 31) & ~uintptr_t(31));
+  float (*y)[16] = k4_out_scratch(rows);
+  for (int64_t p = p0; p < p1; p += 4) {
+    const int64_t np = std::min<int64_t>(4, p1 - p);
+    unpack_k4<BITS>(a.w, p, np, wk.data(), sc.data());
+    std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
+    for (int64_t k0 = 0; k0 < Kp; k0 += kF4ChunkK) {
+      const int64_t len = std::min(kF4ChunkK, Kp - k0);
+      decode_k4_chunk<BITS, NF4>(a.w, wk.data(), sc.data(), k0, k0 + len, wf);
+      const float* x = a.x.xf + m0 * ld + k0;
+      int64_t i = 0;
+      for (; i + 6 <= rows; i += 6) k4f_rows<6>(x + i * ld, ld, wf, len, y + i);
+      switch (rows - i) {
+        case 5: k4f_rows<5>(x + i * ld, ld, wf, len, y + i); break;
+        case 4: k4f_rows<4>(x + i * ld, ld, wf, len, y + i); break;
+        case 3: k4f_rows<3>(x + i * ld, ld, wf, len, y + i); break;
+        case 2: k4f_rows<2>(x + i * ld, ld, wf, len, y + i); break;
+        case 1: k4f_rows<1>(x + i * ld, ld, wf, len, y + i); break;
+      }
+    }
+    store_k4_set(a, m0, m1, p, np, y, nullptr);
+  }
 }
 
 template <int BITS, bool NF4>
 void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (m1 - m0 >= 3) {  // decode each chunk once into L1, reuse it for every row
-    for (int64_t p = p0; p < p1; p += kTilePanels)
-      for (int64_t m = m0; m < m1; m += kTileRows)
-        float_gemm_tile<BITS, NF4>(a, m, std::min(m1, m + kTileRows), p, std::min(p1, p + kTilePanels));
-    return;
-  }
+  if (m1 - m0 >= kK4MinRows) return float_k4_walk<BITS, NF4>(a, m0, m1, p0, p1);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
     for (; m + 2 <= m1; m += 2) float_tile<2, BITS, NF4>(a, m, p);
