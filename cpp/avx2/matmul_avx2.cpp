@@ -90,11 +90,14 @@ inline void w4_batch(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m2
     if (MR == 1) prefetch_weights(wp + b * kW4Bytes);  // GEMM re-reads the panel from L1
     __m256i xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
+#pragma GCC unroll 2  // unrolled early, GCC keeps s in registers (see w8_group)
     for (int h = 0; h < 2; ++h) {  // one unpacked row at a time keeps MR·4 sums in registers
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + b * kW4Bytes + 32 * h));
       const __m256i lo = _mm256_and_si256(v, low4);
+#pragma GCC unroll 2
       for (int i = 0; i < MR; ++i) s[i][2 * h] = _mm256_add_epi16(s[i][2 * h], _mm256_maddubs_epi16(lo, xv[i]));
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+#pragma GCC unroll 2
       for (int i = 0; i < MR; ++i) s[i][2 * h + 1] = _mm256_add_epi16(s[i][2 * h + 1], _mm256_maddubs_epi16(hi, xv[i]));
     }
   }
@@ -112,6 +115,8 @@ inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m2
   __m256i s[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < 4; ++r) s[i][r] = _mm256_setzero_si256();
+  // The small loops unrolled early, so GCC keeps s in registers (else it stores and reloads s
+  // every block: a memory round trip on each sum's dependency chain).
   for (int64_t b = 0; b < nb; ++b, wp += kW8Bytes) {
     if (MR == 1) {  // GEMM re-reads the panel from L1
       prefetch_weights(wp);
@@ -119,9 +124,11 @@ inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m2
     }
     __m256i xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
+#pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const __m256i wr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * r));
       const __m256i aw = _mm256_abs_epi8(wr);
+#pragma GCC unroll 2
       for (int i = 0; i < MR; ++i)
         s[i][r] = _mm256_add_epi32(s[i][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wr)), ones16));
     }
