@@ -246,7 +246,7 @@ constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
 // Fewer rows of X: the panel4 kernels (no scratch to build) were as fast or faster, int4 and float
 // activations alike (>= 2: the int4 GEMM walks rows in threes and pairs).
 constexpr int64_t kK4MinRows = 8;
-constexpr int64_t kK4ChunkK = 1024;
+constexpr int64_t kK4ChunkK = 1024;  // k per chunk of whole groups in the int4 GEMM (int4_k4_walk)
 
 // Panels [p, p + np) (np <= 4; the rest zero) as k4 steps, rows 0-7 in the first half of a step
 // and 8-15 in the second (int4: u in [0, 15]; int8: the stored int8 w'); their scales as
