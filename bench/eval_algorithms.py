@@ -364,7 +364,7 @@ BASELINE = {
         "mixed_attn8_mlp4g128_rtn", "mixed_ends8_attn8_mlp4g128_gptq", "mixed_sensitivity_rtn_w4w8")},
     **{n: "rtn_w4g128_sym" for n in ("gptq_w4g128_sym", "gptq_w4g128_sym_actorder_clip_blockcal",
                                      "gptq_w4g128_sym_actorder_hclip", "awq_w4g128_sym",
-                                     "llmc_gptq_w4g128_sym_actorder")},
+                                     "llmc_gptq_w4g128_sym_actorder", "llmc_awq_w4g128_sym")},
     **{n: "rtn_w3g128_asym" for n in ("gptq_w3g128_asym", "gptq_w3g128_asym_actorder_clip",
                                       "gptq_w3g128_asym_actorder_hclip",
                                       "gptq_w3g128_asym_actorder_static_blockcal",
