@@ -166,7 +166,15 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   const int64_t nb = std::min(gs, w.h->Kp) / kBlockK;
   const uint8_t* panel = w.panel(p);
   const float* sw = w.sw + p * G * 4;
+  const float* swz = w.swz + p * G * 4;
+  // decode: the scales stream from DRAM beside the codes; fetch their lines as far ahead as the
+  // codes' prefetch (2 KiB of codes = 32 / nb groups), swz too (the zero-point dot reads it last)
+  const int64_t sdist = std::max<int64_t>(1, 32 / std::max<int64_t>(nb, 1)) * 4;
   auto group = [&](int64_t g, __m256* f) {
+    if (MR == 1 && (g & 3) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(sw + g * 4 + sdist), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(swz + g * 4 + sdist), _MM_HINT_T0);
+    }
     const int64_t k0 = g * gs, n = NB > 0 ? NB : (g + 1 < G ? nb : (w.h->Kp - k0) / kBlockK);
     const int8_t* xg[MR];
     for (int i = 0; i < MR; ++i) xg[i] = x[i] + k0;
@@ -184,7 +192,6 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     group(g2 + 1, f1);
   }
   for (; g2 < G; ++g2) group(g2, f0);
-  const float* swz = w.swz + p * G * 4;
   for (int i = 0; i < MR; ++i) {
     // [swz_g | swz_g+1] · [−suma_g ×4 | −suma_g+1 ×4], in four chains: with 32-wide groups this
     // dot is G/2 = K/64 FMAs per row and panel, as long as a chain as the dot products themselves
