@@ -375,6 +375,7 @@ BASELINE = {
     "llmc_gptq_w4g128_asym_actorder": "rtn_w4g128_asym",
     "llmc_gptq_w3g128_asym_actorder": "rtn_w3g128_asym",
     "llmc_awq_w4g128_asym": "rtn_w4g128_asym",
+    "llmc_awq_w3g128_asym": "rtn_w3g128_asym",
 }
 
 
