@@ -73,21 +73,23 @@ constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 
 // Software prefetch of every weight line 2 KiB ahead (about one DRAM latency at full bandwidth):
 // measured 65% -> 80-90% of the DRAM read rate for M=1, next to the hardware prefetcher alone.
-inline void prefetch_weights(const uint8_t* line) {
-  _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
+constexpr int64_t kPrefetchAhead = 2048;
+inline void prefetch_weights(const uint8_t* line, int64_t ahead = kPrefetchAhead) {
+  _mm_prefetch(reinterpret_cast<const char*>(line + ahead), _MM_HINT_T0);
 }
 
 // int4: blocks [0, nb) (nb <= 4; NB > 0 fixes it at compile time) of a panel against MR rows of
-// X (x[i] at the first block's k), folded per row of X.
+// X (x[i] at the first block's k), folded per row of X. ahead > 0: prefetch each block's lines
+// that far ahead (see int_walk).
 template <int MR, int NB>
-inline void w4_batch(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
+inline void w4_batch(const uint8_t* wp, const int8_t* const* x, int64_t nb, int64_t ahead, __m256i* out) {
   const __m256i ones16 = _mm256_set1_epi16(1);
   __m256i s[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < 4; ++r) s[i][r] = _mm256_setzero_si256();
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < (NB > 0 ? NB : nb); ++b) {
-    if (MR == 1) prefetch_weights(wp + b * kW4Bytes);  // GEMM re-reads the panel from L1
+    if (ahead) prefetch_weights(wp + b * kW4Bytes, ahead);
     __m256i xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
 #pragma GCC unroll 2  // unrolled early, GCC keeps s in registers (see w8_group)
@@ -110,7 +112,7 @@ inline void w4_batch(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m2
 
 // int8: nb blocks, widened every block (its pairs reach 32512), folded per row of X.
 template <int MR>
-inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
+inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, int64_t ahead, __m256i* out) {
   const __m256i ones16 = _mm256_set1_epi16(1);
   __m256i s[MR][4];
   for (int i = 0; i < MR; ++i)
@@ -118,9 +120,9 @@ inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m2
   // The small loops unrolled early, so GCC keeps s in registers (else it stores and reloads s
   // every block: a memory round trip on each sum's dependency chain).
   for (int64_t b = 0; b < nb; ++b, wp += kW8Bytes) {
-    if (MR == 1) {  // GEMM re-reads the panel from L1
-      prefetch_weights(wp);
-      prefetch_weights(wp + 64);
+    if (ahead) {
+      prefetch_weights(wp, ahead);
+      prefetch_weights(wp + 64, ahead);
     }
     __m256i xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
@@ -139,18 +141,18 @@ inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m2
 
 // One group of nb blocks (NB > 0: exactly NB int4 blocks), folded per row of X.
 template <int BITS, int MR, int NB>
-inline void int_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m256i* out) {
+inline void int_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, int64_t ahead, __m256i* out) {
   if constexpr (BITS == 8) {
-    w8_group<MR>(wp, x, nb, out);
+    w8_group<MR>(wp, x, nb, ahead, out);
   } else if constexpr (NB > 0) {
-    w4_batch<MR, NB>(wp, x, NB, out);
+    w4_batch<MR, NB>(wp, x, NB, ahead, out);
   } else {
     for (int i = 0; i < MR; ++i) out[i] = _mm256_setzero_si256();
     for (int64_t b = 0; b < nb; b += 4) {
       const int8_t* xb[MR];
       for (int i = 0; i < MR; ++i) xb[i] = x[i] + b * kBlockK;
       __m256i d[MR];
-      w4_batch<MR, 0>(wp + b * kW4Bytes, xb, std::min<int64_t>(4, nb - b), d);
+      w4_batch<MR, 0>(wp + b * kW4Bytes, xb, std::min<int64_t>(4, nb - b), ahead, d);
       for (int i = 0; i < MR; ++i) out[i] = _mm256_add_epi32(out[i], d[i]);
     }
   }
@@ -158,10 +160,11 @@ inline void int_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, __m
 
 // Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats, already times sg when per block;
 // sg: each row's per-block activation scales [G], or nullptr per token) against panel p:
-// [y_r0..y_r3] per row, before the per-token activation scale.
+// [y_r0..y_r3] per row, before the per-token activation scale. ahead: the weight prefetch distance
+// (0: none).
 template <int BITS, int MR, int NB>
 inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float* const* nsuma,
-                      const float* const* sg, int64_t p, __m128* out) {
+                      const float* const* sg, int64_t p, int64_t ahead, __m128* out) {
   const int64_t G = w.h->G, gs = w.h->group_size;
   const int64_t nb = std::min(gs, w.h->Kp) / kBlockK;
   const uint8_t* panel = w.panel(p);
@@ -171,7 +174,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   // codes' prefetch (2 KiB of codes = 32 / nb groups), swz too (the zero-point dot reads it last)
   const int64_t sdist = std::max<int64_t>(1, 32 / std::max<int64_t>(nb, 1)) * 4;
   auto group = [&](int64_t g, __m256* f) {
-    if (MR == 1 && (g & 3) == 0) {
+    if (ahead == kPrefetchAhead && (g & 3) == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(sw + g * 4 + sdist), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(swz + g * 4 + sdist), _MM_HINT_T0);
     }
@@ -179,7 +182,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     const int8_t* xg[MR];
     for (int i = 0; i < MR; ++i) xg[i] = x[i] + k0;
     __m256i d[MR];
-    int_group<BITS, MR, NB>(panel + k0 / kBlockK * (BITS == 4 ? kW4Bytes : kW8Bytes), xg, n, d);
+    int_group<BITS, MR, NB>(panel + k0 / kBlockK * (BITS == 4 ? kW4Bytes : kW8Bytes), xg, n, ahead, d);
     const __m256 s = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(sw + g * 4));
     for (int i = 0; i < MR; ++i)
       f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), sg ? _mm256_mul_ps(s, _mm256_set1_ps(sg[i][g])) : s, f[i]);
@@ -210,10 +213,15 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
 }
 
 // Rows [m0, m1) × panels [p0, p1): per panel, the rows in pairs (the panel, <= Kp bytes, stays
-// in L1 while the rows stream from L1/L2; for decode the panel is read from DRAM once).
+// in L1 while the rows stream from L1/L2; for decode the panel is read from DRAM once). The first
+// pair prefetches the panel 2 KiB ahead; the second prefetches the next panel, so DRAM keeps
+// streaming while the later pairs work from L1 (K = N = 4096, 1 thread, M = 2 / 4 / 7: int4
+// g128 0.86 / 1.40 / 2.23-2.87 -> 0.68 / 1.08 / 1.92-2.68 ms, int8 1.67 / 2.49 / (M = 8) 3.42 ->
+// 1.37 / 2.02 / 3.00 ms; M = 1 unchanged).
 template <int BITS, int NB>
 void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t G = a.w.h->G;
+  const int64_t G = a.w.h->G, panel_bytes = a.w.panel_bytes();
+  auto ahead = [&](int64_t m) { return m == m0 ? kPrefetchAhead : m == m0 + 2 ? panel_bytes : 0; };
   const std::vector<float> nsuma = neg_suma(a, m0, m1);
   const int8_t* x[2];
   const float* ns[2];
@@ -227,14 +235,14 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
         ns[i] = &nsuma[(m + i - m0) * G * 4];
         sg[i] = a.x.sg + (m + i) * G;
       }
-      int_panel<BITS, 2, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
+      int_panel<BITS, 2, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, ahead(m), out);
       for (int i = 0; i < 2; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
     }
     if (m < m1) {
       x[0] = a.x.xq + m * a.x.ld;
       ns[0] = &nsuma[(m - m0) * G * 4];
       sg[0] = a.x.sg + m * G;
-      int_panel<BITS, 1, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
+      int_panel<BITS, 1, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, ahead(m), out);
       store_tile(a, m, p, out[0], a.x.sa[m]);
     }
   }
@@ -251,7 +259,8 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
 // four panels and tile and read by every row of X.
 constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
 // Fewer rows of X: the panel4 kernels (no scratch to build) were as fast or faster, int4 and float
-// activations alike (>= 2: the int4 GEMM walks rows in threes and pairs).
+// activations alike (>= 2: the int4 GEMM walks rows in threes and pairs); int4 with groups wider
+// than 32 keeps them up to kDecodeRows (see matmul_int).
 constexpr int64_t kK4MinRows = 8;
 constexpr int64_t kK4ChunkK = 1024;  // k per chunk of whole groups in the int4 GEMM (int4_k4_walk)
 
@@ -628,9 +637,18 @@ void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (a.w.h->bits == 8) return int_walk<8, 0>(a, m0, m1, p0, p1);
-  if (m1 - m0 >= kK4MinRows) return int4_k4_walk(a, m0, m1, p0, p1);
+  // The k4 scratch from 8 rows of X with 32-wide groups (the panel4 kernel's per-group fold is a
+  // third of its work there), from 16 with 64-wide ones, else from 17: with decode-sized M the
+  // panel4 kernel overlaps the weights' DRAM stream with every row's work, while the scratch is
+  // built (from DRAM) before any row uses it. Measured (K = N = 4096, 1 thread), scratch ->
+  // panel4 at M = 8 / 16: g128 2.66-3.06 / 3.93-4.92 -> 2.02-2.03 / 3.78-4.33 ms; g64 at M = 8 /
+  // 12 / 16: 3.76-3.98 / 3.73-3.93 / 4.49-4.93 -> 2.68-3.60 / 3.46-3.80 / 4.70-5.78; g32 at 8:
+  // 3.88 -> 4.49.
+  const int64_t gs = a.w.h->group_size;
+  const int64_t k4_rows = gs == kBlockK ? kK4MinRows : gs == 2 * kBlockK ? 16 : kDecodeRows + 1;
+  if (m1 - m0 >= k4_rows) return int4_k4_walk(a, m0, m1, p0, p1);
   // int4 with every group whole (K = G · group_size): unrolled group bodies
-  const int64_t gs = a.w.h->group_size, G = a.w.h->G;
+  const int64_t G = a.w.h->G;
   if (G > 1 && a.w.h->K == G * gs) {
     if (gs == 32) return int_walk<4, 1>(a, m0, m1, p0, p1);
     if (gs == 64) return int_walk<4, 2>(a, m0, m1, p0, p1);

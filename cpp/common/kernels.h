@@ -64,6 +64,9 @@ namespace lowbit {
 // A matmul kernel computes Y rows [m0, m1) × panels [p0, p1) (columns 4·p0 .. min(4·p1, N)).
 // Integer kernels (act_bits=8, int4/int8 weights) use x.xq/sa/suma; float kernels x.xf/sumx.
 using MatmulFn = void (*)(const MatmulArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+// Decode: up to this many rows of X, the dispatcher gives each thread all rows and a contiguous
+// range of panels (the weights stream from DRAM once); more rows are tiled (prefill).
+constexpr int64_t kDecodeRows = 16;
 
 // One ISA variant's kernels. A null entry means "use the reference".
 struct KernelTable {

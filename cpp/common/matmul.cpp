@@ -246,7 +246,7 @@ void matmul(const MatmulCall& c) {
   MatmulFn fn = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)
                          : (t.matmul_float ? t.matmul_float : reference().matmul_float);
   const int64_t P = w.h->Np / kPanelRows;
-  if (M <= 16) {  // decode: split N (panels) into contiguous streams, one per thread
+  if (M <= kDecodeRows) {  // decode: split N (panels) into contiguous streams, one per thread
     parallel_for(P, 8, [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
     return;
   }
