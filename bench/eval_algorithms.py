@@ -203,6 +203,7 @@ def make_configs(A, skip):
         "rtn_w4g64_asym": A.RTNConfig(4, 64, False, skip=skip),
         "gptq_w4g64_asym_actorder_hclip": A.GPTQConfig(4, 64, False, act_order=True, clip_search=True,
                                                        clip_hessian_weighted=True, skip=skip),
+        "awq_w4g64_asym": A.AWQConfig(4, 64, False, skip=skip),
         "gptq_w3g32_asym": A.GPTQConfig(3, 32, False, skip=skip),
         "gptq_w4g128_asym_clip": A.GPTQConfig(4, 128, False, clip_search=True, skip=skip),
         "gptq_w4g128_asym_actorder_clip": A.GPTQConfig(4, 128, False, act_order=True, clip_search=True,
@@ -370,7 +371,8 @@ BASELINE = {
                                       "gptq_w3g128_asym_actorder_static_blockcal",
                                       "gptq_w3g128_asym_actorder_clip_blockcal", "awq_w3g128_asym")},
     "gptq_w3g32_asym": "rtn_w3g32_asym",
-    **{n: "rtn_w4g64_asym" for n in ("gptq_w4g64_asym_actorder_hclip", "llmc_gptq_w4g64_asym_actorder")},
+    **{n: "rtn_w4g64_asym" for n in ("gptq_w4g64_asym_actorder_hclip", "llmc_gptq_w4g64_asym_actorder",
+                                     "awq_w4g64_asym", "llmc_awq_w4g64_asym")},
     # the peer, bench/eval_peer_llmcompressor.py
     "llmc_gptq_w4g128_asym_actorder": "rtn_w4g128_asym",
     "llmc_gptq_w3g128_asym_actorder": "rtn_w3g128_asym",
