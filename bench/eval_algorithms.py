@@ -204,6 +204,9 @@ def make_configs(A, skip):
         "gptq_w4g64_asym_actorder_hclip": A.GPTQConfig(4, 64, False, act_order=True, clip_search=True,
                                                        clip_hessian_weighted=True, skip=skip),
         "awq_w4g64_asym": A.AWQConfig(4, 64, False, skip=skip),
+        # duo scaling searched beside the activation-only scales, as llm-compressor's AWQ does
+        "awq_w4g64_asym_duo": A.AWQConfig(4, 64, False, duo_scaling="both", skip=skip),
+        "awq_w4g128_asym_duo": A.AWQConfig(4, 128, False, duo_scaling="both", skip=skip),
         "gptq_w3g32_asym": A.GPTQConfig(3, 32, False, skip=skip),
         "gptq_w4g128_asym_clip": A.GPTQConfig(4, 128, False, clip_search=True, skip=skip),
         "gptq_w4g128_asym_actorder_clip": A.GPTQConfig(4, 128, False, act_order=True, clip_search=True,
@@ -361,7 +364,8 @@ BASELINE = {
         "gptq_w4g128_asym_actorder_clip_streamed", "gptq_w4g128_asym_actorder_static_blockcal",
         "gptq_w4g128_asym_actorder_clip_blockcal", "gptq_w4g128_asym_actorder_clip_blockcal_bs4",
         "gptq_w4g128_asym_actorder_clip_onepass", "gptq_w4g128_asym_actorder_hclip",
-        "gptq_w4g128_asym_awq_actorder_clip_blockcal", "awq_w4g128_asym", "qat_w4g128_asym_lsq_kd",
+        "gptq_w4g128_asym_awq_actorder_clip_blockcal", "awq_w4g128_asym", "awq_w4g128_asym_duo",
+        "qat_w4g128_asym_lsq_kd",
         "mixed_attn8_mlp4g128_rtn", "mixed_ends8_attn8_mlp4g128_gptq", "mixed_sensitivity_rtn_w4w8")},
     **{n: "rtn_w4g128_sym" for n in ("gptq_w4g128_sym", "gptq_w4g128_sym_actorder_clip_blockcal",
                                      "gptq_w4g128_sym_actorder_hclip", "awq_w4g128_sym",
@@ -372,7 +376,7 @@ BASELINE = {
                                       "gptq_w3g128_asym_actorder_clip_blockcal", "awq_w3g128_asym")},
     "gptq_w3g32_asym": "rtn_w3g32_asym",
     **{n: "rtn_w4g64_asym" for n in ("gptq_w4g64_asym_actorder_hclip", "llmc_gptq_w4g64_asym_actorder",
-                                     "awq_w4g64_asym", "llmc_awq_w4g64_asym")},
+                                     "awq_w4g64_asym", "awq_w4g64_asym_duo", "llmc_awq_w4g64_asym")},
     # the peer, bench/eval_peer_llmcompressor.py
     "llmc_gptq_w4g128_asym_actorder": "rtn_w4g128_asym",
     "llmc_gptq_w3g128_asym_actorder": "rtn_w3g128_asym",

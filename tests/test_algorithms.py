@@ -147,6 +147,9 @@ def test_config_validation():
         A.AWQConfig(skip="lm_head")
     with pytest.raises(ValueError, match="min_clip"):
         A.AWQConfig(min_clip=0.0)
+    for bad in ("duo", 1, None):
+        with pytest.raises(ValueError, match="duo_scaling"):
+            A.AWQConfig(duo_scaling=bad)
     for cls in (A.GPTQConfig, A.AWQConfig, A.SmoothQuantConfig):
         for bad in (0, -1.0, True, "2"):
             with pytest.raises(ValueError, match="lockstep_max_gib"):
@@ -578,6 +581,31 @@ def test_gptq_dead_columns_and_per_channel():
         assert torch.all(wq[:, 7] == 0)
         rtn = lowbit.dequantize(lowbit.quantize(W, 4, gs, True))
         assert (X @ (wq - W).t()).square().sum() < (X @ (rtn - W).t()).square().sum()
+
+
+def test_awq_duo_scaling_search():
+    """'both' searches the activation-only and the duo family and keeps the least output error;
+    the weight term is each weight's |w| relative to its group max, averaged over output rows
+    (a ragged last group included)."""
+    from lowbit.algorithms.awq import search_scales, weight_magnitude
+    g = torch.Generator().manual_seed(3)
+    K = 80                                    # groups of 32: the last one is 16 wide
+    x = torch.randn(300, K, generator=g) * torch.linspace(0.1, 4.0, K)
+    ws = {"a": torch.randn(24, K, generator=g), "b": torch.randn(8, K, generator=g)}
+    wcat = torch.cat(list(ws.values())).abs()
+    ref = torch.cat([wcat[:, i:i + 32] / wcat[:, i:i + 32].amax(1, keepdim=True)
+                     for i in range(0, K, 32)], 1).mean(0)
+    torch.testing.assert_close(weight_magnitude(ws, 32), ref)
+    found = {}
+    for duo in (False, True, "both"):
+        cfg = A.AWQConfig(bits=4, group_size=32, n_grid=8, duo_scaling=duo)
+        s, (alpha, used), errors = search_scales(x, x.abs().mean(0), ws, cfg)
+        assert len(errors) == (16 if duo == "both" else 8)
+        assert {d for _, d in errors} == ({False, True} if duo == "both" else {duo})
+        assert errors[(alpha, used)] == min(errors.values())
+        assert torch.all(s > 0) and s.shape == (K,)
+        found[duo] = errors[(alpha, used)]
+    assert found["both"] == min(found[False], found[True])
 
 
 def test_awq_beats_rtn_and_folds(model, calib, fp_inputs, rtn):

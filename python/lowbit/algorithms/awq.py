@@ -2,8 +2,9 @@
 
 For the Linears reading one input x (a stage, e.g. q/k/v after a norm): per-input-channel scales
 s = mean|x|^α (normalized), α on a grid in [0, 1), chosen to minimize the summed layer-output error
-‖x Wᵀ − (x/s) Q(W·s)ᵀ‖². α = 0 is plain round-to-nearest, so the search never does worse on the
-calibration rows. 1/s is folded into the module producing x when that is exact (checked
+‖x Wᵀ − (x/s) Q(W·s)ᵀ‖²; with duo scaling also s = mean|x|^α / w^(1−α), w the weights' magnitude
+relative to their group's max (one family or both, by config). α = 0 of the first family
+is plain round-to-nearest, so the search never does worse on the calibration rows. 1/s is folded into the module producing x when that is exact (checked
 numerically), otherwise kept as the layer's input scale. Then, per group, a clip ratio is searched
 that minimizes that group's contribution to the output error. All rounding is lowbit.quantize.
 """
@@ -24,13 +25,29 @@ def _qdq(w, config: AWQConfig, **kw):
     return fake_quantize(w.contiguous(), config.bits, config.group_size, config.symmetric, **kw)
 
 
+def weight_magnitude(weights: Dict[str, torch.Tensor], group_size) -> torch.Tensor:
+    """Mean over the stage's output rows of |W| relative to its group's max|W|, per input channel
+    (the weight term of duo scaling): channels whose weights sit near their group's max get
+    smaller scales, so scaling them up does not widen the group's range."""
+    w = torch.cat(list(weights.values()), dim=0).abs()
+    gs = group_size if group_size is not None else w.shape[1]
+    rel = torch.empty_like(w)
+    for g in range(0, w.shape[1], gs):        # the last group may be shorter (ragged K)
+        blk = w[:, g:g + gs]
+        rel[:, g:g + gs] = blk / blk.amax(dim=1, keepdim=True).clamp(min=1e-12)
+    return rel.mean(0)
+
+
 def search_scales(x: torch.Tensor, act_mean: torch.Tensor, weights: Dict[str, torch.Tensor],
                   config: AWQConfig):
-    """(best s, best α, {α: error}) for weights sharing input rows x [m, K].
+    """(best s, best (α, duo), {(α, duo): error}) for weights sharing input rows x [m, K].
 
+    Candidates: s = a^α (a = mean|x| per input channel) and, with duo scaling, s = a^α / w^(1−α)
+    (w = weight_magnitude); config.duo_scaling picks one family or searches both.
     The output error ‖x Wᵀ − x Ŵᵀ‖² is computed as Σ_rows (D Σ)·D with D = W − Ŵ and the input
-    Gram matrix Σ = xᵀx (formed once, when x has more rows than columns): the same quantity as the direct form, at N·K² instead of
-    m·K·N flops per candidate (m = up to max_tokens rows, typically several times K)."""
+    Gram matrix Σ = xᵀx (formed once, when x has more rows than columns): the same quantity as the
+    direct form, at N·K² instead of m·K·N flops per candidate (m = up to max_tokens rows, typically
+    several times K)."""
     gram = x.shape[0] > x.shape[1]        # Gram form only when it is the cheaper one
     if gram:
         xd = x.double()
@@ -38,23 +55,26 @@ def search_scales(x: torch.Tensor, act_mean: torch.Tensor, weights: Dict[str, to
     else:
         refs = {n: x @ w.t() for n, w in weights.items()}
     a = act_mean.float().clamp(min=1e-4)
+    duo_modes = {False: (False,), True: (True,), "both": (False, True)}[config.duo_scaling]
+    wmag = weight_magnitude(weights, config.group_size).clamp(min=1e-4) if True in duo_modes else None
     best = (None, None, float("inf"))
     errors = {}
-    for i in range(config.n_grid):
-        alpha = i / config.n_grid
-        s = a.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        err = 0.0
-        for n, w in weights.items():
-            wq = _qdq(w * s[None, :], config) / s[None, :]
-            if gram:
-                d = w - wq
-                err += float(((d @ sigma) * d).sum(dtype=torch.float64))
-            else:
-                err += float((x @ wq.t() - refs[n]).square().sum())
-        errors[alpha] = err
-        if err < best[2]:
-            best = (s, alpha, err)
+    for duo in duo_modes:
+        for i in range(config.n_grid):
+            alpha = i / config.n_grid
+            s = a.pow(alpha) / wmag.pow(1.0 - alpha) if duo else a.pow(alpha)
+            s = s / (s.max() * s.min()).sqrt()
+            err = 0.0
+            for n, w in weights.items():
+                wq = _qdq(w * s[None, :], config) / s[None, :]
+                if gram:
+                    d = w - wq
+                    err += float(((d @ sigma) * d).sum(dtype=torch.float64))
+                else:
+                    err += float((x @ wq.t() - refs[n]).square().sum())
+            errors[(alpha, duo)] = err
+            if err < best[2]:
+                best = (s, (alpha, duo), err)
     return best[0], best[1], errors
 
 

@@ -124,12 +124,16 @@ class GPTQConfig:
 class AWQConfig:
     """AWQ (Lin et al. 2023). Per-input-channel scales s = mean|x|^alpha, alpha searched over
     n_grid points in [0, 1); then a per-group clip search over clip ratios in [min_clip, 1].
+    duo_scaling: True divides s by the weight term (mean |W| relative to its group max)^(1-alpha);
+    "both" searches the two families and keeps the lower output error (on the calibration rows;
+    in perplexity it helped SmolLM2 at g64 and hurt it and Gemma3 at g128, bench/results_eval).
     lockstep, lockstep_max_gib: calibrate each block in one forward per batch, batches in
     lock-step, within a memory limit (see GPTQConfig)."""
     bits: int = 4
     group_size: GroupSize = 128
     symmetric: bool = False
     n_grid: int = 20
+    duo_scaling: Union[bool, str] = False
     clip_search: bool = True
     n_clip_grid: int = 20
     min_clip: float = 0.5
@@ -146,6 +150,9 @@ class AWQConfig:
             raise ValueError(f"AWQConfig.n_grid and n_clip_grid must be >= 1, got "
                              f"{self.n_grid}, {self.n_clip_grid}")
         _check_fraction("AWQConfig.min_clip", self.min_clip, lo_open=True)
+        if not (isinstance(self.duo_scaling, bool) or self.duo_scaling == "both"):
+            raise ValueError(f"AWQConfig.duo_scaling must be True, False or 'both', got "
+                             f"{self.duo_scaling!r}")
         self.skip = _check_skip("AWQConfig", self.skip)
 
 
