@@ -583,6 +583,30 @@ def test_gptq_dead_columns_and_per_channel():
         assert (X @ (wq - W).t()).square().sum() < (X @ (rtn - W).t()).square().sum()
 
 
+def test_progress_reports_each_block(model, calib, capsys, monkeypatch):
+    """progress=True: one step per decoder block and one for the Linears outside them (lm_head
+    here), on stderr; progress=False (and None off a terminal) prints nothing."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *a, **k):         # the plain fallback, whatever is installed
+        if name == "tqdm":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    A.quantize_model(copy.deepcopy(model), A.GPTQConfig(bits=4, group_size=64, skip=()), calib[:2],
+                     progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    n = len(model.layers)
+    assert lines == [f"lowbit GPTQ [{i + 1}/{n + 1}] layers.{i}" for i in range(n)] + \
+        [f"lowbit GPTQ [{n + 1}/{n + 1}] 1 Linears outside the blocks"], lines
+    for progress in (False, None):
+        A.quantize_model(copy.deepcopy(model), A.AWQConfig(bits=4, group_size=64), calib[:2],
+                         progress=progress)
+        assert capsys.readouterr().err == ""
+
+
 def test_awq_duo_scaling_search():
     """'both' searches the activation-only and the duo family and keeps the least output error;
     the weight term is each weight's |w| relative to its group max, averaged over output rows

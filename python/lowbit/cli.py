@@ -115,30 +115,6 @@ def inspect(path: str, out=None) -> int:
     return 0
 
 
-class Progress:
-    """tqdm when installed, else one printed line per step (to stderr)."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n = total, desc, 0
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr)
-        except ImportError:
-            self.bar = None
-
-    def update(self, what: str = "") -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(what)
-            self.bar.update(1)
-        else:
-            print(f"{self.desc} [{self.n}/{self.total}] {what}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _tokenize(folder: str, text: str, vocab_size: int):
     """Token ids (a python list) of text: the folder's tokenizer, or bytes % vocab_size."""
     import os
@@ -172,6 +148,7 @@ def quantize_cmd(args, out=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ._progress import Progress
     from .algorithms import AWQConfig, GPTQConfig, RTNConfig, apply_quantized, quantize_model
     from .nn import save_quantized_model
 
@@ -198,7 +175,7 @@ def quantize_cmd(args, out=None) -> int:
         cfg = (GPTQConfig(act_order=args.act_order, **common) if args.method == "gptq" else AWQConfig(**common))
     steps.update(f"{len(calib or [])} calibration windows")
     with torch.no_grad():
-        results = quantize_model(model, cfg, calib, apply=False)
+        results = quantize_model(model, cfg, calib, apply=False, progress=True)
     steps.update(f"{len(results)} Linears quantized")
     apply_quantized(model, results)
     steps.update("QuantLinear swapped in")

@@ -16,21 +16,23 @@ _NEEDS_DATA = (GPTQConfig, AWQConfig, SmoothQuantConfig)
 
 
 def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable] = None,
-                   apply=True) -> Dict[str, LayerResult]:
+                   apply=True, progress: Optional[bool] = None) -> Dict[str, LayerResult]:
     """Quantize the model's Linears with the algorithm named by the config's type and apply the
     result in place. Returns {linear name: LayerResult}.
     apply: True or "simulated" (default; dequantized float weights, apply_simulated), "quantized"
     (swap the Linears for lowbit.nn.QuantLinear: real quantized kernels, apply_quantized), or
     False (leave the model as it is).
     calibration_data: batches (tensors, arg tuples or kwarg dicts) for GPTQ/AWQ/SmoothQuant.
-    A MixedPrecisionConfig routes each Linear to its rule's config (see algorithms.mixed)."""
+    A MixedPrecisionConfig routes each Linear to its rule's config (see algorithms.mixed).
+    progress: a progress bar over the decoder blocks of GPTQ/AWQ/SmoothQuant calibration (tqdm
+    when installed, else a line per block on stderr); None shows it when stderr is a terminal."""
     if isinstance(config, MixedPrecisionConfig):
         from .mixed import mixed_quantize
         if calibration_data is None and any(not isinstance(c, RTNConfig) for c in
                                             [c for _, c in config.rules] + [config.default] if c is not None):
             raise ValueError("a MixedPrecisionConfig using GPTQ/AWQ/SmoothQuant needs calibration_data "
                              "(a list of input batches)")
-        results = mixed_quantize(model, config, calibration_data, apply=bool(apply))
+        results = mixed_quantize(model, config, calibration_data, apply=bool(apply), progress=progress)
         if apply == "quantized":
             apply_quantized(model, results)
         return results
@@ -45,11 +47,11 @@ def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable
     if isinstance(config, RTNConfig):
         results = rtn_quantize(model, config)
     elif isinstance(config, GPTQConfig):
-        results = gptq_quantize(model, calibration_data, config)
+        results = gptq_quantize(model, calibration_data, config, progress)
     elif isinstance(config, AWQConfig):
-        results = awq_quantize(model, calibration_data, config)
+        results = awq_quantize(model, calibration_data, config, progress)
     else:
-        results = smoothquant_quantize(model, calibration_data, config)
+        results = smoothquant_quantize(model, calibration_data, config, progress)
     if apply == "quantized":
         apply_quantized(model, results)
     elif apply:

@@ -113,8 +113,9 @@ def awq_stage(stage: Stage, config: AWQConfig) -> Dict[str, LayerResult]:
     return out
 
 
-def awq_quantize(model, calibration_data, config: AWQConfig) -> Dict[str, LayerResult]:
+def awq_quantize(model, calibration_data, config: AWQConfig, progress=None) -> Dict[str, LayerResult]:
     return quantize_sequential(model, calibration_data, find_linears(model, config.skip),
                                lambda st: awq_stage(st, config), hessian=False,
                                sample_rows=config.max_tokens, lockstep=config.lockstep,
-                               lockstep_max_gib=config.lockstep_max_gib)
+                               lockstep_max_gib=config.lockstep_max_gib,
+                               progress=progress, desc="AWQ")

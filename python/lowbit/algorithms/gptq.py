@@ -169,7 +169,7 @@ def gptq_stage(stage, config: GPTQConfig) -> Dict[str, LayerResult]:
     return out
 
 
-def gptq_quantize(model, calibration_data, config: GPTQConfig) -> Dict[str, LayerResult]:
+def gptq_quantize(model, calibration_data, config: GPTQConfig, progress=None) -> Dict[str, LayerResult]:
     """GPTQ over every Linear of the model (minus config.skip), block by block; with
     config.sequential each layer is calibrated on inputs from the already-quantized layers."""
     from .common import find_linears
@@ -181,4 +181,5 @@ def gptq_quantize(model, calibration_data, config: GPTQConfig) -> Dict[str, Laye
                                abs_stats=config.awq_scales,     # only AWQ's scale search reads them
                                sequential=config.sequential, true_sequential=config.true_sequential,
                                lockstep=config.lockstep,
-                               lockstep_max_gib=config.lockstep_max_gib)
+                               lockstep_max_gib=config.lockstep_max_gib,
+                               progress=progress, desc="GPTQ")

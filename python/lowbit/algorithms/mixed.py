@@ -80,7 +80,7 @@ def _restricted(cfg, names: Sequence[str], all_names: Sequence[str]):
 
 def mixed_quantize(model: nn.Module, config: MixedPrecisionConfig,
                    calibration_data: Optional[Iterable] = None,
-                   apply: bool = True) -> Dict[str, LayerResult]:
+                   apply: bool = True, progress: Optional[bool] = None) -> Dict[str, LayerResult]:
     """Quantize each group of Linears sharing a config through quantize_model (see module
     docstring for the order). Returns {Linear name: LayerResult} over all groups."""
     from .api import quantize_model
@@ -99,7 +99,8 @@ def mixed_quantize(model: nn.Module, config: MixedPrecisionConfig,
     data = list(calibration_data) if calibration_data is not None else None
     results: Dict[str, LayerResult] = {}
     for cfg, names in groups:
-        results.update(quantize_model(model, _restricted(cfg, names, all_names), data, apply=apply))
+        results.update(quantize_model(model, _restricted(cfg, names, all_names), data, apply=apply,
+                                      progress=progress))
     return results
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
+from .._progress import Progress, wanted
 from .common import LayerResult, apply_simulated, simulated_input_hook
 from .observers import CalibrationHooks, LinearStats, _as_2d, accumulate_stats_, finish_stats_
 
@@ -437,7 +438,8 @@ def _calibrate_stages(run_fn, stages: List[Stage], want: Collect) -> None:
 def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.Linear],
                         stage_fn: StageFn, hessian: bool = False, sample_rows: int = 0,
                         abs_stats: bool = True, sequential: bool = True, true_sequential: bool = True,
-                        lockstep: bool = True, lockstep_max_gib: Optional[float] = None
+                        lockstep: bool = True, lockstep_max_gib: Optional[float] = None,
+                        progress: Optional[bool] = None, desc: str = "calibration"
                         ) -> Dict[str, LayerResult]:
     """Drive stage_fn over the model's Linears (see module docstring). stage_fn gets a calibrated
     Stage and returns LayerResults for its Linears; they are applied (simulated) at once so later
@@ -451,7 +453,8 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
     lock-step (see the module docstring) instead of one forward per stage plus one, as long as a
     block's parked activations (bounded from the probe forward) fit in lockstep_max_gib (None:
     half the memory available when the block starts); from the first block that does not fit on,
-    calibration streams, with a warning."""
+    calibration streams, with a warning. progress: a progress bar over the blocks (and the
+    Linears outside them), see lowbit._progress."""
     data = list(data)
     if not data:
         raise ValueError("calibration_data is empty; pass a list of input batches")
@@ -460,6 +463,8 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
     blocks = find_blocks(model) if sequential else []
     gl = _greenlet() if (blocks and true_sequential and lockstep) else None
     done = set()
+    outside = [n for n in linears if not any(n.startswith(p + ".") for p, _ in blocks)]
+    bar = Progress(len(blocks) + bool(outside), f"lowbit {desc}") if wanted(progress) else None
     if blocks:
         firsts, extras = _capture_inputs(model, blocks, data)
         kw_hidden = not firsts[0][0]      # the model passes the hidden state by keyword
@@ -485,6 +490,8 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
                     hidden = _quantize_in_lockstep(model, block, inputs, stages, stage_fn, results,
                                                    want, gl)
                     done.update(blk_lin)
+                    if bar is not None:
+                        bar.update(prefix)
                     continue
                 if not true_sequential:
                     _calibrate_stages(lambda: _run_until(block, inputs, list(blk_lin.values())), stages,
@@ -499,6 +506,8 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
                     results.update(res)
                 done.update(blk_lin)
             hidden = _hidden_of(_run(block, inputs))
+            if bar is not None:
+                bar.update(prefix)
     rest = {n: m for n, m in linears.items() if n not in done}
     if rest:
         # one stage per Linear, calibrated from full-model forwards, each stopped once the Linears
@@ -518,6 +527,10 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
             for st in stages:
                 results.update(stage_fn(st))
             apply_simulated(model, results)
+        if bar is not None:
+            bar.update(f"{len(rest)} Linears outside the blocks")
+    if bar is not None:
+        bar.close()
     return results
 
 

@@ -56,9 +56,11 @@ def smoothquant_stage(stage: Stage, config: SmoothQuantConfig) -> Dict[str, Laye
             for n, w in zip(stage.names, weights)}
 
 
-def smoothquant_quantize(model, calibration_data, config: SmoothQuantConfig) -> Dict[str, LayerResult]:
+def smoothquant_quantize(model, calibration_data, config: SmoothQuantConfig,
+                         progress=None) -> Dict[str, LayerResult]:
     return quantize_sequential(model, calibration_data, find_linears(model, config.skip),
                                lambda st: smoothquant_stage(st, config),
                                sample_rows=config.max_tokens if config.search_alpha else 0,
                                lockstep=config.lockstep,
-                               lockstep_max_gib=config.lockstep_max_gib)
+                               lockstep_max_gib=config.lockstep_max_gib,
+                               progress=progress, desc="SmoothQuant")
