@@ -42,6 +42,12 @@ def test_every_method_is_measured_or_explained(tiny_run):
     for r in decode.values():  # one DRAM read probe per repeat, each a positive rate
         assert len(r["probe_GBps"]) == r["repeats"] and min(r["probe_GBps"]) > 0
         assert r["pct_start_limit"] > 0
+    lim = tiny_run["limits"]["1"]
+    for r in tiny_run["rows"][1]["results"].values():  # prefill: one compute-peak probe per repeat
+        assert len(r["probe_GOPs"]) == r["repeats"] and min(r["probe_GOPs"]) > 0
+        assert r["pct_start_limit"] == pytest.approx(100 * r["GOPs"] / (
+            lim["int8_dot_GOPs"] if r["compute"] == "int8" else lim.get("bf16_dot_GFLOPs") or lim["fp32_fma_GFLOPs"]
+            if r["compute"] == "bf16" else lim["fp32_fma_GFLOPs"]))
     for why in tiny_run["unavailable"].values():
         assert why  # a missing peer says why
     for lim in tiny_run["limits"].values():
@@ -100,14 +106,14 @@ def test_timer_reports_median_min_max():
     stats = measure.time_calls([lambda: None] * 3, budget_s=0.001)
     assert stats.repeats >= 3 and stats.copies == 3
     assert stats.min_s <= stats.median_s <= stats.max_s
-    assert stats.probe_GBps == [] and stats.per_call_s == []
+    assert stats.probe_rates == [] and stats.per_call_s == []
 
 
 def test_timer_probes_after_every_repeat():
     seen = []
     stats = measure.time_calls([lambda: seen.append("call")] * 2, budget_s=0.001,
                                probe=lambda: seen.append("probe") or 7.0)
-    assert stats.probe_GBps == [7.0] * stats.repeats and len(stats.per_call_s) == stats.repeats
+    assert stats.probe_rates == [7.0] * stats.repeats and len(stats.per_call_s) == stats.repeats
     # warm-up pass, then each repeat's calls followed by one probe
     repeat = ["call"] * (stats.calls_per_repeat) + ["probe"]
     assert seen == ["call"] * 2 + repeat * stats.repeats

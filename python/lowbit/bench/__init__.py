@@ -24,8 +24,11 @@ Decode rows (M <= 16) rotate weight copies totalling >= 4x the L3, so weights st
 % of limit = weight bytes (codes + scales + zeros as the method stores them) per second over the
 DRAM read rate, taken per repeat against a read pass run right after it (the median of those
 ratios), because a VM's DRAM rate drifts by tens of percent during a run; the JSON also keeps the
-% of the rate measured once at the start (pct_start_limit). Prefill rows are compute-bound: % of limit = GOP/s over the int8-dot peak (int8
-compute), the bf16-dot peak (bf16 activations) or the fp32 FMA peak (float compute). Each measurement: a warm-up pass, then repeats within
+% of the rate measured once at the start (pct_start_limit). Prefill rows are compute-bound: % of
+limit = GOP/s over the int8-dot peak (int8 compute), the bf16-dot peak (bf16 activations) or the
+fp32 FMA peak (float compute), likewise per repeat against a short run of that peak's
+microbenchmark right after it (a VM's compute rate drifts too: runs at half speed for seconds),
+and pct_start_limit against the peak measured at the start. Each measurement: a warm-up pass, then repeats within
 a time budget; median, min and max per call. Ratio = peer time / our time (> 1: ours is faster).
 Accuracy: relative error of each method against x @ dequantize(W).T on activations with outlier
 channels, beside the error that rounding x to int8 alone causes.

@@ -37,6 +37,20 @@ def dram_probe(buf: np.ndarray) -> Callable[[], float]:
     return lambda: core.microbench("read", buf, 1)
 
 
+def compute_probe(lim: dict, compute: str) -> Callable[[], float]:
+    """One short run (a few milliseconds) of the peak microbenchmark a prefill row is compared
+    with (int8 dot, bf16 dot where measured, else fp32 FMA; lim: measure_limits' entry for the
+    current thread count): the compute rate available now. A VM's rate drifts too (runs at half
+    speed for seconds at a time), so prefill rows are compared with this, taken between repeats."""
+    core = _ext.core()
+    key = {"int8": "int8_dot", "bf16": "bf16_dot"}.get(compute, "fp32_fma")
+    if not lim.get(key + "_kind"):
+        key = "fp32_fma"
+    kind = lim[key + "_kind"]
+    iters = 500_000 if kind == "bf16dot512" else 2_000_000
+    return lambda: core.microbench(kind, iters)
+
+
 # Candidates for each limit, fastest first: (microbench kind, instruction); AMX: (kind, key, instruction).
 _FMA = [("fma512", "zmm vfmadd"), ("fma", "ymm vfmadd")]
 _INT8 = [("vnni512", "zmm vpdpbusd"), ("int8", "ymm vpmaddubsw+vpaddw")]
@@ -45,14 +59,15 @@ _AMX = [("amx_int8", "amx_int8_GOPs", "AMX tdpbusd"), ("amx_bf16", "amx_bf16_GFL
 
 
 def _first_runnable(core, candidates, iters: int, runs: int = 3):
-    """The best of `runs` runs of the first candidate this CPU runs: a peak is a maximum, and on a
-    shared VM a run can lose half its rate to a busy neighbour on the same core."""
+    """(rate, instruction, microbench kind): the best of `runs` runs of the first candidate this
+    CPU runs (a peak is a maximum, and on a shared VM a run can lose half its rate to a busy
+    neighbour on the same core)."""
     for kind, instr in candidates:
         try:
-            return max(core.microbench(kind, iters) for _ in range(runs)), instr
+            return max(core.microbench(kind, iters) for _ in range(runs)), instr, kind
         except (RuntimeError, ValueError):
             continue  # this CPU or build lacks it
-    return None, "unavailable: this CPU has no " + " / ".join(i for _, i in candidates)
+    return None, "unavailable: this CPU has no " + " / ".join(i for _, i in candidates), None
 
 
 def measure_limits(threads: List[int], buf: np.ndarray) -> Dict[int, Dict[str, float]]:
@@ -67,11 +82,12 @@ def measure_limits(threads: List[int], buf: np.ndarray) -> Dict[int, Dict[str, f
         lim = {"dram_read_GBps": core.microbench("read", buf)}
         for key, candidates, iters in (("fp32_fma_GFLOPs", _FMA, 20_000_000), ("int8_dot_GOPs", _INT8, 20_000_000),
                                        ("bf16_dot_GFLOPs", _BF16, 5_000_000)):
-            value, instr = _first_runnable(core, candidates, iters)
+            value, instr, kind = _first_runnable(core, candidates, iters)
             lim[key] = value
             lim[key.split("_G")[0] + "_instr"] = instr
+            lim[key.split("_G")[0] + "_kind"] = kind
         for kind, key, instr in _AMX:
-            value, _ = _first_runnable(core, [(kind, instr)], 1_000_000)
+            value, _, _ = _first_runnable(core, [(kind, instr)], 1_000_000)
             if value is not None:
                 lim[key] = value
         limits[t] = lim

@@ -49,9 +49,10 @@ class Stats:
     repeats: int
     calls_per_repeat: int
     copies: int  # weight copies rotated
-    # with a probe: the DRAM read rate (GB/s) measured right after each repeat, and that repeat's
-    # seconds per call, so each repeat is compared with the bandwidth available at that moment
-    probe_GBps: List[float] = field(default_factory=list)
+    # with a probe: the limit's rate (DRAM read GB/s for decode, the compute peak's GOP/s for
+    # prefill) measured right after each repeat, and that repeat's seconds per call, so each
+    # repeat is compared with the rate available at that moment
+    probe_rates: List[float] = field(default_factory=list)
     per_call_s: List[float] = field(default_factory=list)
 
 
@@ -63,7 +64,8 @@ def time_calls(calls: List[Callable[[], Any]], budget_s: float, max_repeats: int
     """Seconds per call of `calls` (one per weight copy): a warm-up pass over all of them, then
     repeats of whole passes (several per repeat when a pass is shorter than MIN_REPEAT_S), as many
     as fit in budget_s, at least 3 (so slow calls run 1 + 3 passes) and at most max_repeats.
-    probe (decode rows: one DRAM read pass, returning GB/s) runs after every repeat, untimed."""
+    probe (one DRAM read pass, or a short compute-peak run, returning its rate) runs after every
+    repeat, untimed."""
     t0 = time.perf_counter()
     for c in calls:
         c()

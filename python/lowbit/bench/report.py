@@ -21,8 +21,14 @@ def print_block(row: dict) -> None:
                 f"{lim['dram_read_GBps']:.1f} GB/s at the start)")
     else:
         bf16 = f", bf16-dot {lim['bf16_dot_GFLOPs']:.0f} GFLOP/s (bf16)" if lim.get("bf16_dot_GFLOPs") else ""
-        what = (f"% of int8-dot {lim['int8_dot_GOPs']:.0f} GOP/s (int8 compute){bf16} or "
-                f"fp32 FMA {lim['fp32_fma_GFLOPs']:.0f} GFLOP/s (float compute)")
+        probed = {}
+        for r in row["results"].values():
+            key = r["limit"].split(" (")[0]
+            probed.setdefault(key, []).extend(r["probe_GOPs"])
+        ranges = ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in probed.items())
+        what = (f"%limit: of the int8-dot (int8 compute){' / bf16-dot (bf16)' if bf16 else ''} or fp32 FMA "
+                f"(float compute) peak probed between repeats ({ranges}; at the start int8-dot "
+                f"{lim['int8_dot_GOPs']:.0f} GOP/s{bf16}, fp32 FMA {lim['fp32_fma_GFLOPs']:.0f} GFLOP/s)")
     print(f"\n[{row['threads']} thread(s)] K={row['K']} N={row['N']} M={row['M']}  {row['regime']}: {what}")
     ratio_cols = "".join(f" {'÷' + _short(o):>9s}" for o in ours)
     print(f"  {'method':42s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'GB/s':>6s} {'GOP/s':>6s} "

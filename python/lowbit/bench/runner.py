@@ -76,9 +76,10 @@ def _entries(case, threads) -> List:
             + peers_llama_cpp.methods(case, threads))
 
 
-def _measure_method(m: Method, xs: Dict[int, np.ndarray], l3: int, budget: float, probe):
+def _measure_method(m: Method, xs: Dict[int, np.ndarray], l3: int, budget: float, probe, lim: dict):
     """{M: Stats} over the sweep, and {M: why skipped}. Decode rows probe the DRAM read rate
-    after every repeat."""
+    after every repeat, prefill rows the compute peak the method is compared with."""
+    compute_probe = machine.compute_probe(lim, m.compute)
     stats, skipped = {}, {}
     decode = any(M <= DECODE_MAX_M for M in xs)
     cold = [m.make_weight() for _ in range(copies_for_dram(m.weight_bytes, l3))] if decode else []
@@ -92,7 +93,7 @@ def _measure_method(m: Method, xs: Dict[int, np.ndarray], l3: int, budget: float
         try:
             xp = m.prepare_x(x)
             stats[M] = time_calls([functools.partial(m.run, xp, w) for w in weights], budget,
-                                  probe=probe if M <= DECODE_MAX_M else None)
+                                  probe=probe if M <= DECODE_MAX_M else compute_probe)
         except Exception as e:  # noqa: BLE001  (a peer failing on one shape is reported, ours raise)
             if m.ours:
                 raise
@@ -107,10 +108,10 @@ def _limit(lim: dict, M: int, compute: str):
     if M <= DECODE_MAX_M:
         return "DRAM read GB/s, probed between repeats", lim["dram_read_GBps"]
     if compute == "int8":
-        return f"int8-dot GOP/s ({lim['int8_dot_instr']})", lim["int8_dot_GOPs"]
+        return f"int8-dot GOP/s ({lim['int8_dot_instr']}), probed between repeats", lim["int8_dot_GOPs"]
     if compute == "bf16" and lim.get("bf16_dot_GFLOPs"):
-        return f"bf16-dot GFLOP/s ({lim['bf16_dot_instr']})", lim["bf16_dot_GFLOPs"]
-    return f"fp32 FMA GFLOP/s ({lim['fp32_fma_instr']})", lim["fp32_fma_GFLOPs"]
+        return f"bf16-dot GFLOP/s ({lim['bf16_dot_instr']}), probed between repeats", lim["bf16_dot_GFLOPs"]
+    return f"fp32 FMA GFLOP/s ({lim['fp32_fma_instr']}), probed between repeats", lim["fp32_fma_GFLOPs"]
 
 
 def _rows(t, case, methods, measured, lim) -> List[dict]:
@@ -132,13 +133,11 @@ def _rows(t, case, methods, measured, lim) -> List[dict]:
                  "repeats": s.repeats, "calls_per_repeat": s.calls_per_repeat, "weight_copies": s.copies,
                  "weight_bytes": m.weight_bytes, "GBps": gbps, "GOPs": gops, "limit": limit_name,
                  "ours": m.ours, "compute": m.compute}
-            if M <= DECODE_MAX_M:
-                # each repeat against the read rate probed right after it; the median of those ratios
-                paired = [m.weight_bytes / t / 1e9 / p for t, p in zip(s.per_call_s, s.probe_GBps)]
-                r.update(pct_limit=100 * statistics.median(paired), probe_GBps=s.probe_GBps,
-                         pct_start_limit=100 * gbps / limit)
-            else:
-                r["pct_limit"] = 100 * gops / limit
+            # each repeat against the limit's rate probed right after it; the median of those ratios
+            done = m.weight_bytes if M <= DECODE_MAX_M else 2 * M * N * K
+            paired = [done / t / 1e9 / p for t, p in zip(s.per_call_s, s.probe_rates)]
+            r.update(pct_limit=100 * statistics.median(paired), pct_start_limit=100 * (gbps if M <= DECODE_MAX_M else gops) / limit)
+            r["probe_GBps" if M <= DECODE_MAX_M else "probe_GOPs"] = s.probe_rates
             res[m.name] = r
         our_names = [n for n, r in res.items() if r["ours"]]
         for r in res.values():
@@ -199,7 +198,7 @@ def main(argv=None) -> dict:
             xs = {M: rng.standard_normal((M, K)).astype(np.float32) for M in Ms_here}
             measured = {}
             for m in methods:
-                measured[m.name] = _measure_method(m, xs, l3, budget, probe)
+                measured[m.name] = _measure_method(m, xs, l3, budget, probe, limits[t])
                 time.sleep(min(SETTLE_S, budget))
             for r in _rows(t, case, methods, measured, limits[t]):
                 report.print_block(r)
