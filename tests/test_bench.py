@@ -35,6 +35,7 @@ def test_every_method_is_measured_or_explained(tiny_run):
         for name, r in row["results"].items():
             assert 0 < r["time_ms_min"] <= r["time_ms"] <= r["time_ms_max"]
             assert r["pct_limit"] > 0 and r["GBps"] > 0
+            assert r["compute"] in ("int8", "bf16", "fp32"), (name, r["compute"])
             if r["ours"]:
                 assert set(r["ratio_vs_peers"]) == {n for n, v in row["results"].items() if not v["ours"]}
     decode = tiny_run["rows"][0]["results"]

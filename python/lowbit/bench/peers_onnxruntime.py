@@ -119,5 +119,5 @@ def _matmul_nbits(name, case: Case, threads, block, level) -> Method:
                             K=case.K, N=case.N, bits=4, block_size=g, accuracy_level=level)
     make = _session_factory(node, TensorProto.FLOAT, TensorProto.FLOAT, case.K, case.N,
                             {"B": b, "scales": scales, "zero_points": zero_points}, threads)
-    return Method(name, b.nbytes + scales.nbytes + zero_points.nbytes, level == 4, make, _run,
+    return Method(name, b.nbytes + scales.nbytes + zero_points.nbytes, "int8" if level == 4 else "fp32", make, _run,
                   to_numpy=lambda y: y[0], reference=qt)
