@@ -375,3 +375,144 @@ def test_core_rejects_mismatched_buffers():
         core.dequantize(codes, scales, zeros, np.empty((2, 64), np.float32)[:, ::2], 4, 0, 16)
     with pytest.raises(ValueError, match=r"^packed must have shape"):
         core.pack_int4(np.zeros((2, 5), np.uint8), np.empty((2, 2), np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------
+# QuantFormat / QuantizedTensor fields and what is cached from them
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(bits=4, symmetric=False, group_size=0), "group_size must be a positive int"),
+    (dict(bits=4, symmetric=False, group_size=-32), "group_size must be a positive int"),
+    (dict(bits=4, symmetric=False, group_size=16.7), "group_size must be a positive int"),
+    (dict(bits=4, symmetric=False, group_size="row"), "group_size must be a positive int"),
+    (dict(bits=4.9, symmetric=False, group_size=32), "bits must be 2, 3, 4 or 8"),
+    (dict(bits=5, symmetric=False, group_size=32), "bits must be 2, 3, 4 or 8"),
+    (dict(bits=True, symmetric=False, group_size=32), "bits must be 2, 3, 4 or 8"),
+    (dict(bits=4, symmetric=True, group_size=32, codebook="fp4"), 'codebook must be None or "nf4"'),
+    (dict(bits=8, symmetric=True, group_size=32, codebook="nf4"), "nf4 codebook needs bits=4"),
+])
+def test_format_rejects_bad_fields(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        lowbit.QuantFormat(**kw)
+
+
+def test_format_takes_numpy_ints():
+    f = lowbit.QuantFormat(np.int64(4), False, np.int32(64))
+    assert type(f.bits) is int and type(f.group_size) is int and f == lowbit.QuantFormat(4, False, 64)
+
+
+def _qt(bits=4, symmetric=False, group_size=32, K=64, rows=8):
+    return lowbit.quantize(W(rows, K, key=f"qt{bits}{symmetric}"), bits=bits, group_size=group_size,
+                           symmetric=symmetric)
+
+
+@pytest.mark.parametrize("shape", [(8, 0), (0, 64), (8,), (8, 64, 1), (8.0, 64)])
+def test_qt_bad_shape(shape):
+    qt = _qt()
+    with pytest.raises(ValueError, match=r"shape must be two positive ints"):
+        lowbit.QuantizedTensor(qt.codes, qt.scales, qt.zeros, shape, qt.format).validate()
+
+
+def test_qt_values_checked():
+    qt = _qt()
+    for bad in (np.nan, np.inf):
+        s = qt.scales.copy()
+        s[1, 1] = bad
+        with pytest.raises(ValueError, match=r"scales must be finite"):
+            lowbit.dequantize(lowbit.QuantizedTensor(qt.codes, s, qt.zeros, qt.shape, qt.format))
+    z = qt.zeros.copy()
+    z[0, 0] = 200
+    with pytest.raises(ValueError, match=r"zeros must be in \[0, 15\] for 4-bit codes"):
+        lowbit.matmul(np.ones((1, 64), np.float32), lowbit.QuantizedTensor(qt.codes, qt.scales, z, qt.shape, qt.format))
+    neg = lowbit.QuantizedTensor(qt.codes, -qt.scales, qt.zeros, qt.shape, qt.format)   # allowed (ggml Q4_0)
+    np.testing.assert_array_equal(lowbit.dequantize(neg), -lowbit.dequantize(qt))
+    for symmetric, bad_nibble in ((False, 8), (True, 4), (True, 11)):    # 3-bit: [0, 7] / [-4, 3]
+        q3 = _qt(bits=3, symmetric=symmetric, K=63)
+        codes = q3.codes.copy()
+        codes[2, 5] = (codes[2, 5] & 0xF0) | bad_nibble
+        with pytest.raises(ValueError, match=r"codes hold values outside the 3-bit"):
+            lowbit.QuantizedTensor(codes, q3.scales, q3.zeros, q3.shape, q3.format).validate()
+        codes = q3.codes.copy()
+        codes[:, -1] |= 0xF0           # K = 63: the last byte's high nibble is padding, never read
+        lowbit.QuantizedTensor(codes, q3.scales, q3.zeros, q3.shape, q3.format).validate()
+
+
+@pytest.mark.parametrize("field", ["scales", "codes", "zeros", "format"])
+def test_qt_field_assignment_drops_the_packed_weight(field):
+    # the packed kernel layout is cached on qt: a new field value must not meet a stale one
+    qt = _qt()
+    x = rng_for("bad", "stale").standard_normal((3, 64)).astype(np.float32)
+    lowbit.matmul(x, qt)
+    if field == "scales":
+        qt.scales = qt.scales * 2
+    elif field == "codes":
+        qt.codes = np.zeros_like(qt.codes)
+    elif field == "zeros":
+        qt.zeros = np.full_like(qt.zeros, 3)
+    else:
+        qt.format = lowbit.QuantFormat(4, False, 64)
+        qt.scales, qt.zeros = qt.scales[:, :1].copy(), qt.zeros[:, :1].copy()
+    np.testing.assert_allclose(lowbit.matmul(x, qt), x @ lowbit.dequantize(qt).T, rtol=1e-4, atol=1e-4)
+
+
+def test_numpy_subclasses_as_x(tmp_path):
+    qt = _qt()
+    mm = np.memmap(tmp_path / "x.bin", np.float32, "w+", shape=(2, 64))
+    mm[:] = rng_for("bad", "memmap").standard_normal((2, 64))
+    np.testing.assert_array_equal(lowbit.matmul(mm, qt), lowbit.matmul(np.array(mm), qt))
+    np.testing.assert_array_equal(lowbit.matmul(np.asmatrix(np.array(mm)), qt), lowbit.matmul(np.array(mm), qt))
+    with pytest.raises(TypeError, match=r"x is a masked array"):
+        lowbit.matmul(np.ma.masked_array(np.array(mm), mask=np.zeros((2, 64), bool)), qt)
+
+
+def test_non_native_byte_order():
+    with pytest.raises(TypeError, match=r"arrays must be in native byte order"):
+        lowbit.quantize(W().astype(">f4"))
+    with pytest.raises(TypeError, match=r"arrays must be in native byte order"):
+        lowbit.matmul(np.ones((1, 64), ">f4"), _qt())
+
+
+def test_tensors_that_require_grad():
+    torch = pytest.importorskip("torch")
+    w = torch.nn.Linear(64, 8).weight            # requires grad, as every model parameter
+    qt = lowbit.quantize(w, bits=4, group_size=32)
+    np.testing.assert_array_equal(qt.codes.numpy(), lowbit.quantize(w.detach(), bits=4, group_size=32).codes.numpy())
+    lowbit.fake_quantize(w, bits=4, group_size=32)
+    qt.scales.requires_grad_(True)
+    lowbit.dequantize(qt)
+    bias = torch.zeros(8, requires_grad=True)
+    y = lowbit.matmul(torch.ones(2, 64), qt, bias=bias)
+    assert y.shape == (2, 8) and not y.requires_grad
+
+
+def test_quantlinear_checks_in_features():
+    torch = pytest.importorskip("torch")
+    from lowbit.nn import QuantLinear
+    for g in (32, 16, None):
+        q = QuantLinear.from_linear(torch.nn.Linear(64, 8), bits=4, group_size=g)
+        # 63 columns pack into the same bytes and groups as 64: only in_features tells them apart
+        for K in (63, 65):
+            with pytest.raises(ValueError, match=rf"x has {K} features .* in_features=64"):
+                q(torch.ones(2, K))
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 8), bits=4, group_size=32)
+    q.perm = torch.randperm(64)           # act-order: index_select would drop a 65th column
+    with pytest.raises(ValueError, match=r"x has 65 features"):
+        q(torch.ones(2, 65))
+    with pytest.raises(ValueError, match=r"x has 63 features"):
+        torch.compile(q, backend="eager")(torch.ones(2, 63))
+
+
+def test_torch_op_arguments():
+    torch = pytest.importorskip("torch")
+    import lowbit.torch_ops  # noqa: F401
+    qt = lowbit.quantize(torch.randn(32, 32), bits=8, group_size=None, symmetric=True)
+    x = torch.randn(1, 32)
+    with pytest.raises(ValueError, match=r"scheme must be one of"):
+        torch.ops.lowbit.matmul(x, qt.codes, qt.scales, None, None, 8, 7, -1, 0)
+    # the packing cache must tell a transposed view of the codes from the codes
+    y = torch.ops.lowbit.matmul(x, qt.codes, qt.scales, None, None, 8, 1, -1, 0)
+    torch.testing.assert_close(y, x @ lowbit.dequantize(qt).T, rtol=1e-4, atol=1e-4)
+    ct = qt.codes.t()
+    yt = torch.ops.lowbit.matmul(x, ct, qt.scales, None, None, 8, 1, -1, 0)
+    ref = x @ (ct.float() * qt.scales).T
+    torch.testing.assert_close(yt, ref, rtol=1e-4, atol=1e-4)

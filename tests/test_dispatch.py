@@ -137,8 +137,8 @@ def test_set_num_threads(restore_threads):
     for n in (1, 2, 3):
         lowbit.set_num_threads(n)
         assert lowbit.get_num_threads() == n == lowbit.build_info()["num_threads"]
-    for bad in (0, -1):
-        with pytest.raises(ValueError, match=r"num_threads must be >= 1"):
+    for bad in (0, -1, 1025):
+        with pytest.raises(ValueError, match=r"num_threads must be in \[1, 1024\]"):
             lowbit.set_num_threads(bad)
     assert lowbit.get_num_threads() == 3
 
@@ -150,6 +150,28 @@ def test_num_threads_env_var():
     r = run_python("import lowbit, os; print(lowbit.get_num_threads(), len(os.sched_getaffinity(0)))")
     n, cpus = r.stdout.split()
     assert n == cpus  # default: the CPUs this process may run on
+    for bad in ("0", "abc", "4x", "99999999999", "2000"):
+        r = run_python("import lowbit; lowbit.get_num_threads()", LOWBIT_NUM_THREADS=bad)
+        assert r.returncode == 1 and "ValueError: LOWBIT_NUM_THREADS must be an integer in [1, 1024], got" in r.stderr
+
+
+def test_thread_start_failure_is_an_error_not_a_hang():
+    # under a 1 GiB address-space limit only a few of 1024 threads' stacks fit: the pool must stop
+    # the ones it started and raise (it used to deadlock destroying their condition variable)
+    r = run_python("""
+        import resource, numpy as np, lowbit
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        lowbit.set_num_threads(1024)
+        try:
+            lowbit.quantize(np.ones((4096, 64), np.float32), bits=4, group_size=32)
+        except RuntimeError as e:
+            print("error:", e)
+        lowbit.set_num_threads(1)
+        print(lowbit.quantize(np.ones((4096, 64), np.float32), bits=4, group_size=32).shape)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "error: lowbit could start only" in r.stdout and "of 1024 threads" in r.stdout
+    assert r.stdout.strip().endswith("(4096, 64)")
 
 
 @pytest.mark.parametrize("fmt", [dict(bits=4, group_size=128), dict(bits=8, symmetric=True, group_size=None),

@@ -256,6 +256,31 @@ def test_awq_bad_input():
         lio.to_awq(lb.quantize(rng.standard_normal((16, 64)).astype(F32), bits=8, group_size=32))
 
 
+_I32, _F16 = np.int32, np.float16
+
+
+@pytest.mark.parametrize("fn, args, kw, msg", [
+    (lio.from_gptq, ((0, 8), (1, 1), (1, 8)), {}, "qweight is empty"),               # K = 0
+    (lio.from_gptq, ((0, 8), (1, 1), (1, 8)), {"g_idx": np.zeros(0, _I32)}, "qweight is empty"),
+    (lio.from_gptq, ((4, 0), (1, 0), (1, 0)), {}, "qweight is empty"),               # N = 0
+    (lio.from_gptq, ((4, 8), (0, 1), (0, 8)), {"g_idx": np.zeros(32, _I32)}, "scales is empty"),  # G = 0
+    (lio.from_awq, ((0, 1), (1, 1), (1, 8)), {}, "qweight is empty"),
+    (lio.from_awq, ((16, 1), (0, 1), (0, 8)), {}, "scales is empty"),
+], ids=["gptq_K0", "gptq_K0_g_idx", "gptq_N0", "gptq_G0", "awq_K0", "awq_G0"])
+def test_checkpoint_import_rejects_empty_weights(fn, args, kw, msg):
+    """An empty weight used to divide by zero in the group arithmetic (or reduce an empty g_idx)."""
+    qw, qz, sc = args
+    with pytest.raises(ValueError, match=f"'w'.*{msg}"):
+        fn(np.zeros(qw, _I32), np.zeros(qz, _I32), np.ones(sc, _F16), name="w", **kw)
+
+
+def test_load_gptq_rejects_non_integer_bits(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    st.save_file({"x": np.ones(2, F32)}, str(tmp_path / "g.safetensors"))
+    with pytest.raises(ValueError, match="bits must be an integer.*4.9"):  # not truncated to 4
+        lio.load_gptq(str(tmp_path / "g.safetensors"), quantize_config={"bits": 4.9})
+
+
 # ----------------------------------------------------------------------------------------- GGUF
 def ref_q8_0(q_int8, d16):
     """Q8_0 bytes [rows, nb*34] from int8 codes [rows, K] and fp16 d [rows, K/32]."""
@@ -525,6 +550,121 @@ def test_load_rejects_newer_unknown_inconsistent_truncated(tmp_path):
     with pytest.raises(ValueError, match="collides"):
         lb.save({"a": lb.quantize(np.ones((2, 32), F32), 4, 32), "a.lowbit.codes": np.ones(1, F32)},
                 str(tmp_path / "bad.safetensors"))
+
+
+def _write_lowbit(path, entries, tensors):
+    """A lowbit file whose lowbit.entries is `entries` (a dict, or JSON text written as is)."""
+    from safetensors.numpy import save_file
+    text = entries if isinstance(entries, str) else json.dumps(entries)
+    save_file(tensors, str(path), metadata={"format": "lowbit", "lowbit.schema_version": "1",
+                                            "lowbit.entries": text})
+    return str(path)
+
+
+def _write_raw_safetensors(path, header, data=b""):
+    """A safetensors file with exactly this JSON header (the safetensors package refuses odd ones)."""
+    h = json.dumps(header).encode()
+    path.write_bytes(len(h).to_bytes(8, "little") + h + data)
+    return str(path)
+
+
+# one 4x32 int4-asym per-row quantized entry; "@V@" in a test's JSON text is replaced by raw JSON
+_Q_TENSORS = {"c": np.zeros((4, 16), np.uint8), "s": np.ones((4, 1), F32), "z": np.zeros((4, 1), np.uint8)}
+
+
+def _q_entry(**kw):
+    e = {"kind": "quantized", "layout": "lowbit-rows-v1", "bits": 4, "scheme": "asymmetric", "group_size": None,
+         "shape": [4, 32], "tensors": {"codes": "c", "scales": "s", "zeros": "z"}, "framework": "numpy"}
+    e.update(kw)
+    return e
+
+
+@pytest.mark.parametrize("meta_dtype, stored, framework", [
+    ("bfloat16", np.array([1.5, 2.5, 3.0], F32), "numpy"),   # used to read as 9.18e-41, ...
+    ("bfloat16", np.array([1.5, 2.5, 3.0], F32), "torch"),   # used to read as 6 bfloat16 values
+    ("uint16", np.array([1, 2], np.uint32), "torch"),
+    ("float32", np.array([1, 2], np.int32), "numpy"),
+    ("float16", np.array([1, 2], np.uint16), "numpy"),
+], ids=["bf16_on_f32", "bf16_on_f32_torch", "u16_on_u32_torch", "f32_on_i32", "f16_on_u16"])
+def test_load_rejects_dense_dtype_that_disagrees_with_the_file(tmp_path, meta_dtype, stored, framework):
+    pytest.importorskip("safetensors")
+    if framework == "torch":
+        pytest.importorskip("torch")
+    ent = {"x": {"kind": "dense", "tensors": {"data": "f"}, "dtype": meta_dtype, "framework": framework}}
+    path = _write_lowbit(tmp_path / "d.safetensors", ent, {"f": stored})
+    st_name = {"float32": "F32", "uint32": "U32", "int32": "I32", "uint16": "U16"}[stored.dtype.name]
+    with pytest.raises(ValueError, match=f"'x'.*dtype '{meta_dtype}'.*{st_name}"):
+        lb.load(path)
+
+
+def test_load_accepts_bfloat16_stored_as_u16_or_bf16(tmp_path):
+    pytest.importorskip("safetensors")
+    bits = (np.array([1.5, -2.0], F32).view(np.uint32) >> 16).astype(np.uint16)
+    ent = {"x": {"kind": "dense", "tensors": {"data": "f"}, "dtype": "bfloat16", "framework": "numpy"}}
+    got = lb.load(_write_lowbit(tmp_path / "u16.safetensors", ent, {"f": bits}))["x"]
+    np.testing.assert_array_equal(got, [1.5, -2.0])
+    meta = {"format": "lowbit", "lowbit.schema_version": "1", "lowbit.entries": json.dumps(ent)}
+    path = _write_raw_safetensors(tmp_path / "bf16.safetensors", {
+        "__metadata__": meta, "f": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, bits.tobytes())
+    np.testing.assert_array_equal(lb.load(path)["x"], [1.5, -2.0])
+
+
+@pytest.mark.parametrize("field, raw, msg", [
+    ("bits", "4.9", "bits must be an integer.*4.9"),               # used to load as bits=4
+    ("bits", "4.0", "bits must be an integer"),
+    ("bits", "1e400", "bits must be an integer.*inf"),             # used to raise OverflowError
+    ("bits", '"4"', "bits must be an integer"),
+    ("group_size", "16.7", "group_size must be an integer.*16.7"),  # used to load as group_size=16
+    ("group_size", "1e400", "group_size must be an integer.*inf"),
+    ("group_size", "0", "group_size must be an integer >= 1"),      # used to raise ZeroDivisionError
+    ("group_size", "true", "group_size must be an integer"),
+    ("shape", "[4, 32.5]", "shape must be an integer.*32.5"),
+    ("shape", "[4, 1e400]", "shape must be an integer.*inf"),
+    ("shape", "[4, -32]", "shape must be an integer >= 0"),
+], ids=["bits_4.9", "bits_4.0", "bits_1e400", "bits_str", "group_16.7", "group_1e400", "group_0", "group_true",
+        "shape_float", "shape_1e400", "shape_negative"])
+def test_load_rejects_non_integer_metadata_numbers(tmp_path, field, raw, msg):
+    pytest.importorskip("safetensors")
+    text = json.dumps({"q": _q_entry(**{field: "@V@"})}).replace('"@V@"', raw)
+    path = _write_lowbit(tmp_path / "n.safetensors", text, _Q_TENSORS)
+    with pytest.raises(ValueError, match=f"'q'.*{msg}"):
+        lb.load(path)
+
+
+@pytest.mark.parametrize("entries, msg", [
+    ("[]", "lowbit.entries.*JSON list, not an object"),
+    ('"abc"', "lowbit.entries.*JSON str, not an object"),
+    ({"q": _q_entry(tensors=["c", "s", "z"])}, "'q'.*malformed entry: its tensors"),
+    ({"q": _q_entry(tensors={"codes": ["c"], "scales": "s", "zeros": "z"})}, "'q'.*malformed entry: its tensors"),
+    ({"q": _q_entry(scheme=["asymmetric"])}, "'q'.*unknown format scheme"),
+    ({"q": _q_entry(shape=4)}, "'q'.*inconsistent quantized entry"),
+    ({"q": _q_entry(), "a": {"kind": "alias", "of": ["q"]}}, r"'a'.*alias of \['q'\]"),
+], ids=["entries_list", "entries_str", "tensors_list", "tensor_name_list", "scheme_list", "shape_int",
+        "alias_of_list"])
+def test_load_rejects_malformed_lowbit_metadata(tmp_path, entries, msg):
+    """Each of these used to escape as AttributeError or TypeError('unhashable type')."""
+    pytest.importorskip("safetensors")
+    path = _write_lowbit(tmp_path / "m.safetensors", entries, _Q_TENSORS)
+    with pytest.raises(ValueError, match=msg):
+        lb.load(path)
+
+
+_T = {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}
+
+
+@pytest.mark.parametrize("header, msg", [
+    ({"__metadata__": [1], "t": _T}, "__metadata__ is a JSON list"),
+    ({"__metadata__": {"format": "lowbit", "lowbit.schema_version": "1", "lowbit.entries": {"t": 1}}, "t": _T},
+     "__metadata__ 'lowbit.entries' is a JSON dict, not a string"),
+    ({"t": dict(_T, shape=[4.0])}, "'t'.*malformed entry"),
+    ({"t": dict(_T, shape="4")}, "'t'.*malformed entry"),
+    ({"t": dict(_T, data_offsets=[0.5, 4])}, "'t'.*malformed entry"),
+    ({"t": dict(_T, shape=[2 ** 32, 2 ** 32], data_offsets=[0, 0])}, "'t'.*needs 18446744073709551616 bytes"),
+], ids=["meta_list", "meta_value_dict", "shape_float", "shape_str", "offset_float", "shape_wraps_int64"])
+def test_load_rejects_malformed_safetensors_header(tmp_path, header, msg):
+    path = _write_raw_safetensors(tmp_path / "h.safetensors", header, b"abcd")
+    with pytest.raises(ValueError, match=msg):
+        lb.load(path)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ quantize_dynamic, apply_quantized, and whole-model save / load. Skipped without 
 from __future__ import annotations
 
 import copy
+import gc
 import io
 
 import pytest
@@ -109,12 +110,19 @@ def test_state_dict_round_trip_and_dtype_casts():
 
 def test_packing_is_cached_per_buffer_set():
     q = QuantLinear.from_linear(_linear(), bits=4, group_size=32)
-    x = torch.randn(2, 96)
+    x = torch.randn(2, 96, requires_grad=True)     # autograd: through torch.ops.lowbit.matmul
     q(x)
     before = dict(torch_ops.STATS)
     for _ in range(3):
         q(x)
     assert torch_ops.STATS["misses"] == before["misses"] and torch_ops.STATS["hits"] == before["hits"] + 3
+    with torch.no_grad():                          # eager inference: lowbit.matmul on the layer's qt
+        q(x)
+        qt = q._eager_qt()
+        packed = dict(qt.__dict__["_lowbit_packed"])
+        for _ in range(3):
+            q(x)
+        assert q._eager_qt() is qt and all(qt.__dict__["_lowbit_packed"][k] is v for k, v in packed.items())
 
 
 def test_custom_ops_opcheck():
@@ -258,3 +266,46 @@ def test_import_lowbit_stays_torch_free():
     code = "import sys, lowbit; assert 'torch' not in sys.modules; print(lowbit.__all__[-1])"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_packing_cache_does_not_keep_weights_alive(path):
+    # the packing cache refers to buffers weakly: a deleted layer's weights must be freed
+    from torch.multiprocessing.reductions import StorageWeakRef
+    q = QuantLinear.from_linear(_linear(), bits=4, group_size=32)
+    with torch.no_grad():
+        if path == "eager":
+            q(torch.randn(2, 96))
+            q(torch.randn(2, 96))      # a cache hit
+        else:
+            codes, scales, zeros, bits, scheme, g = q.op_args()
+            for _ in range(2):
+                torch.ops.lowbit.matmul(torch.randn(2, 96), codes, scales, zeros, None, bits, scheme, g, 0)
+            del codes, scales, zeros
+    refs = [StorageWeakRef(t.untyped_storage()) for t in (q.codes, q.scales, q.zeros)]
+    del q
+    gc.collect()
+    assert all(r.expired() for r in refs)
+
+
+def test_eager_call_skips_the_op_dispatch_only_when_nothing_needs_it(monkeypatch):
+    q = QuantLinear.from_linear(_linear(), bits=4, group_size=32)
+    calls = []
+    real = QuantLinear._eager_qt
+    monkeypatch.setattr(QuantLinear, "_eager_qt", lambda self: calls.append(1) or real(self))
+    x = torch.randn(2, 96)
+    y = q(x)                                   # grad mode on, but nothing requires grad
+    assert calls == [1]
+    xg = x.clone().requires_grad_(True)
+    yg = q(xg)                                 # autograd needs the op
+    assert calls == [1] and yg.requires_grad and torch.equal(yg.detach(), y)
+    with torch.no_grad():
+        q(xg)
+    assert calls == [1, 1]
+    # the eager QuantizedTensor follows the buffers: an in-place load re-packs, a new tensor too
+    with torch.no_grad():
+        q.scales.mul_(2)
+        torch.testing.assert_close(q(x), x @ q.dequantized_weight().T + q.bias, rtol=1e-4, atol=1e-4)
+        q.codes = torch.zeros_like(q.codes)
+        torch.testing.assert_close(q(x), x @ q.dequantized_weight().T + q.bias, rtol=1e-4, atol=1e-4)
+    assert "_qt_cache" not in copy.copy(q).__getstate__() and "_qt_cache" in q.__dict__

@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 
 namespace lowbit {
@@ -193,13 +195,17 @@ int default_threads() {
 class ThreadPool {
  public:
   explicit ThreadPool(int n) : n_(n) {
-    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+    try {
+      for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+    } catch (const std::exception& e) {
+      // the workers already started wait on cv_: stop them, or destroying it would hang
+      stop();
+      throw std::runtime_error("lowbit could start only " + std::to_string(workers_.size() + 1) +
+                               " of " + std::to_string(n_) + " threads (" + e.what() +
+                               "); use fewer (lowbit.set_num_threads)");
+    }
   }
-  ~ThreadPool() {
-    { std::lock_guard<std::mutex> l(m_); stop_ = true; }
-    cv_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
+  ~ThreadPool() { stop(); }
   int size() const { return n_; }
 
   // Runs fn over `chunks` pieces of [0, n); the caller takes piece 0.
@@ -253,6 +259,12 @@ class ThreadPool {
   }
   static constexpr int kSpin = 2000;
 
+  void stop() {
+    { std::lock_guard<std::mutex> l(m_); stop_ = true; }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
   int n_;
   std::vector<std::thread> workers_;
   std::mutex m_;
@@ -275,8 +287,12 @@ thread_local bool t_in_parallel = false;
 void forget_pool_after_fork() { g_pool = nullptr; new (&g_pool_mutex) std::mutex(); }
 }  // namespace
 
+constexpr int kMaxThreads = 1024;
+
 void set_num_threads(int n) {
-  if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
+  if (n < 1 || n > kMaxThreads)
+    throw std::invalid_argument("num_threads must be in [1, " + std::to_string(kMaxThreads) + "], got " +
+                                std::to_string(n));
   std::lock_guard<std::mutex> l(g_pool_mutex);
   if (g_pool && g_pool->size() != n) { delete g_pool; g_pool = nullptr; }
   g_num_threads = n;
@@ -286,8 +302,16 @@ int get_num_threads() {
   std::lock_guard<std::mutex> l(g_pool_mutex);
   if (g_num_threads == 0) {
     const char* env = std::getenv("LOWBIT_NUM_THREADS");
-    int n = env ? std::atoi(env) : 0;
-    g_num_threads = n > 0 ? n : default_threads();
+    if (env && *env) {
+      char* end = nullptr;
+      long n = std::strtol(env, &end, 10);
+      if (*end || n < 1 || n > kMaxThreads)
+        throw std::invalid_argument("LOWBIT_NUM_THREADS must be an integer in [1, " +
+                                    std::to_string(kMaxThreads) + "], got '" + env + "'");
+      g_num_threads = int(n);
+    } else {
+      g_num_threads = default_threads();
+    }
   }
   return g_num_threads;
 }

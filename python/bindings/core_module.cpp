@@ -323,9 +323,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));
   m.def("get_isa", [] { return active_isa(); });
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("num_threads must be >= 1");
-    set_num_threads(n);
-  });
+  m.def("set_num_threads", &set_num_threads);  // std::invalid_argument -> ValueError
   m.def("get_num_threads", &get_num_threads);
 }

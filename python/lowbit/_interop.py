@@ -31,6 +31,9 @@ def dtype_name(x: Any) -> str:
     fw = framework_of(x)
     if fw == "torch":
         return str(x.dtype).replace("torch.", "")
+    if not x.dtype.isnative:   # the kernels (and DLPack) read native byte order only
+        raise TypeError(f"arrays must be in native byte order, got dtype {x.dtype.str!r} "
+                        "(convert with a.astype(a.dtype.newbyteorder('=')))")
     return np.dtype(x.dtype).name
 
 
@@ -85,11 +88,19 @@ def asarray_like(like: Any, value: Any, dtype: str) -> Any:
 
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(np.asarray(value) if not _is_framework_array(value) else to_numpy(value))
-        return value.to(device=like.device, dtype=getattr(torch, dtype)).contiguous()
+        return value.detach().to(device=like.device, dtype=getattr(torch, dtype)).contiguous()
     import cupy
 
     with like.device:
         return cupy.ascontiguousarray(cupy.asarray(value, dtype=dtype))
+
+
+def plain_ndarray(x: np.ndarray, name: str) -> np.ndarray:
+    """A numpy subclass (memmap, matrix) as a plain ndarray view; masked arrays are refused (their
+    mask would be dropped silently)."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array: fill it (x.filled(0)) or pass x.data")
+    return np.asarray(x)
 
 
 def _is_framework_array(x: Any) -> bool:
@@ -116,9 +127,13 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def contiguous(x: Any) -> Any:
-    """x itself when its rows are unit-stride, else a contiguous copy in the same framework."""
+    """x itself when its rows are unit-stride, else a contiguous copy in the same framework.
+    torch tensors come back detached: the kernels are outside autograd, and DLPack refuses
+    tensors that require grad."""
     fw = framework_of(x)
     if fw == "torch":
+        if x.requires_grad:
+            x = x.detach()
         return x if x.is_contiguous() else x.contiguous()
     if fw == "numpy":
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)

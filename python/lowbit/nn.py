@@ -174,13 +174,33 @@ class QuantLinear(nn.Module):
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch_ops.check_features(x, self.in_features)   # before perm's index_select could drop extra columns
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if torch_ops.skips_dispatch(x, self.bias):
+            return ops.matmul(x, self._eager_qt(), bias=self.bias, act_bits=self.act_bits or None,
+                              act_granularity=self.act_granularity)
         codes, scales, zeros, bits, scheme, g = self.op_args()
         return torch.ops.lowbit.matmul(x, codes, scales, zeros, self.bias, bits, scheme, g, self.act_bits or 0,
-                                       self.act_granularity == "block")
+                                       self.act_granularity == "block", self.in_features)
+
+    def _eager_qt(self) -> QuantizedTensor:
+        """quantized_tensor(), kept while the buffers are the same tensors at the same version (so
+        its validation and packed layout are reused; load_state_dict's in-place copy or .to() make
+        a new one)."""
+        bufs = (self.codes, self.scales, self.zeros)
+        versions = tuple(None if b is None else b._version for b in bufs)
+        hit = self.__dict__.get("_qt_cache")
+        if hit is None or hit[1] != versions or any(a is not b for a, b in zip(hit[0], bufs)):
+            hit = self.__dict__["_qt_cache"] = (bufs, versions, self.quantized_tensor())
+        return hit[2]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_qt_cache", None)     # packed copies: rebuilt on first use
+        return state
 
     def _apply(self, fn, recurse=True):
         # model.half() / .to(torch.bfloat16) would cast the float32 scales, which the format fixes

@@ -441,7 +441,9 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
         M *= s
     if M == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
-    numpy_x = type(x) is np.ndarray
+    numpy_x = isinstance(x, np.ndarray)
+    if numpy_x and type(x) is not np.ndarray:
+        x = _interop.plain_ndarray(x, "x")
     dev = ("cpu", -1) if numpy_x else _interop.device_of(x)
     if dev[0] != "cpu":
         from .ops_cuda import matmul_cuda  # tensor-core kernels (fp16/bf16 activations)
@@ -457,13 +459,11 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
         if tuple(int(s) for s in bias.shape) != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         bias = _interop.asarray_like(x, bias, dt)
-    if not numpy_x and x.requires_grad:
-        x = x.detach()  # inference kernel: no autograd graph (DLPack refuses tensors needing grad)
     x2 = _interop.contiguous(x if len(x.shape) == 2 else x.reshape(M, K))
     packed = _packed_weight(qt)
     if packed is None:
         return _matmul_unpacked(x2, qt, bias, act_bits, per_block, lead, dt)
-    out = np.empty((M, N), dt) if numpy_x else _interop.empty(x2, (M, N), dt)
+    out = np.empty((M, N), dt) if numpy_x else x2.new_empty((M, N))   # torch on the CPU here
     bits = 0 if act_bits is None else act_bits
     if numpy_x or dt == "bfloat16":
         _ext.core().matmul(x2, packed, bias, out, bits, per_block)
@@ -471,7 +471,7 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
         # far faster than torch's Python-level __dlpack__
         _ext.core().matmul(x2.numpy(), packed, None if bias is None else bias.numpy(), out.numpy(),
                            bits, per_block)
-    return out.reshape(*lead, N)
+    return out if len(lead) == 1 else out.reshape(*lead, N)
 
 
 def _matmul_unpacked(x2, qt, bias, act_bits, per_block, lead, dt):

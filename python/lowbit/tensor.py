@@ -2,7 +2,7 @@
 a kernel lays the bytes out."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -16,6 +16,10 @@ _DICT_VERSION = 1
 _VALID_ATTR = "_lowbit_validated"  # what validate() last accepted (see there)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 @dataclass(frozen=True)
 class QuantFormat:
     """bits: 2, 3, 4 or 8. symmetric: codes are signed and the zero point is 0.
@@ -27,6 +31,20 @@ class QuantFormat:
     symmetric: bool
     group_size: GroupSize
     codebook: Optional[str] = None
+
+    def __post_init__(self):
+        if not _is_int(self.bits) or self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits!r}")
+        object.__setattr__(self, "bits", int(self.bits))
+        g = self.group_size
+        if not (g is None or (isinstance(g, str) and g == "tensor") or (_is_int(g) and g > 0)):
+            raise ValueError(f'group_size must be a positive int, None (per row) or "tensor", got {g!r}')
+        if _is_int(g):
+            object.__setattr__(self, "group_size", int(g))
+        if self.codebook not in (None, "nf4"):
+            raise ValueError(f'codebook must be None or "nf4", got {self.codebook!r}')
+        if self.codebook == "nf4" and self.bits != 4:
+            raise ValueError(f"the nf4 codebook needs bits=4, got {self.bits}")
 
     @property
     def scheme(self) -> str:
@@ -60,6 +78,9 @@ class QuantizedTensor:
     zeros  : uint8 [rows, groups] integer zero points (asymmetric only), else None.
     Meaning: w ≈ (q - zero) * scale, or q * scale (symmetric), or nf4[q] * scale.
     All arrays live in the framework and on the device of the tensor that was quantized.
+    What is derived from the fields (the validation memo, the kernels' packed layouts) is cached
+    on the object and dropped when a field is assigned; an array edited *in place* after the
+    first matmul is not seen (assign a new array instead).
     """
 
     codes: Any
@@ -67,6 +88,12 @@ class QuantizedTensor:
     zeros: Optional[Any]
     shape: Tuple[int, int]
     format: QuantFormat
+
+    def __setattr__(self, name, value):
+        if name in FIELD_NAMES:
+            for k in [k for k in self.__dict__ if k not in FIELD_NAMES]:
+                del self.__dict__[k]
+        object.__setattr__(self, name, value)
 
     @property
     def bits(self) -> int:
@@ -132,15 +159,22 @@ class QuantizedTensor:
                 for a, (b, shp, dt) in zip((self.codes, self.scales, self.zeros), seen[2])):
             return
         self._validate_arrays()
+        self._trust()
+
+    def _trust(self) -> None:
+        """Remember the current arrays as validated. Also for callers that validated the very
+        same buffers before (torch_ops' packing cache) and must not keep the arrays alive."""
         self.__dict__[_VALID_ATTR] = (self.format, tuple(self.shape), tuple(
             (a, None if a is None else a.shape, None if a is None else a.dtype)
             for a in (self.codes, self.scales, self.zeros)))
 
     def _validate_arrays(self) -> None:
+        if not isinstance(self.format, QuantFormat):
+            raise TypeError(f"format must be a QuantFormat, got {type(self.format).__name__}")
+        if len(self.shape) != 2 or not all(_is_int(d) and d > 0 for d in self.shape):
+            raise ValueError(f"shape must be two positive ints [rows, K], got {self.shape!r}")
         rows, K = self.shape
         f = self.format
-        if f.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, got {f.bits}")
         want_codes = (rows, K if f.bits == 8 else (K + 1) // 2)
         code_dtype = "int8" if (f.bits == 8 and f.symmetric and not f.codebook) else "uint8"
         groups = (1, 1) if f.group_size == "tensor" else (rows, f.num_groups(K))
@@ -163,7 +197,33 @@ class QuantizedTensor:
             devices.add(_interop.device_of(a))
         if len(devices) > 1:
             raise ValueError("codes, scales and zeros must be on one device")
+        if devices == {("cpu", -1)}:
+            self._validate_values()
+
+    def _validate_values(self) -> None:
+        """What the arrays hold (CPU arrays; a CUDA check would synchronize): finite scales, zero
+        points and sub-4-bit codes inside the format's range. Negative scales are allowed (ggml's
+        Q4_0 quantizer makes some)."""
+        f = self.format
+        if not np.isfinite(_interop.to_numpy(self.scales)).all():
+            raise ValueError("scales must be finite (found NaN or Inf)")
+        top = (1 << f.bits) - 1
+        if self.zeros is not None and f.bits < 8 and int(_interop.to_numpy(self.zeros).max()) > top:
+            raise ValueError(f"zeros must be in [0, {top}] for {f.bits}-bit codes")
+        if f.bits < 4:
+            c = _interop.to_numpy(self.codes)
+            nibbles = np.stack([c & 15, c >> 4], axis=-1).reshape(c.shape[0], -1)[:, :self.shape[1]]
+            if f.symmetric:   # two's complement in 4 bits: [-2^(b-1), 2^(b-1) - 1]
+                half = 1 << (f.bits - 1)
+                bad = (nibbles >= half) & (nibbles < 16 - half)
+            else:
+                bad = nibbles > top
+            if bad.any():
+                raise ValueError(f"codes hold values outside the {f.bits}-bit {f.scheme} range")
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={self.shape}, format={self.format.name}, "
                 f"device={self.device}, nbytes={self.nbytes})")
+
+
+FIELD_NAMES = frozenset(f.name for f in fields(QuantizedTensor))

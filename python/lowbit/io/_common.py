@@ -31,6 +31,23 @@ def require(a: np.ndarray, name: str, dtypes, ndim: int) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
 
 
+def exact_int(v: Any, what: str, lo: int = 0) -> int:
+    """v (a number read from a file's metadata or config) as an int >= lo. Only integers pass:
+    int() would truncate 16.7 to 16, overflow on 1e400 (JSON's inf), and take True for 1."""
+    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < lo:
+        raise ValueError(f"{what} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def require_nonempty(where: str, **arrays: np.ndarray) -> None:
+    """An imported weight needs at least one input channel, output channel and group: with none,
+    the group arithmetic divides by zero or reduces an empty array."""
+    for name, a in arrays.items():
+        if a.size == 0:
+            raise ValueError(f"{where}: {name} is empty (shape {a.shape}); an imported weight needs at "
+                             f"least one input channel, output channel and group")
+
+
 def unsigned_codes(qt: QuantizedTensor) -> np.ndarray:
     """The codes of a uniform-grid QuantizedTensor as an int32 [rows, K] matrix in
     [0, 2^bits - 1]: symmetric codes are offset by 2^(bits-1), so w = (q - 2^(bits-1)) * scale."""

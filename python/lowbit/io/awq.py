@@ -32,6 +32,7 @@ def from_awq(qweight: Any, qzeros: Any, scales: Any, *, symmetric: Optional[bool
         C.require(sc, "scales", ("float16", "float32", "bfloat16"), 2)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from None
+    C.require_nonempty(where, qweight=qw, scales=sc)
     K, N = qw.shape[0], qw.shape[1] * 8
     G = sc.shape[0]
     if sc.shape[1] != N:

@@ -69,6 +69,7 @@ def from_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any = None, *, bits
         C.require(sc, "scales", ("float16", "float32", "bfloat16"), 2)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from None
+    C.require_nonempty(where, qweight=qw, scales=sc)
     f = 32 // bits
     K, N = qw.shape[0] * f, qw.shape[1]
     G = sc.shape[0]
@@ -161,7 +162,7 @@ def load_gptq(path: str, *, bits: Optional[int] = None, checkpoint_format: str =
 
     cfg = dict(quantize_config or {})
     tensors, meta = read_raw(path)
-    bits = int(bits or cfg.get("bits", 4))
+    bits = C.exact_int(bits or cfg.get("bits", 4), "GPTQ bits", 1)
     hint = checkpoint_format
     if hint == "auto":
         hint = cfg.get("checkpoint_format") or meta.get("checkpoint_format") or "auto"

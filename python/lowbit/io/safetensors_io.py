@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import numpy as np
 
 from .. import _interop
 from ..tensor import SCHEMES, QuantFormat, QuantizedTensor
+from . import _common as C
 
 SCHEMA_VERSION = 2   # 2 added alias entries; files without aliases are still written as 1
 LAYOUT = "lowbit-rows-v1"  # QuantizedTensor's own arrays: codes [rows, K or ceil(K/2)], scales/zeros [rows, G]
@@ -57,16 +59,24 @@ def read_header(path: str) -> Tuple[Dict[str, dict], Dict[str, str], int]:
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path}: corrupted safetensors header ({e})") from None
     meta = header.pop("__metadata__", None) or {}
+    # safetensors defines __metadata__ as {string: string}; the readers below rely on that
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: corrupted safetensors header (__metadata__ is a JSON "
+                         f"{type(meta).__name__}, not an object of strings)")
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise ValueError(f"{path}: corrupted safetensors header (__metadata__ {k!r} is a JSON "
+                             f"{type(v).__name__}, not a string)")
     start = 8 + n
     for name, info in header.items():
         try:
             dt = np.dtype(_ST_DTYPES[info["dtype"]])
-            shape = [int(s) for s in info["shape"]]
-            b, e = (int(v) for v in info["data_offsets"])
+            shape = [C.exact_int(s, "shape") for s in info["shape"]]
+            b, e = (C.exact_int(v, "data_offsets") for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: tensor {name!r}: unsupported dtype or malformed entry {info!r}") from None
-        want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        if e - b != want or b < 0 or min(shape, default=0) < 0:
+        want = math.prod(shape) * dt.itemsize  # Python ints: a huge shape cannot wrap to 0
+        if e - b != want:
             raise ValueError(f"{path}: tensor {name!r}: {info['dtype']}{shape} needs {want} bytes but its "
                              f"byte range [{b}, {e}) holds {e - b}")
         if start + e > size:
@@ -261,12 +271,15 @@ def load(path: str, framework: Optional[str] = None) -> Dict[str, Any]:
         entries = json.loads(meta["lowbit.entries"])
     except ValueError as e:
         raise ValueError(f"{path}: corrupted lowbit.entries metadata ({e})") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: corrupted lowbit.entries metadata (a JSON {type(entries).__name__}, "
+                         f"not an object of name -> entry)")
     out: Dict[str, Any] = {}
     with open(path, "rb") as f:
         for name, ent in entries.items():
             if isinstance(ent, dict) and ent.get("kind") == "alias":
                 of = ent.get("of")
-                if of not in out or isinstance(out[of], QuantizedTensor):
+                if not isinstance(of, str) or of not in out or isinstance(out[of], QuantizedTensor):
                     raise ValueError(f"{path}: tensor {name!r}: alias of {of!r}, which is not an earlier "
                                      f"dense entry")
                 out[name] = out[of]
@@ -281,6 +294,9 @@ def _load_entry(f, path, header, start, name, ent, framework):
         raise ValueError(f"{where}: malformed entry {ent!r}")
     kind = ent.get("kind")
     keys = ent.get("tensors") or {}
+    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+        raise ValueError(f"{where}: malformed entry: its tensors must be an object of part -> stored "
+                         f"tensor name, got {keys!r}")
     arrays = {}
     for part, key in keys.items():
         if key not in header:
@@ -290,20 +306,27 @@ def _load_entry(f, path, header, start, name, ent, framework):
     if kind == "dense":
         if "data" not in arrays:
             raise ValueError(f"{where}: dense entry without data")
-        return _to_framework(arrays["data"], ent.get("dtype", ""), fw)
+        dtype, stored = ent.get("dtype"), header[keys["data"]]["dtype"]
+        # save() writes bfloat16 as its uint16 bits (numpy has no bfloat16); any other mismatch
+        # would reinterpret the bytes as another type
+        have = "bfloat16" if stored == "BF16" else arrays["data"].dtype.name
+        if dtype != have and not (dtype == "bfloat16" and have == "uint16"):
+            raise ValueError(f"{where}: its metadata says dtype {dtype!r} but the file stores it as "
+                             f"{stored} ({have})")
+        return _to_framework(arrays["data"], dtype, fw)
     if kind != "quantized":
         raise ValueError(f"{where}: unknown entry kind {kind!r} (this lowbit knows 'quantized', 'dense', 'alias')")
     if ent.get("layout") != LAYOUT:
         raise ValueError(f"{where}: unknown layout {ent.get('layout')!r} (this lowbit reads {LAYOUT!r})")
     scheme = ent.get("scheme")
-    if scheme not in SCHEMES:
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
         raise ValueError(f"{where}: unknown format scheme {scheme!r} (known: {sorted(SCHEMES)})")
     try:
         g = ent.get("group_size")
-        fmt = QuantFormat(bits=int(ent["bits"]), symmetric=scheme != "asymmetric",
-                          group_size=g if g in (None, "tensor") else int(g),
+        fmt = QuantFormat(bits=C.exact_int(ent["bits"], "bits", 1), symmetric=scheme != "asymmetric",
+                          group_size=g if g in (None, "tensor") else C.exact_int(g, "group_size", 1),
                           codebook="nf4" if scheme == "nf4" else None)
-        rows, K = (int(v) for v in ent["shape"])
+        rows, K = (C.exact_int(v, "shape") for v in ent["shape"])
         for p in ("codes", "scales"):
             if p not in arrays:
                 raise ValueError(f"its {p} are missing")
