@@ -509,6 +509,12 @@ def test_torch_op_arguments():
     x = torch.randn(1, 32)
     with pytest.raises(ValueError, match=r"scheme must be one of"):
         torch.ops.lowbit.matmul(x, qt.codes, qt.scales, None, None, 8, 7, -1, 0)
+    # a call that failed validation leaves nothing in the packing cache to trust next time
+    bad = qt.scales.clone()
+    bad[3, 0] = float("nan")
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"scales must be finite"):
+            torch.ops.lowbit.matmul(x, qt.codes, bad, None, None, 8, 1, -1, 0)
     # the packing cache must tell a transposed view of the codes from the codes
     y = torch.ops.lowbit.matmul(x, qt.codes, qt.scales, None, None, 8, 1, -1, 0)
     torch.testing.assert_close(y, x @ lowbit.dequantize(qt).T, rtol=1e-4, atol=1e-4)

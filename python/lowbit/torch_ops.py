@@ -79,21 +79,21 @@ def _qt_from_buffers(codes, scales, zeros, bits, scheme, group_size, K) -> Tuple
         qt._trust()     # the same buffers passed validate() on the call that made this entry
         return qt, key
     STATS["misses"] += 1
-    # drop entries whose buffers are gone (their data pointers may be reused by new tensors)
-    for k in [k for k, (refs, _) in _PACK_CACHE.items() if any(r is not None and r.expired() for r in refs)]:
-        del _PACK_CACHE[k]
-    refs = tuple(None if t is None else StorageWeakRef(t.untyped_storage()) for t in (codes, scales, zeros))
-    _PACK_CACHE[key] = (refs, {})
     return qt, key
 
 
 def _remember(qt: QuantizedTensor, key: tuple) -> None:
-    """After a call, store what the kernels cached on qt (packed layouts) for the next call."""
+    """After a successful call (qt validated), store what the kernels cached on qt (packed layouts)
+    for the next call on the same buffers. Not the validation memo: it refers to the buffers,
+    which the cache must not keep alive."""
     entry = _PACK_CACHE.get(key)
-    # only the packed copies: the validation memo refers to the buffers, which the cache must not
-    # keep alive
-    if entry is not None:
-        entry[1].update({k: v for k, v in qt.__dict__.items() if k not in FIELD_NAMES and k != _VALID_ATTR})
+    if entry is None:
+        # drop entries whose buffers are gone (their data pointers may be reused by new tensors)
+        for k in [k for k, (refs, _) in _PACK_CACHE.items() if any(r is not None and r.expired() for r in refs)]:
+            del _PACK_CACHE[k]
+        refs = tuple(None if t is None else StorageWeakRef(t.untyped_storage()) for t in (qt.codes, qt.scales, qt.zeros))
+        entry = _PACK_CACHE[key] = (refs, {})
+    entry[1].update({k: v for k, v in qt.__dict__.items() if k not in FIELD_NAMES and k != _VALID_ATTR})
 
 
 def clear_cache() -> None:

@@ -62,6 +62,23 @@ def _lowbit(name: str, qt: QuantizedTensor, act_bits, bf16_x: bool = False, act_
                   ours=True, reference=qt, **extra)
 
 
+def _quant_linear(name: str, qt: QuantizedTensor, act_bits) -> Method:
+    """The drop-in path a framework takes: lowbit.nn.QuantLinear called on torch tensors (its
+    per-call Python work included, as torch's own F.linear rows include theirs). Listed like a
+    peer: its ratio to the kernel rows (numpy in, numpy out) is what the torch module costs."""
+    import torch
+    from ..nn import QuantLinear
+
+    def make_weight():
+        m = QuantLinear.from_quantized(_copy(qt), act_bits=act_bits)
+        m(torch.zeros(1, qt.shape[1]))  # prepacks, untimed
+        return m
+
+    return Method(name, weight_bytes=int(ops._packed_weight(qt).nbytes), compute="int8" if act_bits == 8 else "fp32",
+                  make_weight=make_weight, run=lambda x, m: m(x), prepare_x=torch.from_numpy,
+                  to_numpy=lambda y: y.numpy(), reference=qt)
+
+
 def methods(case: Case) -> List[Method]:
     """Weight bytes are the prepacked buffer the kernel streams (codes, scales, zeros, column sums)."""
     g = case.group(128)
@@ -72,4 +89,5 @@ def methods(case: Case) -> List[Method]:
            _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8)]
     if importlib.util.find_spec("torch") is not None:  # bf16 activations come as torch tensors
         out.insert(2, _lowbit(f"lowbit w4a16 int4 g{g} (bf16 x)", case.int4_g128, None, bf16_x=True))
+        out.insert(1, _quant_linear(f"lowbit QuantLinear w4a8 int4 g{g} (torch module)", case.int4_g128, 8))
     return out
