@@ -152,7 +152,7 @@ def test_config_validation():
             A.AWQConfig(duo_scaling=bad)
     for cls in (A.GPTQConfig, A.AWQConfig, A.SmoothQuantConfig):
         for bad in (0, -1.0, True, "2"):
-            with pytest.raises(ValueError, match="lockstep_max_gib"):
+            with pytest.raises((ValueError, TypeError), match="lockstep_max_gib"):
                 cls(lockstep_max_gib=bad)
     with pytest.raises(ValueError, match="act_bits must be 8 or None"):
         A.QATConfig(act_bits=4)
@@ -160,6 +160,75 @@ def test_config_validation():
         A.quantize_model(Tiny(), A.GPTQConfig())
     with pytest.raises(TypeError, match="config must be"):
         A.quantize_model(Tiny(), "gptq")
+    # field types: a string for a bool would count as True; 8.0 act_bits or a float grid size
+    # would fail later, inside the kernels or torch
+    for make, msg in [(lambda: A.GPTQConfig(act_order="no"), "GPTQConfig.act_order must be True or False"),
+                      (lambda: A.AWQConfig(fold="no"), "AWQConfig.fold must be True or False"),
+                      (lambda: A.SmoothQuantConfig(act_bits=8.0), "act_bits must be an int or None"),
+                      (lambda: A.QATConfig(act_bits=8.0), "act_bits must be an int or None"),
+                      (lambda: A.AWQConfig(n_grid=2.5), "AWQConfig.n_grid must be an int"),
+                      (lambda: A.GPTQConfig(percdamp=float("nan")), "percdamp must be a finite number"),
+                      (lambda: A.KVCacheConfig(residual_length=1.5), "residual_length must be an int")]:
+        with pytest.raises(TypeError, match=msg):
+            make()
+    for make in (lambda: A.AWQConfig(max_tokens=0), lambda: A.GPTQConfig(awq_scales=True, awq_max_tokens=0)):
+        with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+            make()
+    mixed = A.MixedPrecisionConfig(default=A.RTNConfig(group_size=32))
+    with pytest.raises(ValueError, match="apply must be"):
+        A.quantize_model(Tiny(), mixed, apply="bogus")
+
+
+def test_calibration_rejects_nan_inputs(model):
+    bad = [torch.full((1, T), 3)]
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.layers[0].norm2.weight[5] = float("nan")      # the MLP's input goes NaN
+    for cfg in (A.GPTQConfig(group_size=32), A.AWQConfig(group_size=32), A.SmoothQuantConfig()):
+        with pytest.raises(ValueError, match=r"calibration input of layers\.0\.up contains NaN or Inf"):
+            A.quantize_model(copy.deepcopy(m), cfg, bad)
+
+
+class SharedBlock(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.n = nn.LayerNorm(H)
+        self.a = lin
+
+    def forward(self, x):
+        return x + self.a(self.n(x))
+
+
+class SharedModel(nn.Module):
+    """ALBERT-style: one Linear runs in both blocks, after a different norm in each."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        lin = nn.Linear(H, H)
+        self.layers = nn.ModuleList([SharedBlock(lin), SharedBlock(lin)])
+        with torch.no_grad():
+            for blk in self.layers:
+                blk.n.weight.copy_(1 + torch.rand(H, generator=g) * 4)
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = blk(x)
+        return x
+
+
+@pytest.mark.parametrize("cfg", [A.SmoothQuantConfig(), A.AWQConfig(group_size=32)], ids=["smoothquant", "awq"])
+def test_no_fold_into_a_norm_when_the_linear_is_shared(cfg):
+    # folding 1/s into block 0's norm would leave block 1's input to the same Linear undivided
+    torch.manual_seed(0)
+    m = SharedModel().eval()
+    x = [torch.randn(4, 8, H) * 3 for _ in range(2)]
+    with torch.no_grad():
+        ref = m(x[0])
+        res = A.quantize_model(m, cfg, x)
+        err = float((m(x[0]) - ref).norm() / ref.norm())
+    assert not any(r.scale_folded for r in res.values())
+    assert err < 0.05, err
 
 
 # ------------------------------------------------------------------ observers

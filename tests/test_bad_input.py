@@ -522,3 +522,41 @@ def test_torch_op_arguments():
     yt = torch.ops.lowbit.matmul(x, ct, qt.scales, None, None, 8, 1, -1, 0)
     ref = x @ (ct.float() * qt.scales).T
     torch.testing.assert_close(yt, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_quantlinear_arguments():
+    torch = pytest.importorskip("torch")
+    from lowbit.nn import QuantLinear
+    for bad in (32.7, -32, 0, True):
+        with pytest.raises(ValueError, match=r"in_features must be a positive int"):
+            QuantLinear(bad, 8)
+    with pytest.raises(ValueError, match=r"act_bits must be None or 8, got 8.0"):
+        QuantLinear(64, 8, act_bits=8.0)
+    qt = lowbit.quantize(torch.randn(8, 64), bits=4, group_size=32)
+    with pytest.raises(TypeError, match=r"perm must hold integer column indices"):
+        QuantLinear.from_quantized(qt, perm=torch.arange(64).float() + 0.5)
+    for s in (torch.zeros(64), torch.full((64,), float("nan"))):
+        with pytest.raises(ValueError, match=r"input_scale must be finite and non-zero"):
+            QuantLinear.from_quantized(qt, input_scale=s)
+
+
+def test_qat_prepared_twice_with_another_config():
+    torch = pytest.importorskip("torch")
+    import lowbit.algorithms as A
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    A.prepare_qat(m, A.QATConfig(bits=4, group_size=32, skip=()))
+    A.prepare_qat(m, A.QATConfig(bits=4, group_size=32, skip=()))     # the same config: no change
+    with pytest.raises(ValueError, match=r"already prepared for QAT with another config"):
+        A.prepare_qat(m, A.QATConfig(bits=2, group_size=16, skip=()))
+
+
+def test_load_quantized_model_into_a_skeleton_that_does_not_match(tmp_path):
+    torch = pytest.importorskip("torch")
+    from lowbit.nn import QuantLinear, load_quantized_model, save_quantized_model
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    m[0] = QuantLinear.from_linear(m[0], bits=4, group_size=32)
+    f = save_quantized_model(m, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"the model has no module '0'"):
+        load_quantized_model(f, torch.nn.Module())
+    with pytest.raises(ValueError, match=r"0 is Linear with \(out, in\) features \(32, 96\) in the model but \(32, 64\)"):
+        load_quantized_model(f, torch.nn.Sequential(torch.nn.Linear(96, 32), torch.nn.Linear(32, 8)))

@@ -153,6 +153,63 @@ def test_cli_quantize_eval_inspect_bench(tiny, tmp_path, capsys):
     assert "--calib" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [
+    ["quantize", "{m}", "{o}", "--seq-len", "0"], ["quantize", "{m}", "{o}", "--seq-len", "-4"],
+    ["quantize", "{m}", "{o}", "--n-samples", "0"], ["quantize", "{m}", "{o}", "--n-samples", "-1"],
+    ["quantize", "{m}", "{o}", "--group-size", "-16"], ["quantize", "{m}", "{o}", "--group-size", "x"],
+    ["eval", "{m}", "--text", "{t}", "--seq-len", "0"], ["eval", "{m}", "--text", "{t}", "--seq-len", "1"],
+    ["eval", "{m}", "--text", "{t}", "--max-windows", "0"], ["eval", "{m}", "--text", "{t}", "--max-windows", "-1"],
+])
+def test_cli_rejects_bad_counts_naming_the_option(tiny, tmp_path, capsys, args):
+    """Counts below their minimum are usage errors, not a range() error, a misleading "too short" or
+    a silently dropped window (x[:-1])."""
+    from lowbit import cli
+
+    args = [a.format(m=tiny / "model", o=tmp_path / "q", t=tiny / "eval.txt") for a in args]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    assert f"argument {args[-2]}:" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_group_size_zero_is_one_group_per_row(tiny, tmp_path, capsys):
+    from lowbit import cli
+
+    assert cli.main(["quantize", str(tiny / "model"), str(tmp_path / "q"), "--group-size", "0"]) == 0
+    assert cli.main(["inspect", str(tmp_path / "q" / "model.lowbit.safetensors")]) == 0
+    assert "lowbit int4-asym-per_row" in capsys.readouterr().out
+
+
+def test_cli_refuses_out_equal_to_model_dir(tiny, capsys):
+    """Writing into MODEL_DIR would put model.lowbit.safetensors beside the float weights, and a
+    later `lowbit eval MODEL_DIR` would silently score the quantized model."""
+    from lowbit import cli
+
+    model = str(tiny / "model")
+    for out in (model, model + os.sep, os.path.join(model, os.pardir, "model")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["quantize", model, out])
+        assert e.value.code == 2 and "OUT must not be MODEL_DIR" in capsys.readouterr().err
+    assert not (tiny / "model" / "model.lowbit.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_cli_missing_model_folder_fails_at_once(tmp_path, capsys, command):
+    """Not a hub lookup: the offline retries took ~20 s and ended in an internet-connection error."""
+    import time
+
+    from lowbit import cli
+
+    missing = str(tmp_path / "nope")
+    args = ["quantize", missing, str(tmp_path / "q")] if command == "quantize" else ["eval", missing, "--text", missing]
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2 and f"no such model folder: {missing}" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 5
+
+
 def test_perplexity_matches_manual_computation(tiny):
     from transformers import AutoModelForCausalLM
 
@@ -168,6 +225,9 @@ def test_perplexity_matches_manual_computation(tiny):
             t = torch.tensor([ids[s:s + 40]])
             nll += float(model(t, labels=t).loss) * (t.shape[1] - 1)
     assert abs(ppl - float(torch.exp(torch.tensor(nll / n)))) < 1e-3 * ppl
+    for bad in (dict(seq_len=1), dict(seq_len=40, max_windows=0), dict(seq_len=40, max_windows=-1)):
+        with pytest.raises(ValueError, match="seq_len >= 2 and max_windows >= 1"):
+            perplexity(model, ids, **bad)
 
 
 def test_gptq_time_floor_counts_the_calibration_work(tiny):

@@ -93,3 +93,70 @@ def test_add_lora_wraps_quantlinears_and_freezes_the_rest():
     add_lora(m, r=2)
     assert isinstance(m[0], LoRALinear)
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B"}
+
+
+def _blocks():
+    """Two blocks named like a transformer's: layers.{0,1}.{o,down} QuantLinears beside a float Linear."""
+    block = lambda: nn.ModuleDict(dict(o=_base(), down=_base(), gate=nn.Linear(64, 64)))  # noqa: E731
+    return nn.ModuleDict(dict(layers=nn.ModuleList([block(), block()])))
+
+
+def _adapted(m):
+    return sorted(n for n, x in m.named_modules() if isinstance(x, LoRALinear))
+
+
+def test_add_lora_string_target_is_one_pattern():
+    m = _blocks()
+    add_lora(m, r=2, target="down")           # not the characters 'd', 'o', 'w', 'n'
+    assert _adapted(m) == ["layers.0.down", "layers.1.down"]
+    with pytest.raises(TypeError, match="target"):
+        add_lora(_blocks(), target=["down", 3])
+
+
+@pytest.mark.parametrize("make, target", [(_blocks, ["nonexistent"]), (_blocks, []),
+                                          (lambda: nn.Sequential(nn.Linear(4, 4)), None)],
+                         ids=["no-name-match", "empty-target", "no-quantlinear"])
+def test_add_lora_matching_nothing_raises_and_freezes_nothing(make, target):
+    model = make()
+    before = [n for n, p in model.named_parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="no .*QuantLinear"):
+        add_lora(model, r=2, target=target)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == before and before
+    assert _adapted(model) == []
+
+
+def test_add_lora_again_keeps_adapters_and_does_not_nest():
+    m = _blocks()
+    add_lora(m, r=2, target=["o"])
+    first = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    add_lora(m, r=2)                          # wraps the rest, leaves the o adapters as they are
+    assert _adapted(m) == ["layers.0.down", "layers.0.o", "layers.1.down", "layers.1.o"]
+    trainable = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert all(trainable.get(n) is p for n, p in first.items())
+    assert len(trainable) == 8 and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
+    add_lora(m, r=2, target="o")              # already wrapped: a no-op, not an error
+    assert _adapted(m) == ["layers.0.down", "layers.0.o", "layers.1.down", "layers.1.o"]
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == set(trainable)
+
+
+def test_merge_keeps_act_bits_and_block_granularity():
+    torch.manual_seed(3)
+    base = QuantLinear.from_linear(nn.Linear(64, 32), bits=4, group_size=32, act_bits=8, act_granularity="block")
+    lora = LoRALinear(base, r=2, alpha=2)
+    merged, report = lora.merge()
+    assert (merged.format, merged.act_bits, merged.act_granularity) == (base.format, 8, "block")
+    x = torch.randn(5, 64)                    # B = 0: the same layer up to re-quantization rounding
+    assert torch.allclose(merged(x), base(x), atol=report["max_abs"] * 64 * 4 + 1e-4)
+
+
+@pytest.mark.parametrize("alpha, err", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                        (-float("inf"), ValueError), ("16", TypeError), (True, TypeError)])
+def test_lora_rejects_bad_alpha(alpha, err):
+    with pytest.raises(err, match="alpha"):
+        LoRALinear(_base(), r=2, alpha=alpha)
+
+
+@pytest.mark.parametrize("kw", [dict(r=0), dict(r=2.0), dict(dropout=float("nan")), dict(dropout=1.0)])
+def test_lora_rejects_bad_r_and_dropout(kw):
+    with pytest.raises(ValueError, match="r must|dropout"):
+        LoRALinear(_base(), **kw)

@@ -349,6 +349,163 @@ def test_kv_bad_input():
         A.QuantizedKVStore().append(0, torch.zeros(2, 64), torch.zeros(2, 64))
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(bits=5), ValueError, "bits must be one of"),
+    (dict(bits=1), ValueError, "bits must be one of"),
+    (dict(granularity="group", group_size=24), ValueError, "multiple of 16"),
+    (dict(granularity="group", group_size=0), ValueError, "multiple of 16"),
+    (dict(residual_length=-1), ValueError, "residual_length must be an int >= 0"),
+    (dict(granularity="channel"), ValueError, "set residual_length"),
+])
+def test_kv_config_rejects_out_of_range(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        A.KVCacheConfig(**kwargs)
+
+
+def test_kv_config_accepts_3_bits():
+    x = kv((1, 2, 5, 64))
+    q = A.kv_quantize(x, A.KVCacheConfig(bits=3))
+    assert bool(((q.dequantize() - x).abs() <= q.element_scales() * 0.5 * (1 + 1e-5) + 1e-7).all())
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((None,), TypeError, "config must be a KVCacheConfig, got NoneType"),
+    ((A.KVCacheConfig(), "bogus"), ValueError, "granularity must be one of"),
+    ((A.KVCacheConfig(), "channel"), ValueError, "needs a KVCacheConfig with residual_length >= 1"),
+    ((A.KVCacheConfig(), "group"), ValueError, "needs a KVCacheConfig with group_size"),
+    ((A.KVCacheConfig(granularity="group", group_size=128),), ValueError, "does not divide head_dim=64"),
+])
+def test_kv_quantize_rejects_bad_arguments(args, exc, match):
+    with pytest.raises(exc, match=match):
+        A.kv_quantize(kv((1, 2, 8, 64)), *args)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16, got torch.float64"):
+        A.kv_quantize(kv((1, 2, 8, 64)).double(), A.KVCacheConfig())
+
+
+def kv_state(layer):
+    """What a KVLayerCache holds (copied), for before/after comparisons."""
+    meta = [layer.spec, layer.seq_length(), layer.memory_bytes(), layer.float_bytes()]
+    tensors = []
+    for s in (layer.keys, layer.values):
+        meta.append([b.shape for b in s.blocks])
+        tensors += [t.clone() for b in s.blocks for t in (b.qt.codes, b.qt.scales, b.qt.zeros) if t is not None]
+        tensors.append(torch.empty(0) if s.residual is None else s.residual.clone())
+    return meta, tensors
+
+
+def assert_same_state(a, b):
+    assert a[0] == b[0]
+    assert len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def nan_values():
+    v = kv((1, 2, 8, 64), 9)
+    v[0, 1, 0, 3] = float("nan")   # 8 tokens: some leave the float window and hit quantize
+    return kv((1, 2, 8, 64), 8), v
+
+
+KV_LAYER_CONFIGS = {
+    "token": dict(granularity="token"),
+    "token-residual": dict(granularity="token", residual_length=3),
+    "group": dict(granularity="group", group_size=32),
+    "head": dict(granularity="head"),
+    "head-residual": dict(granularity="head", residual_length=3),
+    "channel-keys": dict(granularity="token", key_granularity="channel", residual_length=4),
+}
+BAD_APPENDS = {   # (key_states, value_states) after a [1, 2, 5, 64] float32 prefill
+    "batch": (lambda: (kv((2, 2, 1, 64)),) * 2, ValueError, r"\(2, 2, 1, 64\).*\(1, 2, 5, 64\)"),
+    "batch-heads-swapped": (lambda: (kv((2, 1, 1, 64)),) * 2, ValueError, r"\(2, 1, 1, 64\).*\(1, 2, 5, 64\)"),
+    "heads": (lambda: (kv((1, 3, 1, 64)),) * 2, ValueError, "only seq may differ"),
+    "head_dim": (lambda: (kv((1, 2, 1, 32)),) * 2, ValueError, "only seq may differ"),
+    "value-head_dim": (lambda: (kv((1, 2, 1, 64)), kv((1, 2, 1, 32))), ValueError,
+                       r"value_states \(1, 2, 1, 32\).*values \(1, 2, 5, 64\)"),
+    "kv-seq": (lambda: (kv((1, 2, 2, 64)), kv((1, 2, 1, 64))), ValueError, "must agree on"),
+    "kv-dtype": (lambda: (kv((1, 2, 1, 64)), kv((1, 2, 1, 64)).half()), ValueError, "must agree on"),
+    "dtype-change": (lambda: (kv((1, 2, 1, 64)).half(),) * 2, ValueError, "float16.*float32"),
+    "float64": (lambda: (kv((1, 2, 1, 64)).double(),) * 2, TypeError, "float32, float16 or bfloat16"),
+    "not-tensor": (lambda: ([[0.0]], [[0.0]]), TypeError, "must be a torch tensor"),
+    "3-D": (lambda: (torch.zeros(2, 1, 64),) * 2, ValueError, "4-D tensor"),
+    "empty-head_dim": (lambda: (torch.zeros(1, 2, 1, 0),) * 2, ValueError, "empty batch, heads or head_dim"),
+    "nan-values": (nan_values, ValueError, "NaN"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_APPENDS))
+@pytest.mark.parametrize("cfg", list(KV_LAYER_CONFIGS))
+def test_kv_failed_append_leaves_cache_unchanged(cfg, bad):
+    config = A.KVCacheConfig(bits=4, **KV_LAYER_CONFIGS[cfg])
+    make, exc, match = BAD_APPENDS[bad]
+    k, v = kv((1, 2, 6, 64), 1), kv((1, 2, 6, 64), 2)
+    store, ref = A.QuantizedKVStore(config), A.KVLayerCache(config)
+    for layer in (store, ref):
+        layer.append(*((0,) if layer is store else ()), k[:, :, :5], v[:, :, :5])
+    before = kv_state(store.layers[0])
+    with pytest.raises(exc, match=match):
+        store.append(0, *make())
+    assert_same_state(kv_state(store.layers[0]), before)
+    # still usable: the next valid step gives exactly what an undisturbed cache gives
+    got, want = store.append(0, k[:, :, 5:], v[:, :, 5:]), ref.append(k[:, :, 5:], v[:, :, 5:])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert store.seq_length() == 6 and store.layers[0].batch == 1 and store.layers[0].heads == 2
+
+
+def test_kv_failed_append_adds_no_layers():
+    store = A.QuantizedKVStore(A.KVCacheConfig())
+    with pytest.raises(ValueError, match="must agree on"):
+        store.append(2, kv((1, 2, 3, 64)), kv((1, 2, 4, 64)))
+    assert store.layers == [] and store.memory_bytes() == 0
+    with pytest.raises(TypeError, match="config must be a KVCacheConfig"):
+        A.QuantizedKVStore("int8")
+
+
+@pytest.mark.parametrize("residual", [0, 3])
+def test_kv_zero_token_append_is_a_no_op(residual):
+    layer = A.KVLayerCache(A.KVCacheConfig(residual_length=residual))
+    e = torch.zeros(1, 2, 0, 64)
+    k_all, v_all = layer.append(e, e)                  # empty layer: returns the (empty) inputs
+    assert k_all.shape == v_all.shape == (1, 2, 0, 64)
+    assert layer.seq_length() == 0 and layer.spec is None and layer.float_bytes() == 0
+    k, v = kv((3, 4, 5, 64)), kv((3, 4, 5, 64), 1)    # the empty append fixed no shape
+    k_all, _ = layer.append(k, v)
+    before = kv_state(layer)
+    k0, _ = layer.append(torch.zeros(3, 4, 0, 64), torch.zeros(3, 4, 0, 64))
+    assert torch.equal(k0, k_all)
+    assert_same_state(kv_state(layer), before)
+    with pytest.raises(ValueError, match="only seq may differ"):   # still checked against the layer
+        layer.append(e, e)
+
+
+@pytest.mark.parametrize("idx", [[1, 0, 1], (1, 0, 1), torch.tensor([1, 0, 1]), torch.tensor([1, 0, 1], dtype=torch.int32)])
+def test_kv_select_batch_accepts_index_sequences(idx):
+    k, v = kv((2, 2, 5, 64)), kv((2, 2, 5, 64), 1)
+    config = A.KVCacheConfig(residual_length=2)
+    layer, ref = A.KVLayerCache(config), A.KVLayerCache(config)
+    layer.append(k, v)
+    layer.select_batch(idx)
+    assert layer.batch == 3
+    ref.append(k[[1, 0, 1]], v[[1, 0, 1]])     # per-token codes: selecting first changes nothing
+    step = kv((3, 2, 1, 64), 2), kv((3, 2, 1, 64), 3)
+    assert all(torch.equal(a, b) for a, b in zip(layer.append(*step), ref.append(*step)))
+
+
+@pytest.mark.parametrize("idx,exc,match", [
+    ([2], ValueError, r"in \[0, 2\) \(this layer's batch size\), got \[2\]"),
+    (torch.tensor([0, -1]), ValueError, r"in \[0, 2\)"),
+    ([], ValueError, "non-empty 1-D"),
+    ([[0, 1]], ValueError, "non-empty 1-D"),
+    (torch.tensor([1.0]), TypeError, "must be integers"),
+    (torch.tensor([True, False]), TypeError, "must be integers"),
+    ("01", TypeError, "1-D integer tensor, list or tuple"),
+])
+def test_kv_select_batch_bad_indices(idx, exc, match):
+    layer = A.KVLayerCache(A.KVCacheConfig(granularity="head", residual_length=2))
+    layer.append(kv((2, 2, 5, 64)), kv((2, 2, 5, 64), 1))
+    before = kv_state(layer)
+    with pytest.raises(exc, match=match):
+        layer.select_batch(idx)
+    assert_same_state(kv_state(layer), before)
+
+
 # ------------------------------------------------------------------ transformers integration
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional, Tuple
 
@@ -156,7 +157,7 @@ def quantize_cmd(args, out=None) -> int:
     steps = Progress(5, f"lowbit quantize ({args.method})")
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     steps.update("loaded")
-    g = None if args.group_size <= 0 else args.group_size
+    g = args.group_size or None  # 0 = one group per row
     common = dict(bits=args.bits, group_size=g, symmetric=args.symmetric, skip=tuple(args.skip))
     calib = None
     if args.method == "rtn":
@@ -197,6 +198,8 @@ def perplexity(model, ids, seq_len: int, max_windows: Optional[int] = None) -> T
 
     import torch
 
+    if seq_len < 2 or (max_windows is not None and max_windows < 1):  # [:-1] drops the last window
+        raise ValueError(f"need seq_len >= 2 and max_windows >= 1, got {seq_len} and {max_windows}")
     nll, count = 0.0, 0
     starts = list(range(0, max(len(ids) - 1, 0), seq_len))[: max_windows]
     with torch.no_grad():
@@ -233,28 +236,42 @@ def bench_cmd(rest: List[str]) -> int:
     return 0
 
 
+def _int_at_least(low: int):
+    """An argparse type: an int >= low. A bad count is a usage error naming the option, not a
+    range() error later or a silently shorter calibration / evaluation (x[:-1] drops an item)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="lowbit", description="lowbit command-line tools")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="list the tensors of a lowbit / GPTQ / AWQ safetensors or GGUF file")
     p.add_argument("file")
-    p = sub.add_parser("quantize", help="quantize a transformers causal LM folder into a lowbit model folder")
+    pq = p = sub.add_parser("quantize", help="quantize a transformers causal LM folder into a lowbit model folder")
     p.add_argument("model_dir")
     p.add_argument("out")
     p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    p.add_argument("--group-size", type=int, default=128, help="elements per group; 0 = one per row")
+    p.add_argument("--group-size", type=_int_at_least(0), default=128, help="elements per group; 0 = one per row")
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
     p.add_argument("--calib", help="calibration text file (gptq, awq)")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
-    p.add_argument("--n-samples", type=int, default=128, help="calibration windows at most")
+    p.add_argument("--seq-len", type=_int_at_least(1), default=512, help="calibration window length in tokens")
+    p.add_argument("--n-samples", type=_int_at_least(1), default=128, help="calibration windows at most")
     p.add_argument("--skip", nargs="*", default=["lm_head"], help="Linear name patterns left in float")
-    p = sub.add_parser("eval", help="perplexity of a lowbit or transformers model folder on a text file")
+    pe = p = sub.add_parser("eval", help="perplexity of a lowbit or transformers model folder on a text file")
     p.add_argument("model")
     p.add_argument("--text", required=True)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--seq-len", type=_int_at_least(2), default=512, help="window length; 2 or more (one scored token)")
+    p.add_argument("--max-windows", type=_int_at_least(1), default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("bench", help="the matmul benchmark; arguments go to python -m lowbit.bench",
                    add_help=False)
@@ -262,6 +279,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] == "bench":
         return bench_cmd(argv[1:])
     args = ap.parse_args(argv)
+    # a folder, not a hub id: a missing one fails here, not after ~20 s of hub retries
+    if args.command in ("quantize", "eval"):
+        parser, folder = (pq, args.model_dir) if args.command == "quantize" else (pe, args.model)
+        if not os.path.isdir(folder):
+            parser.error(f"no such model folder: {folder}")
+    if args.command == "quantize" and os.path.realpath(args.out) == os.path.realpath(args.model_dir):
+        # the lowbit file would land beside the float weights, and eval MODEL_DIR would load it
+        pq.error(f"OUT must not be MODEL_DIR ({args.out}); write the lowbit model to another folder")
     handlers = {"inspect": lambda: inspect(args.file), "quantize": lambda: quantize_cmd(args),
                 "eval": lambda: eval_cmd(args)}
     try:

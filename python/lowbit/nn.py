@@ -61,8 +61,13 @@ class QuantLinear(nn.Module):
                  input_scale: bool = False, device=None):
         super().__init__()
         fmt = ops._format(bits, group_size, symmetric, codebook)  # validates like lowbit.quantize
-        if act_bits not in (None, 8):
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, (int, np.integer))
+                                     or act_bits != 8):
             raise ValueError(f"act_bits must be None or 8, got {act_bits!r}")
+        act_bits = None if act_bits is None else 8
         if act_granularity not in ops.ACT_GRANULARITIES or (act_granularity == "block" and act_bits is None):
             raise ValueError(f"act_granularity must be one of {ops.ACT_GRANULARITIES} ('block' with act_bits=8), "
                              f"got {act_granularity!r} with act_bits={act_bits!r}")
@@ -103,7 +108,10 @@ class QuantLinear(nn.Module):
         m.scales = _as_torch(qt.scales, dev).contiguous()
         m.zeros = None if qt.zeros is None else _as_torch(qt.zeros, dev).contiguous()
         if perm is not None:
-            p = _as_torch(perm, dev).to(torch.int64).reshape(-1)
+            p = _as_torch(perm, dev)
+            if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                raise TypeError(f"perm must hold integer column indices, got {p.dtype}")
+            p = p.to(torch.int64).reshape(-1)
             if p.numel() != K or not torch.equal(torch.sort(p.cpu()).values, torch.arange(K)):
                 raise ValueError(f"perm must be a permutation of range({K})")
             m.perm = p
@@ -111,6 +119,8 @@ class QuantLinear(nn.Module):
             s = _as_torch(input_scale, dev).float().reshape(-1).contiguous()
             if s.numel() != K:
                 raise ValueError(f"input_scale must have {K} entries, got {s.numel()}")
+            if not (torch.isfinite(s).all() and (s != 0).all()):
+                raise ValueError("input_scale must be finite and non-zero (x is divided by it)")
             m.input_scale = s
         if bias is not None:
             m.bias = nn.Parameter(_as_torch(bias, dev).float().clone().reshape(N), requires_grad=False)
@@ -390,6 +400,15 @@ def load_quantized_model(path: str, model_or_config=None) -> nn.Module:
     quantized = {k[: -len(".weight")] if k != "weight" else "": v for k, v in sd.items()
                  if isinstance(v, QuantizedTensor)}
     for name, qt in quantized.items():
+        if name:    # the layer it replaces must be there, with the file's shape
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{file}: the model has no module {name!r} for this quantized weight") from None
+            have = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+            if have != tuple(qt.shape):
+                raise ValueError(f"{file}: {name} is {type(old).__name__} with (out, in) features {have} "
+                                 f"in the model but {tuple(qt.shape)} in the file")
         pre = f"{name}." if name else ""
         act = sd.pop(pre + "lowbit_act_bits", None)
         per_block = sd.pop(pre + "lowbit_act_per_block", None) is not None

@@ -21,11 +21,17 @@ def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable
     result in place. Returns {linear name: LayerResult}.
     apply: True or "simulated" (default; dequantized float weights, apply_simulated), "quantized"
     (swap the Linears for lowbit.nn.QuantLinear: real quantized kernels, apply_quantized), or
-    False (leave the model as it is).
+    False (return the results only). With False, RTN leaves the model as it is; GPTQ, AWQ and
+    SmoothQuant cannot: each block is calibrated on the outputs of the blocks quantized before it,
+    so they return with the model already in the simulated form (and AWQ/SmoothQuant scales
+    folded into its norms). Apply their results to this model, not to a copy of the original;
+    quantize a copy (copy.deepcopy(model)) to keep the float model.
     calibration_data: batches (tensors, arg tuples or kwarg dicts) for GPTQ/AWQ/SmoothQuant.
     A MixedPrecisionConfig routes each Linear to its rule's config (see algorithms.mixed).
     progress: a progress bar over the decoder blocks of GPTQ/AWQ/SmoothQuant calibration (tqdm
     when installed, else a line per block on stderr); None shows it when stderr is a terminal."""
+    if apply not in (True, False, "simulated", "quantized"):
+        raise ValueError(f"apply must be True/'simulated', 'quantized' or False, got {apply!r}")
     if isinstance(config, MixedPrecisionConfig):
         from .mixed import mixed_quantize
         if calibration_data is None and any(not isinstance(c, RTNConfig) for c in
@@ -40,8 +46,6 @@ def quantize_model(model: nn.Module, config, calibration_data: Optional[Iterable
         raise TypeError(f"config must be RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig or "
                         f"MixedPrecisionConfig, "
                         f"got {type(config).__name__}")
-    if apply not in (True, False, "simulated", "quantized"):
-        raise ValueError(f"apply must be True/'simulated', 'quantized' or False, got {apply!r}")
     if isinstance(config, _NEEDS_DATA) and calibration_data is None:
         raise ValueError(f"{type(config).__name__} needs calibration_data (a list of input batches)")
     if isinstance(config, RTNConfig):

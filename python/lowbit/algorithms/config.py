@@ -2,11 +2,35 @@
 bad value fails where it was written, with a message that says what would work."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Tuple, Union
 
 GroupSize = Union[int, None]
 _BITS = (2, 3, 4, 8)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# field annotation -> (test, what it needs): a string for a bool would count as True, 8.0 act_bits
+# would reach the kernels, a float n_grid would fail inside torch.linspace
+_FIELD_KINDS = {
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "int": (_is_int, "an int"),
+    "Optional[int]": (lambda v: v is None or _is_int(v), "an int or None"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              "a finite number"),
+}
+_FIELD_KINDS["Optional[float]"] = (lambda v: v is None or _FIELD_KINDS["float"][0](v), "a finite number or None")
+
+
+def _check_field_types(cfg) -> None:
+    for f in fields(cfg):
+        kind = _FIELD_KINDS.get(f.type)
+        if kind is not None and not kind[0](getattr(cfg, f.name)):
+            raise TypeError(f"{type(cfg).__name__}.{f.name} must be {kind[1]}, got {getattr(cfg, f.name)!r}")
 
 
 def _check_weight_format(name: str, bits, group_size, symmetric) -> None:
@@ -56,6 +80,7 @@ class RTNConfig:
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
+        _check_field_types(self)
         _check_weight_format("RTNConfig", self.bits, self.group_size, self.symmetric)
         self.skip = _check_skip("RTNConfig", self.skip)
 
@@ -103,14 +128,16 @@ class GPTQConfig:
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
+        _check_field_types(self)
         _check_lockstep_max_gib("GPTQConfig", self.lockstep_max_gib)
         _check_weight_format("GPTQConfig", self.bits, self.group_size, self.symmetric)
         if not (0.0 < self.percdamp <= 1.0):
             raise ValueError(f"GPTQConfig.percdamp must be in (0, 1] (typical 0.01), got {self.percdamp}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"GPTQConfig.block_size must be a positive int, got {self.block_size!r}")
-        if self.n_clip_grid < 1:
-            raise ValueError(f"GPTQConfig.n_clip_grid must be >= 1, got {self.n_clip_grid}")
+        if self.n_clip_grid < 1 or self.awq_max_tokens < 1:
+            raise ValueError(f"GPTQConfig.n_clip_grid and awq_max_tokens must be >= 1, got "
+                             f"{self.n_clip_grid}, {self.awq_max_tokens}")
         _check_fraction("GPTQConfig.min_clip", self.min_clip, lo_open=True)
         if self.clip_hessian_weighted and not (self.clip_search and self.group_size is not None
                                                and not self.static_groups):
@@ -144,11 +171,12 @@ class AWQConfig:
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
+        _check_field_types(self)
         _check_lockstep_max_gib("AWQConfig", self.lockstep_max_gib)
         _check_weight_format("AWQConfig", self.bits, self.group_size, self.symmetric)
-        if self.n_grid < 1 or self.n_clip_grid < 1:
-            raise ValueError(f"AWQConfig.n_grid and n_clip_grid must be >= 1, got "
-                             f"{self.n_grid}, {self.n_clip_grid}")
+        if self.n_grid < 1 or self.n_clip_grid < 1 or self.max_tokens < 1:
+            raise ValueError(f"AWQConfig.n_grid, n_clip_grid and max_tokens must be >= 1, got "
+                             f"{self.n_grid}, {self.n_clip_grid}, {self.max_tokens}")
         _check_fraction("AWQConfig.min_clip", self.min_clip, lo_open=True)
         if not (isinstance(self.duo_scaling, bool) or self.duo_scaling == "both"):
             raise ValueError(f"AWQConfig.duo_scaling must be True, False or 'both', got "
@@ -176,6 +204,7 @@ class SmoothQuantConfig:
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
+        _check_field_types(self)
         _check_lockstep_max_gib("SmoothQuantConfig", self.lockstep_max_gib)
         _check_fraction("SmoothQuantConfig.alpha", self.alpha)
         if self.n_grid < 2 or self.max_tokens < 1:
@@ -200,6 +229,7 @@ class QATConfig:
     skip: Sequence[str] = ("lm_head",)
 
     def __post_init__(self):
+        _check_field_types(self)
         _check_weight_format("QATConfig", self.bits, self.group_size, self.symmetric)
         if self.act_bits not in (None, 8):
             raise ValueError(f"QATConfig.act_bits must be 8 or None, got {self.act_bits!r}")
@@ -278,6 +308,7 @@ class KVCacheConfig:
     key_granularity: Optional[str] = None
 
     def __post_init__(self):
+        _check_field_types(self)
         if self.key_granularity is None:
             self.key_granularity = self.granularity
         grans = (self.granularity, self.key_granularity)

@@ -30,7 +30,7 @@ import torch
 
 from ..ops import dequantize, quantize
 from ..tensor import QuantizedTensor
-from .config import KVCacheConfig
+from .config import _KV_GRANULARITY, KVCacheConfig
 
 
 @dataclass
@@ -70,6 +70,39 @@ class QuantizedKV:
         return s.reshape(B, H, S, -1)[..., idx]
 
 
+def _check_config(config) -> KVCacheConfig:
+    if not isinstance(config, KVCacheConfig):
+        raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_states(name: str, x) -> None:
+    """x must be what lowbit.quantize takes, as [batch, heads, seq, head_dim] (seq may be 0)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor [batch, heads, seq, head_dim], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if 0 in (x.shape[0], x.shape[1], x.shape[3]):
+        raise ValueError(f"{name} has an empty batch, heads or head_dim: {tuple(x.shape)}")
+
+
+def _check_granularity(config: KVCacheConfig, gran, head_dim: int) -> None:
+    """Checked before anything is stored: a bad format found only when tokens leave the float
+    window would make every later append fail."""
+    if gran not in _KV_GRANULARITY:
+        raise ValueError(f"granularity must be one of {_KV_GRANULARITY}, got {gran!r}")
+    if gran == "group" and config.group_size is None:
+        raise ValueError("granularity 'group' needs a KVCacheConfig with group_size (e.g. 32)")
+    if gran == "group" and head_dim % config.group_size:
+        raise ValueError(f"KVCacheConfig.group_size={config.group_size} does not divide head_dim={head_dim}; "
+                         f"use a divisor of {head_dim} that is a multiple of 16, or granularity='token'")
+    if gran == "channel" and config.residual_length < 1:
+        raise ValueError("granularity 'channel' quantizes blocks of residual_length tokens: it needs a "
+                         "KVCacheConfig with residual_length >= 1")
+
+
 def _rows(x: torch.Tensor, granularity: str, block: int) -> torch.Tensor:
     B, H, S, D = x.shape
     if granularity == "channel":   # [B, H, blocks, R, D] -> rows of one channel's R tokens
@@ -80,14 +113,11 @@ def _rows(x: torch.Tensor, granularity: str, block: int) -> torch.Tensor:
 def kv_quantize(x: torch.Tensor, config: KVCacheConfig, granularity: Optional[str] = None) -> QuantizedKV:
     """Quantize keys or values [batch, heads, seq, head_dim] (float32/float16/bfloat16) with
     `granularity` (default config.granularity, the values'; pass config.key_granularity for keys)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"key/value states must be a 4-D tensor [batch, heads, seq, head_dim], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check_config(config)
+    _check_states("key/value states", x)
     gran = config.granularity if granularity is None else granularity
-    S, D = x.shape[2], x.shape[3]
-    if gran == "group" and D % config.group_size:
-        raise ValueError(f"KVCacheConfig.group_size={config.group_size} does not divide head_dim={D}; "
-                         f"use a divisor of {D} that is a multiple of 16, or granularity='token'")
+    S = x.shape[2]
+    _check_granularity(config, gran, x.shape[3])
     if gran == "channel" and S % config.residual_length:
         raise ValueError(f"granularity 'channel' quantizes whole blocks of residual_length="
                          f"{config.residual_length} tokens; got {S} tokens")
@@ -152,6 +182,8 @@ class _Stream:
         parts = [b.dequantize(x.dtype) for b in self.blocks]
         if self.residual is not None:
             parts.append(self.residual)
+        if not parts:              # nothing stored and x has no tokens
+            return x
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def nbytes(self) -> int:
@@ -168,26 +200,51 @@ class KVLayerCache:
     """One attention layer's quantized keys and values."""
 
     def __init__(self, config: KVCacheConfig):
-        if not isinstance(config, KVCacheConfig):
-            raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = _check_config(config)
         self.keys = _Stream(config, config.key_granularity)
         self.values = _Stream(config, config.granularity)
-        self.float_element_size = 0
-        self.batch = self.heads = self.head_dims = 0   # head_dims: key head_dim + value head_dim
+        # (batch, heads, key head_dim, value head_dim, dtype, device) of the stored tokens, which
+        # every later append must match; None while nothing is stored
+        self.spec: Optional[tuple] = None
+
+    @property
+    def batch(self) -> int:
+        return self.spec[0] if self.spec else 0
+
+    @property
+    def heads(self) -> int:
+        return self.spec[1] if self.spec else 0
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        for name, x in (("key_states", key_states), ("value_states", value_states)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 4:
-                raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
-                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if key_states.shape[:3] != value_states.shape[:3]:
-            raise ValueError(f"key and value states must agree on [batch, heads, seq], got "
-                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
-        self.float_element_size = key_states.element_size()
-        self.batch, self.heads = key_states.shape[0], key_states.shape[1]
-        self.head_dims = key_states.shape[-1] + value_states.shape[-1]
-        return self.keys.append(key_states), self.values.append(value_states)
+        """Store the new tokens; return all keys and values. A 0-token append stores nothing (on an
+        empty layer it returns its inputs). Bad input raises and leaves the layer as it was."""
+        k, v = key_states, value_states
+        _check_states("key_states", k)
+        _check_states("value_states", v)
+        if k.shape[:3] != v.shape[:3] or k.dtype != v.dtype or k.device != v.device:
+            raise ValueError(f"key and value states must agree on [batch, heads, seq], dtype and device, got "
+                             f"{tuple(k.shape)} {k.dtype} on {k.device} and {tuple(v.shape)} {v.dtype} on {v.device}")
+        _check_granularity(self.config, self.keys.granularity, k.shape[3])
+        _check_granularity(self.config, self.values.granularity, v.shape[3])
+        spec = (k.shape[0], k.shape[1], k.shape[3], v.shape[3], k.dtype, k.device)
+        if self.spec is not None and spec != self.spec:
+            B, H, dk, dv, dtype, device = self.spec
+            S = self.seq_length()
+            raise ValueError(f"new key_states {tuple(k.shape)} and value_states {tuple(v.shape)} ({k.dtype} on "
+                             f"{k.device}) do not fit this layer's keys {(B, H, S, dk)} and values {(B, H, S, dv)} "
+                             f"({dtype} on {device}): only seq may differ (reorder the batch with select_batch)")
+        # _Stream.append rebinds blocks[-1] and residual without touching the old ones, so this
+        # shallow copy is enough to undo a failure (e.g. NaN) in either stream
+        saved = [(list(s.blocks), s.residual) for s in (self.keys, self.values)]
+        try:
+            out = self.keys.append(k), self.values.append(v)
+        except BaseException:
+            for s, (blocks, residual) in zip((self.keys, self.values), saved):
+                s.blocks, s.residual = blocks, residual
+            raise
+        if self.seq_length():
+            self.spec = spec
+        return out
 
     def seq_length(self) -> int:
         return len(self.keys)
@@ -197,13 +254,31 @@ class KVLayerCache:
 
     def float_bytes(self) -> int:
         """Bytes the same keys and values take in an unquantized cache (their own dtype)."""
-        return self.batch * self.heads * self.seq_length() * self.head_dims * self.float_element_size
+        if self.spec is None:
+            return 0
+        B, H, dk, dv, dtype, _ = self.spec
+        return B * H * self.seq_length() * (dk + dv) * dtype.itemsize
 
-    def select_batch(self, idx: torch.Tensor) -> None:
-        """Keep batch rows idx (in that order; repeats allowed): beam search reordering."""
+    def select_batch(self, idx) -> None:
+        """Keep batch rows idx (a 1-D integer tensor, list or tuple; in that order; repeats allowed):
+        beam search reordering."""
+        try:
+            idx = torch.as_tensor(idx)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"batch indices must be a 1-D integer tensor, list or tuple, got {idx!r}") from None
+        if idx.dim() != 1 or idx.numel() == 0:
+            raise ValueError(f"batch indices must be a non-empty 1-D sequence, got shape {tuple(idx.shape)}")
+        if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"batch indices must be integers, got {idx.dtype}")
+        if self.spec is None:      # nothing stored to select from
+            return
+        if int(idx.min()) < 0 or int(idx.max()) >= self.batch:
+            raise ValueError(f"batch indices must be in [0, {self.batch}) (this layer's batch size), "
+                             f"got {idx.tolist()}")
+        idx = idx.long()
         self.keys.select_batch(idx)
         self.values.select_batch(idx)
-        self.batch = idx.numel()
+        self.spec = (idx.numel(),) + self.spec[1:]
 
 
 class QuantizedKVStore:
@@ -211,18 +286,17 @@ class QuantizedKVStore:
     returns the layer's full keys and values (dequantized) for attention."""
 
     def __init__(self, config: Optional[KVCacheConfig] = None):
-        self.config = config if config is not None else KVCacheConfig()
+        self.config = _check_config(config if config is not None else KVCacheConfig())
         self.layers: List[KVLayerCache] = []
 
-    def _layer(self, layer_idx: int) -> KVLayerCache:
+    def append(self, layer_idx: int, key_states, value_states):
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise ValueError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
-        while len(self.layers) <= layer_idx:
-            self.layers.append(KVLayerCache(self.config))
-        return self.layers[layer_idx]
-
-    def append(self, layer_idx: int, key_states, value_states):
-        return self._layer(layer_idx).append(key_states, value_states)
+        # new layers join only once the append succeeded: a failed call leaves the store as it was
+        new = [KVLayerCache(self.config) for _ in range(len(self.layers), layer_idx + 1)]
+        out = (new[-1] if new else self.layers[layer_idx]).append(key_states, value_states)
+        self.layers += new
+        return out
 
     def seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seq_length() if layer_idx < len(self.layers) else 0
@@ -295,9 +369,7 @@ def _hf_classes():
         Also offers append(layer_idx, k, v), memory_bytes() and float_bytes()."""
 
         def __init__(self, config: Optional[KVCacheConfig] = None, num_layers: Optional[int] = None):
-            self.kv_config = config if config is not None else KVCacheConfig()
-            if not isinstance(self.kv_config, KVCacheConfig):
-                raise TypeError(f"config must be a KVCacheConfig, got {type(self.kv_config).__name__}")
+            self.kv_config = _check_config(config if config is not None else KVCacheConfig())
             if num_layers is None:
                 super().__init__(layer_class_to_replicate=lambda: LowbitKVLayer(self.kv_config))
             else:

@@ -284,14 +284,22 @@ class LinearStats:
 
 
 def accumulate_stats_(st: LinearStats, x2: torch.Tensor, hessian: bool, abs_stats: bool = True,
-                      chunk: int = 8192) -> LinearStats:
+                      chunk: int = 8192, where: str = "") -> LinearStats:
     """Add the rows of x2 [m, K] to st, in chunks of rows (bounding the temporaries). The Hessian
-    is accumulated as the raw upper-block sum st.gram; finish_stats_ turns it into st.hessian."""
+    is accumulated as the raw upper-block sum st.gram; finish_stats_ turns it into st.hessian.
+    Rows with NaN or Inf are refused (ValueError naming `where`, the Linear they feed)."""
     for c in range(0, x2.shape[0], chunk):
         xc = x2[c:c + chunk]
         if abs_stats:
             a = xc.abs()
             s, mx = a.sum(0), a.amax(0)
+            finite = bool(torch.isfinite(s).all())
+        else:
+            finite = bool(torch.isfinite(xc).all())
+        if not finite:
+            raise ValueError(f"the calibration input of {where or 'a Linear'} contains NaN or Inf (from the "
+                             f"calibration batches, or overflow in the model's own activations)")
+        if abs_stats:
             st.abs_sum = s if st.abs_sum is None else st.abs_sum + s
             st.abs_max = mx if st.abs_max is None else torch.maximum(st.abs_max, mx)
         if hessian:
@@ -338,7 +346,7 @@ class CalibrationHooks:
                 self.stats[name] = self._last[1]      # same input as the previous Linear: share
                 return
             st = self.stats[name]
-            accumulate_stats_(st, _as_2d(x), self.hessian, self.abs_stats)
+            accumulate_stats_(st, _as_2d(x), self.hessian, self.abs_stats, where=name)
             self._last = (x, st)
         return hook
 

@@ -122,8 +122,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def prepare_qat(model: nn.Module, config: QATConfig) -> nn.Module:
-    """Swap the model's Linears (minus config.skip) for QATLinear, in place; returns the model."""
-    for name, lin in find_linears(model, config.skip).items():
+    """Swap the model's Linears (minus config.skip) for QATLinear, in place; returns the model.
+    A model already prepared with another config is refused (its layers would keep the old one)."""
+    linears = find_linears(model, config.skip)
+    other = [n for n, m in model.named_modules() if isinstance(m, QATLinear) and m.config != config]
+    if other:
+        raise ValueError(f"the model is already prepared for QAT with another config ({other[0]} and "
+                         f"{len(other) - 1} more); convert() it, or prepare the float model")
+    for name, lin in linears.items():
         if not isinstance(lin, QATLinear):
             _set_module(model, name, QATLinear(lin, config))
     return model

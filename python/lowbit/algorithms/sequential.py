@@ -227,7 +227,8 @@ def _quantize_in_lockstep(model, block, inputs, stages: List["Stage"], stage_fn,
             if greenlet.getcurrent() not in mine or k in done:   # not ours, or called again
                 return None
             x = args[0]
-            accumulate_stats_(stats.setdefault(k, LinearStats()), _as_2d(x), want.hessian, want.abs_stats)
+            accumulate_stats_(stats.setdefault(k, LinearStats()), _as_2d(x), want.hessian, want.abs_stats,
+                              where=stages[k].names[0])
             if want.sample_rows:
                 samples.setdefault(k, []).append(_sample_rows(x, want.sample_rows))
             driver.switch(k)                # parked until stage k is quantized
@@ -460,6 +461,10 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
         raise ValueError("calibration_data is empty; pass a list of input batches")
     want = Collect(hessian, abs_stats, sample_rows)
     results: Dict[str, LayerResult] = {}
+    seen_ids: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        seen_ids[id(m)] = seen_ids.get(id(m), 0) + 1
+    shared = {i for i, n in seen_ids.items() if n > 1}
     blocks = find_blocks(model) if sequential else []
     gl = _greenlet() if (blocks and true_sequential and lockstep) else None
     done = set()
@@ -478,6 +483,11 @@ def quantize_sequential(model: nn.Module, data: Iterable, linears: Dict[str, nn.
             blk_lin = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
             if blk_lin:
                 stages, probe_bytes = _probe(block, prefix, blk_lin, inputs[0])
+                for st in stages:
+                    # a module that runs in several places (a Linear or norm shared between blocks)
+                    # cannot take a fold: its other inputs would not be divided by s
+                    if {id(st.producer), *map(id, st.linears.values())} & shared:
+                        st.producer = st.producer_name = st.producer_args = None
                 if true_sequential and lockstep and gl is not None:
                     fits, need, limit = _lockstep_fits(probe_bytes, inputs, lockstep_max_gib)
                     if not fits:
