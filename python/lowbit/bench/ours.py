@@ -89,5 +89,5 @@ def methods(case: Case) -> List[Method]:
            _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8)]
     if importlib.util.find_spec("torch") is not None:  # bf16 activations come as torch tensors
         out.insert(2, _lowbit(f"lowbit w4a16 int4 g{g} (bf16 x)", case.int4_g128, None, bf16_x=True))
-        out.insert(1, _quant_linear(f"lowbit QuantLinear w4a8 int4 g{g} (torch module)", case.int4_g128, 8))
+        out.insert(1, _quant_linear(f"lowbit QuantLinear w4a8 int4 g{g}", case.int4_g128, 8))
     return out
