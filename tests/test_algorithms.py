@@ -878,3 +878,59 @@ def test_sequential_uses_each_blocks_own_arguments_and_no_cache():
     assert set(seen) == {f"layers.{i}.{p}" for i in range(2) for p in "qkvo"}
     assert torch.allclose(seen["layers.1.q"].abs_max, ref["layers.1.q"].abs_max, rtol=1e-5, atol=1e-6)
     assert seen["layers.1.o"].n == ref["layers.1.q"].n
+
+
+def test_calibration_hooks_share_stats_only_for_the_same_rows():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x, enc=None, edit=False):
+            y = self.q(x)
+            if edit:
+                x.mul_(100)          # in place: k reads other rows from the same tensor object
+            return y + self.k(input=enc if enc is not None else x)   # k called by keyword
+
+    m = TwoInputs()
+    x = torch.randn(3, 16)
+    with A.CalibrationHooks({"q": m.q, "k": m.k}) as cal:
+        for _ in range(3):           # the same tensor object as three batches: three batches
+            m(x)
+    assert cal.stats["q"] is cal.stats["k"] and cal.stats["q"].n == 9
+    with A.CalibrationHooks({"q": m.q, "k": m.k}) as cal:
+        m(x.clone(), edit=True)
+    assert cal.stats["k"] is not cal.stats["q"] and float(cal.stats["k"].abs_max.max()) > 50
+    with pytest.raises(ValueError, match=r"k reads the same input as q in this batch but not in earlier ones"):
+        with A.CalibrationHooks({"q": m.q, "k": m.k}):
+            m(x, torch.full((3, 16), 100.0))
+            m(x)
+    with pytest.raises(TypeError, match=r"inputs of Linear layers; c is a Conv2d"):
+        A.CalibrationHooks({"c": nn.Conv2d(3, 3, 1)})
+
+
+@pytest.mark.parametrize("obs", [A.MinMaxObserver, A.MovingAverageMinMaxObserver, A.PercentileObserver,
+                                 A.MSEObserver])
+def test_observers_check_their_input(obs):
+    o = obs()
+    for bad, err, msg in [(torch.tensor(1.0), ValueError, "non-empty tensor"), (torch.zeros(0, 4), ValueError, "non-empty"),
+                          (np.ones((2, 4), np.float32), TypeError, "takes a torch tensor"),
+                          (torch.ones(2, 4, dtype=torch.int32), TypeError, "float tensor"),
+                          (torch.tensor([[float("nan")] + [1.0] * 99]), ValueError, "NaN or Inf")]:
+        with pytest.raises(err, match=msg):
+            o.update(bad)
+    with pytest.raises(ValueError, match="bits must be 2, 3, 4 or 8"):
+        obs(bits=5)
+
+
+def test_mse_observer_keeps_at_most_max_rows():
+    o = A.MSEObserver(max_rows=5)
+    o.update(torch.randn(100, 16))
+    assert o.data.shape == (5, 16)
+    o.update(torch.randn(2, 16))
+    assert o.data.shape == (5, 16)
+    with pytest.raises(ValueError, match=r"every update needs shape \[rows, 16\]"):
+        o.update(torch.randn(2, 32))
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
+            A.MSEObserver(max_rows=bad)

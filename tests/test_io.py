@@ -256,6 +256,21 @@ def test_awq_bad_input():
         lio.to_awq(lb.quantize(rng.standard_normal((16, 64)).astype(F32), bits=8, group_size=32))
 
 
+@pytest.mark.parametrize("export", [lio.to_awq, lio.to_gptq], ids=["awq", "gptq"])
+def test_fp16_export_refuses_scales_below_the_normal_range(export):
+    """A scale below float16's smallest normal (6.1e-5) used to become 0 (all-zero weights after
+    the round trip) or a subnormal with few bits; zero scales (an all-zero group) still export."""
+    w = np.random.default_rng(2).standard_normal((16, 64)).astype(F32)
+    with pytest.raises(ValueError, match="below float16's normal range"):
+        export(lb.quantize(w * 1e-8, bits=4, group_size=32, symmetric=False))
+    with pytest.raises(ValueError, match="below float16's normal range"):
+        export(lb.quantize(w * 1e-4, bits=4, group_size=32, symmetric=False))  # subnormal scales
+    w[:, :32] = 0
+    qt = lb.quantize(w, bits=4, group_size=32, symmetric=False)
+    assert (np.asarray(qt.scales)[:, 0] == 0).all()
+    assert (np.asarray(export(qt)["scales"])[0] == 0).all()
+
+
 _I32, _F16 = np.int32, np.float16
 
 
@@ -472,6 +487,36 @@ def test_torch_state_dict_round_trip(tmp_path):
     _same_qt(sd["weight"], got["weight"])
     as_np = lb.load(str(tmp_path / "sd.safetensors"), framework="numpy")
     np.testing.assert_array_equal(as_np["bias"], sd["bias"].float().numpy())
+
+
+def test_zero_dim_arrays_round_trip(tmp_path):
+    """np.ascontiguousarray used to turn a 0-d array into shape (1,)."""
+    pytest.importorskip("safetensors")
+    obj = {"np": np.array(2.5, F32), "i": np.array(7, np.int64)}
+    try:
+        import torch
+        obj["t"], obj["bf16"] = torch.tensor(2.5), torch.tensor(2.5, dtype=torch.bfloat16)
+    except ImportError:
+        pass
+    lb.save(obj, str(tmp_path / "s.safetensors"))
+    got = lb.load(str(tmp_path / "s.safetensors"))
+    for k, v in obj.items():
+        assert tuple(got[k].shape) == () and type(got[k]) is type(v), k
+        assert got[k].dtype == v.dtype and got[k].item() == v.item(), k
+
+
+@pytest.mark.parametrize("obj, err, msg", [
+    ({"__metadata__": np.ones(2, F32)}, ValueError, "reserved by safetensors"),
+    ({"c": np.ones(2, np.complex64)}, TypeError, "complex64 cannot be stored"),
+    ({"c": np.ones(2, np.complex128)}, TypeError, "complex128 cannot be stored"),
+], ids=["metadata_name", "complex64", "complex128"])
+def test_save_refuses_what_load_cannot_read(tmp_path, obj, err, msg):
+    """These used to be written, leaving a file that lb.load rejects (or misreads)."""
+    pytest.importorskip("safetensors")
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(err, match=msg):
+        lb.save(obj, str(path))
+    assert not path.exists() and not list(tmp_path.iterdir())
 
 
 def test_shared_memory_is_stored_once(tmp_path):

@@ -309,3 +309,67 @@ def test_eager_call_skips_the_op_dispatch_only_when_nothing_needs_it(monkeypatch
         q.codes = torch.zeros_like(q.codes)
         torch.testing.assert_close(q(x), x @ q.dequantized_weight().T + q.bias, rtol=1e-4, atol=1e-4)
     assert "_qt_cache" not in copy.copy(q).__getstate__() and "_qt_cache" in q.__dict__
+
+
+def test_quantize_dynamic_shared_linear_becomes_one_quantlinear_everywhere():
+    l = nn.Linear(32, 32)
+    q = quantize_dynamic(nn.Sequential(l, nn.ReLU(), l))
+    assert isinstance(q[0], QuantLinear) and q[2] is q[0]
+    q = quantize_dynamic(nn.Sequential(l, nn.ReLU(), l), {"2"})   # chosen by one name: all references
+    assert isinstance(q[0], QuantLinear) and q[2] is q[0]
+
+
+def test_quantize_dynamic_refuses_bad_qconfig_spec():
+    m = nn.Sequential()
+    m.add_module("fc", nn.Linear(32, 32))
+    m.add_module("f", nn.Linear(32, 32))
+    for spec in ("fc", nn.Linear, {3, None}, {int}):
+        with pytest.raises(TypeError, match="qconfig_spec"):
+            quantize_dynamic(m, spec)
+    q = quantize_dynamic(m, {"fc"})
+    assert isinstance(q.fc, QuantLinear) and type(q.f) is nn.Linear
+
+
+def test_quantize_dynamic_refuses_float64_weights_naming_the_layer():
+    m = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4).double())
+    with pytest.raises(TypeError, match="'2'.*float64"):
+        quantize_dynamic(m)
+    assert type(quantize_dynamic(m, {"0"})[0]) is QuantLinear   # the float64 layer not chosen: fine
+
+
+def _rtn(m, apply=False):
+    from lowbit.algorithms import RTNConfig, quantize_model
+    return quantize_model(m, RTNConfig(bits=4, group_size=64), apply=apply)
+
+
+def test_model_size_report_counts_tied_float_weights_and_fp16_as_float32():
+    from lowbit.algorithms import model_size_report
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(1000, 64)
+            self.head = nn.Linear(64, 1000, bias=False)
+            self.head.weight = self.emb.weight
+
+    m = M()
+    res = _rtn(m)
+    rep = model_size_report(m, res)
+    assert rep["float_bytes"] == 1000 * 64 * 4
+    assert rep["quantized_bytes"] == 1000 * 64 * 4 + res["head"].qt.nbytes
+    h = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64)).half()
+    rep = model_size_report(h, _rtn(h))
+    assert rep["float_bytes"] == sum(p.numel() * 4 for p in h.parameters())
+
+
+def test_model_size_report_refuses_unknown_names_and_handles_quantlinear():
+    from lowbit.algorithms import model_size_report
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="'1'"):
+        model_size_report(m, _rtn(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))))
+    before = model_size_report(m, _rtn(m))
+    res = _rtn(m, apply="quantized")
+    assert isinstance(m[0], QuantLinear)
+    assert model_size_report(m, res) == before

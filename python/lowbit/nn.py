@@ -253,8 +253,10 @@ def quantize_dynamic(model: nn.Module, qconfig_spec=None, dtype=None, mapping=No
     reduce_range). qconfig_spec: a set of module types (only nn.Linear and subclasses are
     converted; others are left in float) and/or module names (a name converts that module and the
     Linears inside it), or a dict whose keys are used the same way (its qconfig values are
-    ignored). dtype must be torch.qint8. mapping is not supported. Returns the converted model (a
-    deep copy unless inplace)."""
+    ignored); a bare string or type is refused (TypeError), pass {"fc"}. A Linear shared by several
+    parents becomes one QuantLinear in all of them. Linear weights must be float32, float16 or
+    bfloat16 (the kernels' dtypes; float64 is refused, not converted). dtype must be torch.qint8.
+    mapping is not supported. Returns the converted model (a deep copy unless inplace)."""
     if dtype is None:
         dtype = torch.qint8
     if dtype != torch.qint8:
@@ -263,25 +265,42 @@ def quantize_dynamic(model: nn.Module, qconfig_spec=None, dtype=None, mapping=No
     if mapping is not None:
         raise ValueError("lowbit.quantize_dynamic does not take a mapping: nn.Linear always maps to "
                          "lowbit.nn.QuantLinear")
+    from ._interop import FLOAT_DTYPES, dtype_name
+
+    if isinstance(qconfig_spec, (str, bytes, type)):
+        raise TypeError(f"qconfig_spec must be a set (or dict) of module types and/or module names, got "
+                        f"{qconfig_spec!r}; wrap a single one in a set: {{{qconfig_spec!r}}}")
     spec = {nn.Linear} if qconfig_spec is None else set(qconfig_spec)
+    bad = [s for s in spec if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module)))]
+    if bad:
+        raise TypeError(f"qconfig_spec items must be nn.Module subclasses or module names (str), got {bad!r}")
     types = tuple(t for t in spec if isinstance(t, type))
     names = {s for s in spec if isinstance(s, str)}
     if not inplace:
         model = copy.deepcopy(model)
-    targets = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
+    # every path (a Linear shared by several parents is one module under several names)
+    refs = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
+    chosen = {}
+    for name, m in refs:
         by_type = any(issubclass(type(m), t) for t in types)
         by_name = any(name == n or name.startswith(n + ".") or n == "" for n in names)
         if by_type or by_name:
-            targets.append(name)
-    for name in targets:
-        lin = model.get_submodule(name)
-        q = QuantLinear.from_linear(lin, bits=8, group_size=None, symmetric=True, act_bits=8)
+            chosen.setdefault(id(m), (name, m))
+    for name, m in chosen.values():   # refuse here, not at the first call ("x must be float32, ...")
+        dt = dtype_name(m.weight)
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"quantize_dynamic: Linear {name!r} has {dt} weights; the lowbit kernels take "
+                            f"float32, float16 or bfloat16 (convert the model, e.g. model.float())")
+    quantized, replaced = {}, []
+    for name, m in refs:
+        if id(m) not in chosen or any(name.startswith(r + ".") for r in replaced):
+            continue   # not selected, or inside a Linear (subclass) already replaced
+        if id(m) not in quantized:   # quantize once: every reference gets the same QuantLinear
+            quantized[id(m)] = QuantLinear.from_linear(m, bits=8, group_size=None, symmetric=True, act_bits=8)
         if name == "":
-            return q
-        replace_module(model, name, q)
+            return quantized[id(m)]
+        replace_module(model, name, quantized[id(m)])
+        replaced.append(name)
     return model
 
 

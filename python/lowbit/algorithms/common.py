@@ -142,13 +142,35 @@ def group_index(K: int, group_size, device=None) -> torch.Tensor:
 
 def model_size_report(model: nn.Module, results: Dict[str, LayerResult]) -> dict:
     """Bytes of the model's parameters in float32 vs with the quantized Linear weights stored as
-    codes + scales + zeros (other parameters, biases and input scales counted as float32)."""
-    quantized_weights = {id(m.weight) for n, m in model.named_modules() if n in results}
-    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    other = sum(p.numel() * 4 for p in model.parameters() if id(p) not in quantized_weights)
-    qbytes = sum(r.qt.nbytes + (r.input_scale.numel() * 4 if r.input_scale is not None and not r.scale_folded else 0)
-                 for r in results.values())
-    layers = {n: {"format": r.qt.format.name, "shape": tuple(r.qt.shape), "bytes": r.qt.nbytes,
+    codes + scales + zeros (other parameters, biases and input scales counted as float32). A weight
+    tied to a module that stays in float (an embedding) stays counted in float32. Layers already
+    swapped for lowbit.nn.QuantLinear (apply="quantized") count their own codes + scales + zeros +
+    input scale, and out_features * in_features float32 on the float side. Result names must name
+    Linear or QuantLinear layers of the model (ValueError otherwise)."""
+    from ..nn import QuantLinear
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    bad = [n for n in results if not isinstance(modules.get(n), (nn.Linear, QuantLinear))]
+    if bad:
+        raise ValueError(f"results name layers that are not Linear / QuantLinear layers of the model: {bad}")
+
+    def qbytes_of(qt, input_scale):
+        return qt.nbytes + (input_scale.numel() * 4 if input_scale is not None else 0)
+
+    layer_bytes = {n: qbytes_of(m.quantized_tensor(), m.input_scale) if isinstance(m, QuantLinear)
+                   else qbytes_of(results[n].qt, None if results[n].scale_folded else results[n].input_scale)
+                   for n, m in ((n, modules[n]) for n in results)}
+    # a parameter leaves the float count only when every module holding it is a quantized Linear
+    kept = {id(p) for n, m in modules.items() for pn, p in m.named_parameters(recurse=False)
+            if not (n in results and pn == "weight" and isinstance(m, nn.Linear))}
+    qlinears = {id(m): m for m in modules.values() if isinstance(m, QuantLinear)}
+    float_bytes = (sum(p.numel() * 4 for p in model.parameters())
+                   + sum(m.out_features * m.in_features * 4 for m in qlinears.values()))
+    other = sum(p.numel() * 4 for p in model.parameters() if id(p) in kept)
+    linear_bytes = {id(modules[n]): b for n, b in layer_bytes.items() if isinstance(modules[n], nn.Linear)}
+    qbytes = (sum(linear_bytes.values())   # one entry per Linear, however many names it has
+              + sum(qbytes_of(m.quantized_tensor(), m.input_scale) for m in qlinears.values()))
+    layers = {n: {"format": r.qt.format.name, "shape": tuple(r.qt.shape), "bytes": layer_bytes[n],
                   "float32_bytes": r.qt.shape[0] * r.qt.shape[1] * 4} for n, r in results.items()}
     total = other + qbytes
     return {"float_bytes": float_bytes, "quantized_bytes": total,

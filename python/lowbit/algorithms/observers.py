@@ -57,6 +57,20 @@ def group_reduce(x: torch.Tensor, granularity: str, group_size: Optional[int], f
     return torch.stack([fn(x[:, g:g + group_size], 1) for g in range(0, K, group_size)], dim=1)
 
 
+def _observed(x, who: str) -> torch.Tensor:
+    """x as observers take it: a float torch tensor [..., K], not empty, finite (a NaN would stay in
+    a running or averaged range for good), as 2-D rows."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}.update takes a torch tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}.update takes a float tensor, got {x.dtype}")
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"{who}.update needs a non-empty tensor [..., K], got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{who}.update: x contains NaN or Inf")
+    return _as_2d(x)
+
+
 class Observer:
     """Base: update(x) with each tensor seen, then qparams() -> (scales, zeros), and quantize(x)."""
 
@@ -66,6 +80,10 @@ class Observer:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if granularity == "group" and (not isinstance(group_size, int) or group_size <= 0 or group_size % 16):
             raise ValueError(f"granularity='group' needs group_size, a positive multiple of 16; got {group_size!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits!r}")
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
         self.bits, self.symmetric = bits, symmetric
         self.granularity, self.group_size = granularity, group_size
         self.lo: Optional[torch.Tensor] = None
@@ -79,7 +97,7 @@ class Observer:
         raise NotImplementedError
 
     def update(self, x: torch.Tensor) -> "Observer":
-        x = _as_2d(x)
+        x = _observed(x, type(self).__name__)
         lo, hi = self._range(x)
         if self.lo is not None and self.lo.shape != lo.shape:
             raise ValueError(f"{type(self).__name__}: per-{self.granularity} ranges need the same number "
@@ -204,8 +222,11 @@ class MSEObserver(Observer):
 
     def __init__(self, *args, n_grid: int = 20, min_ratio: float = 0.5, max_rows: int = 8192, **kw):
         super().__init__(*args, **kw)
-        if not (0.0 < min_ratio <= 1.0) or n_grid < 1:
-            raise ValueError(f"need 0 < min_ratio <= 1 and n_grid >= 1, got {min_ratio}, {n_grid}")
+        for name, v in (("n_grid", n_grid), ("max_rows", max_rows)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not (0.0 < min_ratio <= 1.0):
+            raise ValueError(f"need 0 < min_ratio <= 1, got {min_ratio}")
         self.ratios = torch.linspace(1.0, min_ratio, n_grid).tolist()
         self.max_rows = max_rows
         self.data: Optional[torch.Tensor] = None
@@ -213,11 +234,14 @@ class MSEObserver(Observer):
         self._params = None
 
     def update(self, x):
-        x = _as_2d(x)
-        if self.granularity in ("tensor",) and self.data is not None:
-            self.data = torch.cat([self.data, x])[-self.max_rows:]
-        elif self.data is not None and self.data.shape != x.shape:
-            raise ValueError(f"MSEObserver per-{self.granularity}: every update needs shape {tuple(self.data.shape)}")
+        x = _observed(x, "MSEObserver")
+        if self.data is not None and (self.data.shape[1] != x.shape[1] if self.granularity == "tensor"
+                                      else self.data.shape != x.shape):
+            raise ValueError(f"MSEObserver per-{self.granularity}: every update needs shape "
+                             f"{('[rows, %d]' % self.data.shape[1]) if self.granularity == 'tensor' else tuple(self.data.shape)}, "
+                             f"got {tuple(x.shape)}")
+        if self.granularity == "tensor":    # rows are samples: keep the latest max_rows of them
+            self.data = (x if self.data is None else torch.cat([self.data, x]))[-self.max_rows:].clone()
         else:
             self.data = x.clone()
         self._params = None
@@ -334,25 +358,44 @@ class CalibrationHooks:
     """
 
     def __init__(self, linears: Dict[str, nn.Module], hessian: bool = False, abs_stats: bool = True):
+        for name, mod in linears.items():
+            if not isinstance(mod, nn.Module) or not hasattr(mod, "in_features"):
+                raise TypeError(f"CalibrationHooks collects the inputs of Linear layers; {name} is a "
+                                f"{type(mod).__name__}")
         self.linears, self.hessian, self.abs_stats = linears, hessian, abs_stats
         self.stats: Dict[str, LinearStats] = {n: LinearStats() for n in linears}
         self._handles = []
-        self._last = None   # (input tensor, its LinearStats) of the latest hook call
+        self._owner: Dict[int, str] = {}   # id(LinearStats) -> the Linear that feeds it its rows
+        self._last = None   # (input, its LinearStats, names that read it, version) of the latest call
 
     def _hook(self, name):
-        def hook(module, args, output):
-            x = args[0]
-            if self._last is not None and self._last[0] is x:
-                self.stats[name] = self._last[1]      # same input as the previous Linear: share
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} was called without an input tensor (positional or input=)")
+            st, last = self.stats[name], self._last
+            if last is not None and last[0] is x and last[3] == x._version and name not in last[2]:
+                # another Linear reading the very tensor the previous one read (q/k/v): same rows,
+                # counted once, as long as it does so from its first batch on
+                if st is not last[1]:
+                    if st.n:
+                        raise ValueError(f"{name} reads the same input as {self._owner[id(last[1])]} "
+                                         f"in this batch but not in earlier ones; collect their "
+                                         f"statistics with separate CalibrationHooks")
+                    self.stats[name] = last[1]
+                last[2].add(name)
                 return
-            st = self.stats[name]
+            owner = self._owner.setdefault(id(st), name)
+            if owner != name:
+                raise ValueError(f"{name} read {owner}'s input in earlier batches but reads another one "
+                                 f"now; collect their statistics with separate CalibrationHooks")
             accumulate_stats_(st, _as_2d(x), self.hessian, self.abs_stats, where=name)
-            self._last = (x, st)
+            self._last = (x, st, {name}, x._version)   # the version: x edited in place is new rows
         return hook
 
     def __enter__(self):
         for name, mod in self.linears.items():
-            self._handles.append(mod.register_forward_hook(self._hook(name)))
+            self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc):

@@ -156,9 +156,16 @@ def unpack_int32(words: np.ndarray, bits: int, axis: int, order=None) -> np.ndar
 
 def fp16_scales(s: np.ndarray, what: str) -> np.ndarray:
     """float32 scales rounded to float16 (round to nearest even) for formats that store fp16;
-    a scale beyond float16's range is an error, not a silent inf."""
+    a scale beyond float16's range is an error, not a silent inf, and so is a nonzero scale below
+    its normal range, which would become 0 or a subnormal with few significant bits."""
     h = s.astype(np.float16)
     bad = np.isfinite(s) & ~np.isfinite(h)
     if bad.any():
         raise ValueError(f"{what}: a scale ({float(s[bad].reshape(-1)[0])}) overflows float16")
+    tiny = np.finfo(np.float16).tiny  # 2^-14, the smallest normal float16
+    small = (s != 0) & (np.abs(s) < tiny)
+    if small.any():
+        raise ValueError(f"{what}: a nonzero scale ({float(s[small].reshape(-1)[0])}) is below float16's "
+                         f"normal range (smallest normal {float(tiny):.4g}); stored as float16 it would "
+                         f"be flushed to zero or lose precision as a subnormal")
     return h

@@ -36,6 +36,8 @@ _MAX_HEADER = 100 << 20
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
+# what save() may write: exactly the dtypes the reader above accepts (complex, float128, object... are not)
+_SAVABLE = {np.dtype(t) for t in _ST_DTYPES.values()}
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -129,7 +131,7 @@ def _to_host(x: Any, key: str) -> Tuple[np.ndarray, str, str]:
         a = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
     else:
         a = _interop.to_numpy(x)
-    return np.ascontiguousarray(a), dt, fw
+    return np.asarray(a, order="C"), dt, fw  # not ascontiguousarray: it turns 0-d into 1-d
 
 
 def _to_framework(a: np.ndarray, dtype: str, fw: str):
@@ -177,6 +179,11 @@ def save(obj: Mapping[str, Any], path: str) -> None:
     def put(key: str, a: np.ndarray, owner: str) -> str:
         if key in tensors:
             raise ValueError(f"lowbit.save: the stored name {key!r} of {owner!r} collides with another entry")
+        if key == "__metadata__":  # the safetensors header's own key: the file could not be read back
+            raise ValueError(f"lowbit.save: {owner!r}: the name '__metadata__' is reserved by safetensors")
+        if a.dtype not in _SAVABLE:
+            raise TypeError(f"lowbit.save: {owner!r}: dtype {a.dtype.name} cannot be stored (supported: "
+                            f"{', '.join(sorted({d.name for d in _SAVABLE}))}, and bfloat16)")
         tensors[key] = a
         return key
 
