@@ -185,6 +185,19 @@ def test_integer_dots_exact(isa, fmt, shape, granularity):
     np.testing.assert_array_equal(y, (xi @ wint.T).astype(np.float32))
 
 
+@pytest.mark.parametrize("fmt", ["int8-sym-row", "int8-asym-g32", "int4-asym-g128", "int4-sym-g64"])
+def test_gemm_row_remainders_exact(isa, fmt):
+    # The GEMMs walk a tile's rows of X in fours, threes and pairs: every remainder of 17-31 rows
+    # (one prefill tile) and 97 (a full tile plus one row) must give each row its own exact dots.
+    rng = np.random.default_rng(13)
+    qt, wint = _integer_weight(rng, fmt, 20, 576)
+    for M in list(range(17, 32)) + [97]:
+        xi = rng.integers(-127, 128, (M, 576))
+        xi[:, 0] = 127
+        y = lb.matmul(xi.astype(np.float32), qt, act_bits=8)
+        np.testing.assert_array_equal(y, (xi @ wint.T).astype(np.float32), err_msg=f"M={M}")
+
+
 @pytest.mark.parametrize("M", [9, 14])
 def test_threads_agree_when_a_thread_gets_part_of_a_panel_set(M):
     # 8-16 rows of X: the threads split N into panel ranges that need not be multiples of the
@@ -221,11 +234,13 @@ def test_threads_agree():
         np.testing.assert_array_equal(yf, outs[0][1])
 
 
-def test_large_int8_group_accumulates_exactly():
+@pytest.mark.parametrize("M", [1, 20])
+def test_large_int8_group_accumulates_exactly(M):
     # int32 dots near the int16 / float24 edges: all-max codes and activations, one group per row
+    # (M = 20: the GEMM, which splits K into chunks)
     K = 4096
     w = np.ones((4, K), np.float32)
-    x = np.ones((1, K), np.float32)
+    x = np.ones((M, K), np.float32)
     for kw in (dict(bits=8, group_size=None, symmetric=True), dict(bits=4, group_size=None)):
         qt = lb.quantize(w, **kw)
         y = lb.matmul(x, qt, act_bits=8)

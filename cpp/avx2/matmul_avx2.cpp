@@ -8,8 +8,9 @@
 //     The integer dots are exact; per group they are scaled lane-wise in float (see int_panel),
 //     so outputs match cpp/ref to float rounding, not bit for bit.
 //     Tiling: per panel (4 rows of W), the dispatcher's rows of X in pairs; decode (M <= 16)
-//     streams each panel from DRAM once with software prefetch. int4 with 8 or more rows of X:
-//     on a k4 scratch instead (int4_k4_walk), no per-group fold.
+//     streams each panel from DRAM once with software prefetch. 8 or more rows of X (int4 with
+//     groups wider than 32: more, see matmul_int): on a k4 scratch instead (int_k4_walk), no
+//     per-group fold.
 //   matmul_float: weight-only; codes -> int32 -> float (nf4: two 8-entry vpermps tables and a
 //     blend on bit 3) fused with the FMA; the float weight matrix never exists in memory.
 //     Up to 7 rows of X: decoded on the fly per block, two rows at a time (float_tile); 8 or
@@ -248,21 +249,22 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
   }
 }
 
-// int4 GEMM on a k4 scratch (many rows of X). The panel4 blocks keep each row's 32 codes in one
-// register, so every group ends with a horizontal fold per (row of X, panel) — three vphaddw per
-// group, about a third of the g32 GEMM. Here four panels (16 rows of W) are first unpacked into
-// a scratch of 4-k steps: one step is two registers, each 8 rows of W × 4 consecutive k (u8), so
-// vpmaddubsw against 4 int8 activations broadcast to every lane leaves each row's dot in its own
-// lane, and a group ends with a vpmaddwd, a convert and two FMAs per (row of X, 8 rows of W).
-// 3 rows of X × 16 rows of W per step: 6 multiplies per 3 broadcasts and 2 loads (measured
-// best of 1-6 rows × 8-32 W rows). The scratch (Kp·16 bytes, L2-resident) is built once per
-// four panels and tile and read by every row of X.
+// Integer GEMM on a k4 scratch (many rows of X). The panel4 blocks keep each row's 32 codes in
+// one register, so every group ends with a horizontal fold per (row of X, panel) — three vphaddw
+// per group, about a third of the int4 g32 GEMM. Here four panels (16 rows of W) are first
+// unpacked into a scratch of 4-k steps: one step is two registers, each 8 rows of W × 4
+// consecutive k (int4: u8 codes; int8: the s8 w'), so vpmaddubsw against 4 int8 activations
+// broadcast to every lane leaves each row's dot in its own lane, and a group ends with a
+// convert and two FMAs per (row of X, 8 rows of W). int4: 3 rows of X × 16 rows of W per step,
+// 6 multiplies per 3 broadcasts and 2 loads (measured best of 1-6 rows × 8-32 W rows); int8
+// (sign trick and a vpmaddwd per multiply, 4 vector ops per 32 MACs): 4 rows. The scratch
+// (Kp·16 bytes, L2-resident) is built once per four panels and tile and read by every row of X.
 constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
 // Fewer rows of X: the panel4 kernels (no scratch to build) were as fast or faster, int4 and float
 // activations alike (>= 2: the int4 GEMM walks rows in threes and pairs); int4 with groups wider
 // than 32 keeps them up to kDecodeRows (see matmul_int).
 constexpr int64_t kK4MinRows = 8;
-constexpr int64_t kK4ChunkK = 1024;  // k per chunk of whole groups in the int4 GEMM (int4_k4_walk)
+constexpr int64_t kK4ChunkK = 1024;  // k per chunk in the integer GEMM (int_k4_walk)
 
 // Panels [p, p + np) (np <= 4; the rest zero) as k4 steps, rows 0-7 in the first half of a step
 // and 8-15 in the second (int4: u in [0, 15]; int8: the stored int8 w'); their scales as
@@ -318,69 +320,101 @@ inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst
       }
 }
 
-// One block (8 steps, 32 k from k) of MR rows of X against 16 rows of W: int16 sums s[i][v].
-template <int MR>
-inline void k4_block(const uint8_t* wk, const int8_t* const* x, int64_t k, __m256i (*s)[2]) {
-  for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm256_setzero_si256();
+// One block (8 steps, 32 k from k) of MR rows of X against 16 rows of W, added to the int32 dots
+// d[i][v]. int4: vpmaddubsw of u in [0, 15] against the activations into int16 sums (a lane
+// <= 8·3810 = 30480 over the block), widened once per block. int8: the sign trick per step,
+// maddubs(|w'|, sign(x, w')) with |w'| <= 128 and |x| <= 127 (a lane <= 32512), widened every
+// step. (Not |x| against sign(w', x): w' = −128 has no positive int8.)
+template <int BITS, int MR>
+inline void k4_block(const uint8_t* wk, const int8_t* const* x, int64_t k, __m256i (*d)[2]) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
   const uint8_t* wb = wk + (k >> 2) * kK4Step;
+  auto bcast4 = [](const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  };
+  if constexpr (BITS == 4) {
+    __m256i s[MR][2];
+    for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8  // unrolled, the 2·MR sums stay in registers
-  for (int j = 0; j < 8; ++j) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step + 32));
-    for (int i = 0; i < MR; ++i) {
-      int32_t x4;
-      std::memcpy(&x4, x[i] + k + 4 * j, 4);
-      const __m256i xb = _mm256_set1_epi32(x4);
-      s[i][0] = _mm256_add_epi16(s[i][0], _mm256_maddubs_epi16(w0, xb));
-      s[i][1] = _mm256_add_epi16(s[i][1], _mm256_maddubs_epi16(w1, xb));
-      asm("" : "+x"(s[i][0]), "+x"(s[i][1]));  // one running sum each: GCC's reassociated add tree spills
+    for (int j = 0; j < 8; ++j) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step + 32));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xb = bcast4(x[i] + k + 4 * j);
+        s[i][0] = _mm256_add_epi16(s[i][0], _mm256_maddubs_epi16(w0, xb));
+        s[i][1] = _mm256_add_epi16(s[i][1], _mm256_maddubs_epi16(w1, xb));
+        asm("" : "+x"(s[i][0]), "+x"(s[i][1]));  // one running sum each: GCC's reassociated add tree spills
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < 2; ++v) d[i][v] = _mm256_madd_epi16(s[i][v], ones16);
+  } else {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step + 32));
+      const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xb = bcast4(x[i] + k + 4 * j);
+        d[i][0] = _mm256_add_epi32(d[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0)), ones16));
+        d[i][1] = _mm256_add_epi32(d[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1)), ones16));
+        asm("" : "+x"(d[i][0]), "+x"(d[i][1]));
+      }
     }
   }
 }
 
-// Rows m .. m+MR-1 of X against the unpacked panels, groups [g0, g1): y[i][0..15] (16 rows of W,
-// before the per-token activation scale; ns: −suma, times sg per block, [row][G]) += the groups'
-// scaled dots. A vpmaddubsw lane is <= 2·15·127 = 3810, so the int16 sums take one block (8 steps,
-// <= 30480) before vpmaddwd widens them. G32 (32-wide groups, one block each): the float sums
-// stay in registers across groups; larger groups sum blocks in int32 and update y per group.
-template <int MR, bool G32>
-inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m,
-                    int64_t g0, int64_t g1, float (*y)[16]) {
+// Rows m .. m+MR-1 of X against the unpacked panels, k in
+// [k0, k1) (whole blocks): y[i][0..15] (16 rows of W, before the per-token activation scale;
+// ns: −suma, times sg per block, [row][G]) += each group's share of the scaled dots, plus its
+// zero-point term where the group ends in the range. A share's int32 dot is exact in float: the
+// chunks of int_k4_walk keep it under 1024 k (|d| < 1024·127·128 < 2^24). G32 (32-wide groups,
+// one block each): the float sums stay in registers across groups.
+template <int BITS, int MR, bool G32>
+inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns,
+                    int64_t m, int64_t k0, int64_t k1, float (*y)[16]) {
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G;
-  const __m256i ones16 = _mm256_set1_epi16(1);
+  const int64_t G = w.h->G, gs = w.h->group_size;
   const int8_t* x[MR];
+  for (int i = 0; i < MR; ++i) x[i] = a.x.xq + (m + i) * a.x.ld;
   __m256 f[MR][2];
-  for (int i = 0; i < MR; ++i) {
-    x[i] = a.x.xq + (m + i) * a.x.ld;
-    for (int v = 0; v < 2; ++v) f[i][v] = _mm256_load_ps(y[i] + 8 * v);
-  }
-  // f += s_g · d + swz_g · ns (s_g: the group scale, times sg per block)
-  auto scale_add = [&](int64_t g, int i, int v, __m256i d, __m256 acc) {
+  if constexpr (G32)
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < 2; ++v) f[i][v] = _mm256_load_ps(y[i] + 8 * v);
+  // acc + s_g · d (+ swz_g · ns when the group ends here; s_g: the group scale, times sg per block)
+  auto scale_add = [&](int64_t g, bool ends, int i, int v, __m256i d, __m256 acc) {
     __m256 s = _mm256_loadu_ps(sc + g * 32 + 8 * v);
     if (a.x.sg) s = _mm256_mul_ps(s, _mm256_broadcast_ss(a.x.sg + (m + i) * G + g));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
-    return _mm256_fmadd_ps(_mm256_loadu_ps(sc + g * 32 + 16 + 8 * v), _mm256_broadcast_ss(ns + i * G + g), acc);
+    return ends ? _mm256_fmadd_ps(_mm256_loadu_ps(sc + g * 32 + 16 + 8 * v), _mm256_broadcast_ss(ns + i * G + g), acc)
+                : acc;
   };
-  int64_t k = g0 * w.h->group_size;
-  for (int64_t g = g0; g < g1; ++g) {
-    __m256i s[MR][2];
-    if constexpr (G32) {
-      k4_block<MR>(wk, x, k, s);
+  for (int64_t k = k0, g = k0 / gs; k < k1; ++g) {
+    const int64_t e = std::min(w.group_end(g), k1);
+    __m256i d[MR][2];
+    for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
+    if constexpr (G32) {  // one block, no loop: d then lives only as long as the block's sums
+      k4_block<BITS, MR>(wk, x, k, d);
       k += kBlockK;
       for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < 2; ++v) f[i][v] = scale_add(g, i, v, _mm256_madd_epi16(s[i][v], ones16), f[i][v]);
-    } else {
-      __m256i d[MR][2];
-      for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
-      for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
-        k4_block<MR>(wk, x, k, s);
-        for (int i = 0; i < MR; ++i)
-          for (int v = 0; v < 2; ++v) d[i][v] = _mm256_add_epi32(d[i][v], _mm256_madd_epi16(s[i][v], ones16));
+        for (int v = 0; v < 2; ++v) f[i][v] = scale_add(g, true, i, v, d[i][v], f[i][v]);
+    } else {  // f through memory: 2·MR float sums beside the dots' registers would spill
+      for (; k < e; k += kBlockK) {
+        if constexpr (BITS == 4) {
+          __m256i b[MR][2];
+          k4_block<BITS, MR>(wk, x, k, b);
+          for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < 2; ++v) d[i][v] = _mm256_add_epi32(d[i][v], b[i][v]);
+        } else {
+          k4_block<BITS, MR>(wk, x, k, d);
+        }
       }
+      const bool ends = e == w.group_end(g);
       for (int i = 0; i < MR; ++i)
         for (int v = 0; v < 2; ++v)
-          _mm256_store_ps(y[i] + 8 * v, scale_add(g, i, v, d[i][v], _mm256_load_ps(y[i] + 8 * v)));
+          _mm256_store_ps(y[i] + 8 * v, scale_add(g, ends, i, v, d[i][v], _mm256_load_ps(y[i] + 8 * v)));
     }
   }
   if constexpr (G32)
@@ -415,38 +449,46 @@ inline float (*k4_out_scratch(int64_t rows))[16] {
   return reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
 }
 
-// Rows [m0, m1) (at least kK4MinRows) three at a time, the rest in pairs.
-template <bool G32>
+// Rows [m0, m1) (at least kK4MinRows): int8 four at a time, then threes, the rest in pairs.
+template <int BITS, bool G32>
 void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m0, int64_t m1,
-             int64_t g0, int64_t g1, float (*y)[16]) {
+             int64_t k0, int64_t k1, float (*y)[16]) {
   const int64_t G = a.w.h->G, rows = m1 - m0;
+  auto run = [&](auto mr, int64_t i) {
+    k4_rows<BITS, decltype(mr)::value, G32>(a, wk, sc, ns + i * G, m0 + i, k0, k1, y + i);
+  };
   int64_t i = 0;
-  for (; rows - i >= 3 && rows - i != 4; i += 3) k4_rows<3, G32>(a, wk, sc, ns + i * G, m0 + i, g0, g1, y + i);
-  for (; i < rows; i += 2) k4_rows<2, G32>(a, wk, sc, ns + i * G, m0 + i, g0, g1, y + i);
+  if constexpr (BITS == 8)  // fours, leaving 0, 3, 5 or 6 rows
+    for (; rows - i >= 8 || rows - i == 4 || rows - i == 7; i += 4) run(std::integral_constant<int, 4>(), i);
+  for (; rows - i >= 3 && rows - i != 4; i += 3) run(std::integral_constant<int, 3>(), i);
+  for (; i < rows; i += 2) run(std::integral_constant<int, 2>(), i);
 }
 
-void int4_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t G = a.w.h->G, rows = m1 - m0;
+// W4A8 / W8A8 GEMM on the k4 scratch, per four panels: k in chunks of about kK4ChunkK (whole
+// groups when they are narrower), so the chunk's scratch (16 KiB) and activations stay in L1
+// while every row of the tile passes over them.
+template <int BITS>
+void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
   thread_local std::vector<uint8_t> wk;
   thread_local std::vector<float> sc, ns;
-  wk.resize(size_t(a.w.h->Kp / 4 * kK4Step));
+  wk.resize(size_t(Kp / 4 * kK4Step));
   sc.resize(size_t(G * 32));
   ns.resize(size_t(rows * G));
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t g = 0; g < G; ++g)
       ns[size_t((m - m0) * G + g)] = -float(a.x.suma[m * G + g]) * (a.x.sg ? a.x.sg[m * G + g] : 1.f);
   float (*y)[16] = k4_out_scratch(rows);
-  // whole groups in chunks of about kK4ChunkK k: the chunk's scratch (16 KiB) and activations
-  // stay in L1 while every row of the tile passes over them
-  const int64_t gpc = std::max<int64_t>(1, kK4ChunkK / a.w.h->group_size);
+  // whole groups where they are narrower than a chunk (G > 1: group sizes are multiples of 32)
+  const int64_t chunk = G > 1 && gs <= kK4ChunkK ? kK4ChunkK / gs * gs : kK4ChunkK;
   for (int64_t p = p0; p < p1; p += 4) {
     const int64_t np = std::min<int64_t>(4, p1 - p);
-    unpack_k4<4>(a.w, p, np, wk.data(), sc.data());
+    unpack_k4<BITS>(a.w, p, np, wk.data(), sc.data());
     std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
-    for (int64_t g0 = 0; g0 < G; g0 += gpc) {
-      const int64_t g1 = std::min(G, g0 + gpc);
-      if (a.w.h->group_size == kBlockK) k4_tile<true>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, g1, y);
-      else k4_tile<false>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, g1, y);
+    for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
+      const int64_t k1 = std::min(Kp, k0 + chunk);
+      if (gs == kBlockK) k4_tile<BITS, true>(a, wk.data(), sc.data(), ns.data(), m0, m1, k0, k1, y);
+      else k4_tile<BITS, false>(a, wk.data(), sc.data(), ns.data(), m0, m1, k0, k1, y);
     }
     store_k4_set(a, m0, m1, p, np, y, a.x.sa);
   }
@@ -636,7 +678,10 @@ void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
 }  // namespace
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (a.w.h->bits == 8) return int_walk<8, 0>(a, m0, m1, p0, p1);
+  // int8 from 17 rows of X (K = N = 4096, 1 thread, M = 8 / 16 / 512: panel4 2.40 / 4.90 / 147
+  // ms, k4 2.73-3.13 / 4.90-5.04 / 134-135; 2 threads at 512: 97 -> 69 ms)
+  if (a.w.h->bits == 8)
+    return m1 - m0 > kDecodeRows ? int_k4_walk<8>(a, m0, m1, p0, p1) : int_walk<8, 0>(a, m0, m1, p0, p1);
   // The k4 scratch from 8 rows of X with 32-wide groups (the panel4 kernel's per-group fold is a
   // third of its work there), from 16 with 64-wide ones, else from 17: with decode-sized M the
   // panel4 kernel overlaps the weights' DRAM stream with every row's work, while the scratch is
@@ -646,7 +691,7 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
   // 3.88 -> 4.49.
   const int64_t gs = a.w.h->group_size;
   const int64_t k4_rows = gs == kBlockK ? kK4MinRows : gs == 2 * kBlockK ? 16 : kDecodeRows + 1;
-  if (m1 - m0 >= k4_rows) return int4_k4_walk(a, m0, m1, p0, p1);
+  if (m1 - m0 >= k4_rows) return int_k4_walk<4>(a, m0, m1, p0, p1);
   // int4 with every group whole (K = G · group_size): unrolled group bodies
   const int64_t G = a.w.h->G;
   if (G > 1 && a.w.h->K == G * gs) {
