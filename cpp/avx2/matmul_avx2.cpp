@@ -349,7 +349,7 @@ inline void k4_block(const uint8_t* wk, const int8_t* const* x, int64_t k, __m25
       }
     }
     for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < 2; ++v) d[i][v] = _mm256_madd_epi16(s[i][v], ones16);
+      for (int v = 0; v < 2; ++v) d[i][v] = _mm256_add_epi32(d[i][v], _mm256_madd_epi16(s[i][v], ones16));
   } else {
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
@@ -401,16 +401,7 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, con
       for (int i = 0; i < MR; ++i)
         for (int v = 0; v < 2; ++v) f[i][v] = scale_add(g, true, i, v, d[i][v], f[i][v]);
     } else {  // f through memory: 2·MR float sums beside the dots' registers would spill
-      for (; k < e; k += kBlockK) {
-        if constexpr (BITS == 4) {
-          __m256i b[MR][2];
-          k4_block<BITS, MR>(wk, x, k, b);
-          for (int i = 0; i < MR; ++i)
-            for (int v = 0; v < 2; ++v) d[i][v] = _mm256_add_epi32(d[i][v], b[i][v]);
-        } else {
-          k4_block<BITS, MR>(wk, x, k, d);
-        }
-      }
+      for (; k < e; k += kBlockK) k4_block<BITS, MR>(wk, x, k, d);
       const bool ends = e == w.group_end(g);
       for (int i = 0; i < MR; ++i)
         for (int v = 0; v < 2; ++v)
