@@ -118,11 +118,11 @@ def test_packing_is_cached_per_buffer_set():
     assert torch_ops.STATS["misses"] == before["misses"] and torch_ops.STATS["hits"] == before["hits"] + 3
     with torch.no_grad():                          # eager inference: lowbit.matmul on the layer's qt
         q(x)
-        qt = q._eager_qt()
+        qt = q._eager_plan()[0]
         packed = dict(qt.__dict__["_lowbit_packed"])
         for _ in range(3):
             q(x)
-        assert q._eager_qt() is qt and all(qt.__dict__["_lowbit_packed"][k] is v for k, v in packed.items())
+        assert q._eager_plan()[0] is qt and all(qt.__dict__["_lowbit_packed"][k] is v for k, v in packed.items())
 
 
 def test_custom_ops_opcheck():
@@ -291,8 +291,8 @@ def test_packing_cache_does_not_keep_weights_alive(path):
 def test_eager_call_skips_the_op_dispatch_only_when_nothing_needs_it(monkeypatch):
     q = QuantLinear.from_linear(_linear(), bits=4, group_size=32)
     calls = []
-    real = QuantLinear._eager_qt
-    monkeypatch.setattr(QuantLinear, "_eager_qt", lambda self: calls.append(1) or real(self))
+    real = QuantLinear._eager_plan
+    monkeypatch.setattr(QuantLinear, "_eager_plan", lambda self: calls.append(1) or real(self))
     x = torch.randn(2, 96)
     y = q(x)                                   # grad mode on, but nothing requires grad
     assert calls == [1]
@@ -309,6 +309,44 @@ def test_eager_call_skips_the_op_dispatch_only_when_nothing_needs_it(monkeypatch
         q.codes = torch.zeros_like(q.codes)
         torch.testing.assert_close(q(x), x @ q.dequantized_weight().T + q.bias, rtol=1e-4, atol=1e-4)
     assert "_qt_cache" not in copy.copy(q).__getstate__() and "_qt_cache" in q.__dict__
+
+
+@pytest.mark.parametrize("act", [(None, "token"), (8, "token"), (8, "block")])
+def test_eager_float32_call_equals_lowbit_matmul(act, monkeypatch):
+    # Inference on float32 CPU tensors goes straight to the packed kernel; every other input takes
+    # lowbit.matmul. Both must give the same numbers, follow in-place edits of the bias, and
+    # raise the same errors.
+    act_bits, gran = act
+    general = []
+    real = lb.ops.matmul
+    monkeypatch.setattr(lb.ops, "matmul", lambda *a, **k: general.append(1) or real(*a, **k))
+    q = QuantLinear.from_linear(_linear(K=96, N=40), bits=4, group_size=32, act_bits=act_bits,
+                                act_granularity=gran)
+    qt = q.quantized_tensor()
+    rng = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for shape in [(96,), (5, 96), (2, 3, 96), (17, 96)]:
+            x = torch.randn(*shape, generator=rng)
+            want = real(x, qt, bias=q.bias, act_bits=act_bits, act_granularity=gran)
+            assert torch.equal(q(x), want), shape
+        assert not general                                     # the direct call was taken
+        x = torch.randn(6, 96, generator=rng)
+        xs = torch.randn(96, 6, generator=rng).t()              # not contiguous
+        xg = x.clone().requires_grad_(True)                    # requires grad, under no_grad
+        for xi in (xs, xg, x.half()):
+            want = real(xi.detach(), qt, bias=q.bias, act_bits=act_bits, act_granularity=gran)
+            assert torch.equal(q(xi), want)
+        assert len(general) == 3
+        q.bias.add_(1.0)                                       # in place: the next call sees it
+        assert torch.equal(q(x), lb.matmul(x, qt, bias=q.bias, act_bits=act_bits, act_granularity=gran))
+        q.bias = None
+        assert torch.equal(q(x), lb.matmul(x, qt, act_bits=act_bits, act_granularity=gran))
+        bad = x.clone()
+        bad[2, 7] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            q(bad)
+        with pytest.raises(ValueError):
+            q(torch.empty(0, 96))
 
 
 def test_quantize_dynamic_shared_linear_becomes_one_quantlinear_everywhere():
