@@ -202,8 +202,10 @@ def test_gemm_row_remainders_exact(isa, fmt):
 def test_threads_agree_when_a_thread_gets_part_of_a_panel_set(M):
     # 8-16 rows of X: the threads split N into panel ranges that need not be multiples of the
     # AVX2 GEMMs' four-panel sets; each call must write only its own panels' outputs (a write
-    # past them races with the neighbouring thread, so the calls are repeated).
-    x, w = _data(M, 52, 576, seed=5)
+    # past them races with the neighbouring thread, so the calls are repeated). N = 4·1826 rows:
+    # over 2 MB of weights, so that decode splits them at all (at least 1 MiB a thread), and
+    # 1826 panels do not halve into whole four-panel sets.
+    x, w = _data(M, 4 * 1826, 576, seed=5)
     n = lb.get_num_threads()
     try:
         for gs, act_bits in ((32, 8), (128, 8), (128, None)):
@@ -212,7 +214,7 @@ def test_threads_agree_when_a_thread_gets_part_of_a_panel_set(M):
             want = lb.matmul(x, qt, act_bits=act_bits)
             for t in (2, 3):
                 lb.set_num_threads(t)
-                for _ in range(150):
+                for _ in range(30):
                     np.testing.assert_array_equal(lb.matmul(x, qt, act_bits=act_bits), want)
     finally:
         lb.set_num_threads(n)
