@@ -233,6 +233,22 @@ def test_concurrent_python_threads_get_correct_results(restore_threads):
     assert not errors, errors
 
 
+def test_many_quick_parallel_calls(restore_threads):
+    """Back-to-back small parallel calls: pieces are claimed by whichever threads run, and a
+    worker still finishing one call's piece, or waking up late, must never take a piece of the
+    next call (each piece exactly once: the outputs equal the 1-thread ones)."""
+    rng = rng_for("quick")
+    ws = [rng.standard_normal((rows, 256)).astype(np.float32) for rows in (130, 700, 1500, 3000)]
+    lowbit.set_num_threads(1)
+    want = [lowbit.quantize(w, bits=4, group_size=32).codes for w in ws]
+    for n in (2, 3):
+        lowbit.set_num_threads(n)
+        for i in range(1500):
+            j = i % len(ws)
+            got = lowbit.quantize(ws[j], bits=4, group_size=32).codes
+            assert np.array_equal(got, want[j]), (n, i)
+
+
 def test_fork_after_using_the_pool(restore_threads):
     """A forked child has none of the parent's pool threads; lowbit must still work there."""
     if not hasattr(os, "fork"):

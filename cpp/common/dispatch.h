@@ -41,7 +41,8 @@ std::string active_isa();
 // bit-identical results.
 #define LOWBIT_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
-// Thread pool: persistent workers; parallel_for splits [0, n) into contiguous chunks.
+// Thread pool: persistent workers; parallel_for splits [0, n) into contiguous pieces of at least
+// min_chunk items (up to 4 a thread), claimed by whichever threads are running.
 void set_num_threads(int n);
 int get_num_threads();
 void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn);

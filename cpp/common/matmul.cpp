@@ -250,12 +250,12 @@ void matmul(const MatmulCall& c) {
     // decode: split N (panels) into contiguous streams, one per thread, each at least
     // kMinDecodeShare bytes of weights. Waking a pool thread that has gone to sleep (between
     // the layers of a model, other work runs) costs tens of µs in a VM, as much as streaming a
-    // small layer: int4 g128 M=1 on the EPYC VM, 2 threads against 1 with the pool asleep:
-    // 576² 79 vs 47 µs, 2048×640 99 vs 83, 2048² 156 vs 183, 4096² 347 vs 475; SmolLM2-135M
-    // greedy decode (all Linears < 1 MB) 52.6 -> 36.2 ms/token with 2 threads.
+    // small layer. M=1 on the EPYC VM, 2 threads against 1 with the pool asleep: int4 g128
+    // 576² 79 vs 47 µs, 2048×640 99 vs 83, 2048² 156 vs 183, 4096² 347 vs 475; int8 per
+    // channel 2048×640 146 vs 123, 2048×1024 174 vs 165, 2048² 213 vs 321.
     constexpr int64_t kMinDecodeShare = int64_t(1) << 20;
-    const int64_t min_panels = std::max<int64_t>(8, kMinDecodeShare / std::max<int64_t>(1, w.h->total_bytes / P));
-    parallel_for(P, min_panels, [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
+    const int64_t streams = std::max<int64_t>(1, w.h->total_bytes / kMinDecodeShare);
+    parallel_for(P, std::max<int64_t>(8, (P + streams - 1) / streams), [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
     return;
   }
   // prefill: tiles of MT rows (64, or the table's int_prefill_rows in int mode) × 16 panels
