@@ -374,7 +374,7 @@ inline void k4_block(const uint8_t* wk, const int8_t* const* x, int64_t k, __m25
 // one block each): the float sums stay in registers across groups.
 template <int BITS, int MR, bool G32>
 inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns,
-                    int64_t m, int64_t k0, int64_t k1, float (*y)[16]) {
+                    int64_t m, int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
   const PackedLinear& w = a.w;
   const int64_t G = w.h->G, gs = w.h->group_size;
   const int8_t* x[MR];
@@ -391,7 +391,7 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, con
     return ends ? _mm256_fmadd_ps(_mm256_loadu_ps(sc + g * 32 + 16 + 8 * v), _mm256_broadcast_ss(ns + i * G + g), acc)
                 : acc;
   };
-  for (int64_t k = k0, g = k0 / gs; k < k1; ++g) {
+  for (int64_t k = k0, g = g0; k < k1; ++g) {
     const int64_t e = std::min(w.group_end(g), k1);
     __m256i d[MR][2];
     for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
@@ -443,10 +443,10 @@ inline float (*k4_out_scratch(int64_t rows))[16] {
 // Rows [m0, m1) (at least kK4MinRows): int8 four at a time, then threes, the rest in pairs.
 template <int BITS, bool G32>
 void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m0, int64_t m1,
-             int64_t k0, int64_t k1, float (*y)[16]) {
+             int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
   const int64_t G = a.w.h->G, rows = m1 - m0;
   auto run = [&](auto mr, int64_t i) {
-    k4_rows<BITS, decltype(mr)::value, G32>(a, wk, sc, ns + i * G, m0 + i, k0, k1, y + i);
+    k4_rows<BITS, decltype(mr)::value, G32>(a, wk, sc, ns + i * G, m0 + i, g0, k0, k1, y + i);
   };
   int64_t i = 0;
   if constexpr (BITS == 8)  // fours, leaving 0, 3, 5 or 6 rows
@@ -478,8 +478,9 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
     std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
     for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
       const int64_t k1 = std::min(Kp, k0 + chunk);
-      if (gs == kBlockK) k4_tile<BITS, true>(a, wk.data(), sc.data(), ns.data(), m0, m1, k0, k1, y);
-      else k4_tile<BITS, false>(a, wk.data(), sc.data(), ns.data(), m0, m1, k0, k1, y);
+      const int64_t g0 = k0 / gs;  // the group of k0 (a chunk starts on a group, or inside one)
+      if (gs == kBlockK) k4_tile<BITS, true>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, k0, k1, y);
+      else k4_tile<BITS, false>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, k0, k1, y);
     }
     store_k4_set(a, m0, m1, p, np, y, a.x.sa);
   }
