@@ -253,9 +253,14 @@ void matmul(const MatmulCall& c) {
     // small layer. M=1 on the EPYC VM, 2 threads against 1 with the pool asleep: int4 g128
     // 576² 79 vs 47 µs, 2048×640 99 vs 83, 2048² 156 vs 183, 4096² 347 vs 475; int8 per
     // channel 2048×640 146 vs 123, 2048×1024 174 vs 165, 2048² 213 vs 321.
-    constexpr int64_t kMinDecodeShare = int64_t(1) << 20;
-    const int64_t streams = std::max<int64_t>(1, w.h->total_bytes / kMinDecodeShare);
-    parallel_for(P, std::max<int64_t>(8, (P + streams - 1) / streams), [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
+    // Pieces (claimed by whichever thread runs, see parallel_for) stay long DRAM streams, one a
+    // thread, unless they would exceed kDecodePiece: then up to four a thread, so a thread that
+    // starts late (Gemma3's 168 MB int8 lm_head beside torch's threads) leaves less undone.
+    constexpr int64_t kMinDecodeShare = int64_t(1) << 20, kDecodePiece = int64_t(4) << 20;
+    const int64_t bytes = w.h->total_bytes, threads = get_num_threads();
+    const int64_t pieces = bytes < 2 * kMinDecodeShare ? 1
+                           : std::max(std::min(threads, bytes / kMinDecodeShare), std::min(4 * threads, bytes / kDecodePiece));
+    parallel_for(P, std::max<int64_t>(8, (P + pieces - 1) / pieces), [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
     return;
   }
   // prefill: tiles of MT rows (64, or the table's int_prefill_rows in int mode) × 16 panels
