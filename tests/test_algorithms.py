@@ -294,6 +294,59 @@ def test_add_gram_matches_full_product(K):
     torch.testing.assert_close(h, h.t(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("K", [1, 5, 16, 17, 33, 100, 1030])
+def test_gram_update_matches_float64_product(isa, K):
+    # every tile shape and edge: K not a multiple of any tile, m across the 256-row chunks
+    from conftest import is_slow, seed_for
+    rng = np.random.default_rng(seed_for("gram", isa, K))
+    for m in ([1, 3, 257] if is_slow(isa) and K > 100 else [1, 3, 255, 257, 600]):
+        x = rng.standard_normal((m, K)).astype(np.float32)
+        x[:, K // 2] *= 50.0                                    # an outlier channel
+        h0 = rng.standard_normal((K, K)).astype(np.float32)
+        h = h0.copy()
+        lowbit.ops.gram_update(h, x)
+        want = h0.astype(np.float64) + x.astype(np.float64).T @ x.astype(np.float64)
+        # float32 sums of m products: error bound by m · eps · Σ|x_i x_j| (plus h0's rounding)
+        bound = (m * 2.0**-23) * (np.abs(x).astype(np.float64).T @ np.abs(x)) + 2.0**-23 * np.abs(want) + 1e-6
+        up = np.triu_indices(K)
+        assert np.all(np.abs(h.astype(np.float64) - want)[up] <= bound[up]), (isa, K, m)
+
+
+def test_gram_update_same_bits_for_any_thread_count(restore_threads):
+    x = torch.randn(700, 300)
+    out = []
+    for n in (1, 2, 3):
+        lowbit.set_num_threads(n)
+        h = torch.zeros(300, 300)
+        lowbit.ops.gram_update(h, x)
+        out.append(torch.triu(h))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+def test_gram_update_bad_input():
+    op = lowbit.ops.gram_update
+    x, h = torch.randn(8, 6), torch.zeros(6, 6)
+    with pytest.raises(TypeError, match="x must be float32"):
+        op(h, x.double())
+    with pytest.raises(TypeError, match="h must be float32"):
+        op(h.double(), x)
+    with pytest.raises(ValueError, match=r"h must have shape \(6,6,\)"):
+        op(torch.zeros(5, 5), x)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        op(torch.zeros(8, 8), x.t())
+    with pytest.raises(ValueError, match="contiguous rows"):
+        op(h, x.reshape(-1))
+    with pytest.raises(ValueError, match="no columns"):
+        op(torch.zeros(0, 0), torch.zeros(3, 0))
+    hb = h.clone()
+    op(hb, x[:0])                                           # no rows: nothing to add
+    assert torch.equal(hb, h)
+    with pytest.raises(ValueError, match="read-only|writable"):
+        ro = np.zeros((6, 6), np.float32)
+        ro.flags.writeable = False
+        op(ro, x.numpy())
+
+
 def test_calibration_hooks_share_stats_of_a_shared_input(model, calib):
     """q/k/v read one tensor: one LinearStats (computed once per batch) serves all three."""
     blk = model.layers[1]

@@ -249,6 +249,38 @@ def test_many_quick_parallel_calls(restore_threads):
             assert np.array_equal(got, want[j]), (n, i)
 
 
+def test_pieces_run_on_torchs_openmp_team_once_it_is_loaded():
+    """Without torch, lowbit's pool runs a call's pieces. Once torch has loaded GNU OpenMP, its
+    team does (its threads spin after each torch op; lowbit's own would compete with them), with
+    the same results and errors, for up to as many threads as OpenMP is set to or there are CPUs."""
+    r = run_python("""
+        import os, numpy as np, lowbit
+        lowbit.set_num_threads(2)
+        w = np.random.default_rng(0).standard_normal((512, 4096)).astype(np.float32)
+        before = lowbit.build_info()["thread_runtime"]
+        a = lowbit.quantize(w, bits=4, group_size=128).codes
+        import torch
+        torch.set_num_threads(2)
+        gomp = "libgomp" in open("/proc/self/maps").read()
+        after = lowbit.build_info()["thread_runtime"]
+        b = lowbit.quantize(w, bits=4, group_size=128).codes
+        w[300, 7] = np.nan
+        try:
+            lowbit.quantize(w, bits=4, group_size=128)
+            err = "no error"
+        except ValueError as e:
+            err = str(e)
+        torch.set_num_threads(1)
+        lowbit.set_num_threads(len(os.sched_getaffinity(0)) + 1)
+        capped = lowbit.build_info()["thread_runtime"]
+        print(before, after, capped, gomp, np.array_equal(a, b), "first in row 300)" in err)
+    """)
+    assert r.returncode == 0, r.stderr
+    before, after, capped, gomp, same, err = r.stdout.split()
+    assert before == "lowbit" and capped == "lowbit" and same == "True" and err == "True", r.stdout
+    assert after == ("openmp" if gomp == "True" else "lowbit"), r.stdout
+
+
 def test_fork_after_using_the_pool(restore_threads):
     """A forked child has none of the parent's pool threads; lowbit must still work there."""
     if not hasattr(os, "fork"):

@@ -2,6 +2,7 @@
 #include "common/dispatch.h"
 
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <emmintrin.h>  // _mm_pause
 #include <pthread.h>
 #include <sched.h>
@@ -315,9 +316,62 @@ std::mutex g_pool_mutex;      // serializes users of the pool; a busy pool means
 ThreadPool* g_pool = nullptr;
 int g_num_threads = 0;        // 0: not set yet
 thread_local bool t_in_parallel = false;
+bool g_forked = false;
 
 // A forked child has the pool object but none of its threads: drop it (leaked on purpose).
-void forget_pool_after_fork() { g_pool = nullptr; new (&g_pool_mutex) std::mutex(); }
+void forget_pool_after_fork() {
+  g_pool = nullptr;
+  new (&g_pool_mutex) std::mutex();
+  g_forked = true;
+}
+
+// GNU OpenMP, when something in this process (torch) has loaded it. After each parallel region
+// its threads spin for milliseconds waiting for the next one; lowbit's own workers would share
+// the cores with them meanwhile (a Gram update right after a torch op ran 1.5x slower). Running
+// lowbit's pieces on that same team instead reuses the spinning threads. Looked up with
+// RTLD_NOLOAD (loaded or not, never loading it) until found; never in a forked child, where
+// libgomp's threads are gone.
+struct Gomp {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
+  int (*max_threads)() = nullptr;
+  int (*in_parallel)() = nullptr;
+};
+const Gomp* loaded_gomp() {
+  static std::atomic<const Gomp*> found{nullptr};
+  if (g_forked) return nullptr;
+  if (const Gomp* g = found.load(std::memory_order_acquire)) return g;
+  void* lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (!lib) return nullptr;
+  static Gomp gomp;
+  gomp.parallel = reinterpret_cast<decltype(gomp.parallel)>(dlsym(lib, "GOMP_parallel"));
+  gomp.max_threads = reinterpret_cast<decltype(gomp.max_threads)>(dlsym(lib, "omp_get_max_threads"));
+  gomp.in_parallel = reinterpret_cast<decltype(gomp.in_parallel)>(dlsym(lib, "omp_in_parallel"));
+  if (!gomp.parallel || !gomp.max_threads || !gomp.in_parallel) return nullptr;  // handle kept: tiny
+  found.store(&gomp, std::memory_order_release);
+  return &gomp;
+}
+
+// parallel_for's pieces on an OpenMP team: each member claims pieces until none is left.
+struct GompJob {
+  const std::function<void(int64_t, int64_t)>* fn;
+  int64_t n;
+  int pieces;
+  std::atomic<int> next{0};
+  std::mutex m;
+  std::exception_ptr error;
+};
+void gomp_member(void* p) {
+  GompJob& j = *static_cast<GompJob*>(p);
+  for (int c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.pieces;) {
+    const int64_t b = j.n * c / j.pieces, e = j.n * (c + 1) / j.pieces;
+    try {
+      if (b < e) (*j.fn)(b, e);
+    } catch (...) {
+      std::lock_guard<std::mutex> l(j.m);
+      if (!j.error) j.error = std::current_exception();
+    }
+  }
+}
 }  // namespace
 
 constexpr int kMaxThreads = 1024;
@@ -350,6 +404,17 @@ int get_num_threads() {
   return g_num_threads;
 }
 
+// OpenMP's team runs the pieces when it is loaded, outside its own parallel regions, for up to
+// as many threads as it is set to use or this process has CPUs: libgomp aborts the process when
+// a thread will not start, where lowbit's pool reports it (an absurd count, say) as an error
+static const Gomp* usable_gomp(int threads) {
+  const Gomp* gomp = loaded_gomp();
+  return gomp && threads <= std::max(gomp->max_threads(), default_threads()) && !gomp->in_parallel()
+             ? gomp : nullptr;
+}
+
+std::string thread_runtime() { return usable_gomp(get_num_threads()) ? "openmp" : "lowbit"; }
+
 void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   static std::once_flag fork_hook;
@@ -361,6 +426,14 @@ void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t
   std::unique_lock<std::mutex> l(g_pool_mutex, std::try_to_lock);
   if (threads <= 1 || pieces <= 1 || t_in_parallel || !l.owns_lock()) {
     fn(0, n);  // one piece, or a nested or concurrent call: run on the calling thread
+    return;
+  }
+  if (const Gomp* gomp = usable_gomp(threads)) {
+    GompJob job{&fn, n, int(pieces)};
+    t_in_parallel = true;
+    gomp->parallel(gomp_member, &job, unsigned(std::min<int64_t>(threads, pieces)), 0);
+    t_in_parallel = false;
+    if (job.error) std::rethrow_exception(job.error);
     return;
   }
   if (!g_pool) g_pool = new ThreadPool(threads);

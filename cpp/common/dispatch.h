@@ -46,6 +46,10 @@ std::string active_isa();
 void set_num_threads(int n);
 int get_num_threads();
 void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn);
+// Where parallel_for's pieces run now: "openmp" (the team of a GNU OpenMP runtime this process
+// has loaded, e.g. torch's: its threads are reused instead of competing with lowbit's) or
+// "lowbit" (the pool above).
+std::string thread_runtime();
 
 // Validated entry points used by the bindings (they throw std::invalid_argument on bad input).
 void quantize(const QuantizeArgs& a);
@@ -83,6 +87,15 @@ struct ClipSearchCall {
   float* scales; uint8_t* zeros; float* best_ratio;  // zeros: nullptr unless asymmetric
 };
 void clip_search(const ClipSearchCall& c);
+
+// h += xᵀx on and above the diagonal (cpp/common/gram.cpp): h[i][j] += Σ_t x[t][i]·x[t][j] for
+// j >= i; entries below the diagonal are left unspecified (a calibration Hessian mirrors them
+// once, at the end). x [m, K] with row stride ld_x, h [K, K] with row stride ld_h, float32.
+struct GramCall {
+  const float* x; int64_t m, K, ld_x;
+  float* h; int64_t ld_h;
+};
+void gram_update(const GramCall& c);
 
 // matmul (cpp/common/matmul.cpp). Prepack W once into layout panel4_k32 (see layout_panel4.h):
 // packed_linear_bytes() says how big a buffer pack_linear() fills. codes/scales/zeros as in a

@@ -68,6 +68,17 @@ using MatmulFn = void (*)(const MatmulArgs&, int64_t m0, int64_t m1, int64_t p0,
 // range of panels (the weights stream from DRAM once); more rows are tiled (prefill).
 constexpr int64_t kDecodeRows = 16;
 
+// Gram update (cpp/common/gram.cpp): the driver packs kGramRows rows of x at a time into strips of
+// 16 columns, panel[s][t][c] = x[t][16·s + c] (zeros past K, plus one all-zero strip), and a tile
+// kernel computes c[r·ldc + q] += Σ_{t<kc} panel(t, i0 + r) · panel(t, j0 + q) for r < mr, q < nr
+// (i0 a multiple of mr, j0 of nr; nr a multiple of 16).
+constexpr int64_t kGramStrip = 16;
+using GramTileFn = void (*)(const float* panel, int64_t kc, int64_t i0, int64_t j0, float* c, int64_t ldc);
+struct GramKernel {
+  GramTileFn tile = nullptr;
+  int mr = 0, nr = 0;
+};
+
 // One ISA variant's kernels. A null entry means "use the reference".
 struct KernelTable {
   const char* name;
@@ -84,6 +95,7 @@ struct KernelTable {
   // The table whose matmul_int serves per-block activations (PreparedAct::sg) when this one's
   // does not take them; nullptr: matmul_int takes both.
   const KernelTable* per_block_int = nullptr;
+  GramKernel gram;
 };
 
 // Each variant defines its table in cpp/<isa>/table.cpp, in namespace lowbit::<isa>.
@@ -100,6 +112,7 @@ int64_t quantize_rows(const QuantizeArgs& a, int64_t r0, int64_t r1);
 void dequantize_rows(const DequantizeArgs& a, int64_t r0, int64_t r1);
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+void gram_tile(const float* panel, int64_t kc, int64_t i0, int64_t j0, float* c, int64_t ldc);
 }  // namespace LOWBIT_ISA_NS
 #define LOWBIT_STR2(x) #x
 #define LOWBIT_STR(x) LOWBIT_STR2(x)

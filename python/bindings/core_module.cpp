@@ -121,6 +121,20 @@ void gptq_columns_py(py::handle w, py::handle q, py::handle err, py::handle u, i
   lowbit::gptq_columns(c);
 }
 
+void gram_update_py(py::handle h, py::handle x) {
+  ArrayView xv = view_array(x, "x", false);
+  require_cpu(xv, "x");
+  if (xv.dtype != "float32") throw py::type_error("x must be float32, got " + xv.dtype);
+  if (xv.shape.size() != 2 || !xv.row_contiguous()) fail("x must be a 2-D array [m, K] with contiguous rows");
+  const int64_t m = xv.shape[0], K = xv.shape[1];
+  if (K == 0) fail("x has no columns");
+  ArrayView hv = view_exact(h, "h", "float32", {K, K}, true);
+  GramCall c{static_cast<const float*>(xv.data), m, K, m > 1 ? xv.strides[0] : K,
+             static_cast<float*>(hv.data), K};
+  py::gil_scoped_release nogil;
+  lowbit::gram_update(c);
+}
+
 void clip_search_py(py::handle w, py::handle ratios, py::handle col_weight, py::handle scales,
                     py::handle zeros, py::handle best_ratio, int bits, int scheme, int64_t group_size) {
   ArrayView wv = view_array(w, "w", false);
@@ -240,6 +254,7 @@ py::dict build_info_py() {
   d["cpu_features"] = cpu_features().names();
   d["cpu_isa"] = active_isa();
   d["num_threads"] = get_num_threads();
+  d["thread_runtime"] = thread_runtime();
   return d;
 }
 
@@ -266,6 +281,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("clip_search", &clip_search_py, py::arg("w"), py::arg("ratios"), py::arg("col_weight"),
         py::arg("scales"), py::arg("zeros"), py::arg("best_ratio"), py::arg("bits"), py::arg("scheme"),
         py::arg("group_size"));
+  m.def("gram_update", &gram_update_py, py::arg("h"), py::arg("x"));
   m.def("pack_int4", &pack_int4_py, py::arg("codes"), py::arg("packed"));
   m.def("unpack_int4", &unpack_int4_py, py::arg("packed"), py::arg("out"));
   m.def("group_params", [](int bits, int scheme, float clip_ratio, float lo, float hi, float amax) {

@@ -176,6 +176,19 @@ def gptq_columns(w: Any, q: Any, err: Any, u: Any, begin: int, end: int, scales:
                              SCHEMES[fmt.scheme])
 
 
+def gram_update(h: Any, x: Any) -> None:
+    """h += xᵀx on and above the diagonal, in place (CPU, float32: the calibration Hessian's sum;
+    lowbit.algorithms uses it): h[i, j] += Σ_t x[t, i]·x[t, j] for j >= i, while entries below the
+    diagonal are left unspecified (mirror the upper triangle once the sum is complete).
+    x: [m, K] with contiguous rows, h: [K, K] contiguous; numpy or torch."""
+    for name, a in (("h", h), ("x", x)):
+        _require_array(a, name)
+        if _interop.device_of(a)[0] != "cpu":
+            raise ValueError(f"gram_update runs on the CPU; {name} is on "
+                             f"{_interop.describe_device(_interop.device_of(a))}")
+    _ext.core().gram_update(h, x)
+
+
 def clip_search(w: Any, bits: int, group_size: GroupSize, symmetric: bool, ratios, col_weight: Any = None):
     """Per-group clip ratio of least squared round-trip error (CPU, float32 w [rows, K]): for each
     ratio c, quantize(w, clip_ratio=c) then dequantize, error Σ_k col_weight_k (w_k − ŵ_k)² per group

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..ops import clip_search, dequantize, quantize
+from ..ops import clip_search, dequantize, gram_update, quantize
 from ..tensor import QuantizedTensor
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -274,21 +274,28 @@ def _gram_edges(K: int, block: int) -> List[int]:
 
 
 def add_gram_(h: torch.Tensor, x: torch.Tensor, block: int = 256, mirror: bool = True) -> torch.Tensor:
-    """h += xᵀx (x: [m, K], h [K, K]). xᵀx is symmetric, so only the row panels on or right of each
-    diagonal block are multiplied (about half the work; the Hessians are the largest cost of a
-    calibration pass). mirror=True copies them onto the rest; with mirror=False the blocks left of
-    the diagonal are stale until symmetrize_(h, block), so a stream of updates mirrors only once."""
-    edges = _gram_edges(x.shape[1], block)
-    for a, b in zip(edges[:-1], edges[1:]):
-        h[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+    """h += xᵀx (x: [m, K], h [K, K]). xᵀx is symmetric, so only its upper triangle is computed
+    (about half the work; the Hessians are the largest cost of a calibration pass after the
+    forwards): on the CPU in float32 by lowbit.ops.gram_update, elsewhere by matmuls on the row
+    panels of `block` rows right of the diagonal. mirror=True then copies the upper triangle onto
+    the lower; with mirror=False the lower triangle is stale until symmetrize_(h), so a stream of
+    updates mirrors only once."""
+    if h.device.type == "cpu" and h.dtype == torch.float32 and x.dtype == torch.float32:
+        gram_update(h, x if x.stride(-1) == 1 else x.contiguous())
+    else:
+        edges = _gram_edges(x.shape[1], block)
+        for a, b in zip(edges[:-1], edges[1:]):
+            h[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
     return symmetrize_(h, block) if mirror else h
 
 
 def symmetrize_(h: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """Copy the blocks on or right of the diagonal (what add_gram_ updates) onto the rest."""
+    """Copy the upper triangle (what add_gram_ keeps up to date) onto the lower, block by block."""
     edges = _gram_edges(h.shape[0], block)
-    for a, b in zip(edges[1:-1], edges[2:]):
-        h[a:b, :a] = h[:a, a:b].t()
+    for a, b in zip(edges[:-1], edges[1:]):
+        d = h[a:b, a:b]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).t())
+        h[b:, a:b] = h[a:b, b:].t()
     return h
 
 
@@ -310,29 +317,33 @@ class LinearStats:
 def accumulate_stats_(st: LinearStats, x2: torch.Tensor, hessian: bool, abs_stats: bool = True,
                       chunk: int = 8192, where: str = "") -> LinearStats:
     """Add the rows of x2 [m, K] to st, in chunks of rows (bounding the temporaries). The Hessian
-    is accumulated as the raw upper-block sum st.gram; finish_stats_ turns it into st.hessian.
-    Rows with NaN or Inf are refused (ValueError naming `where`, the Linear they feed)."""
+    is accumulated as the raw upper-triangle sum st.gram; finish_stats_ turns it into st.hessian.
+    Rows with NaN or Inf raise ValueError naming `where`, the Linear they feed; st is then
+    unusable. Their test is nearly free: a NaN or Inf in column k makes Σ|x_k| and Σx_k² (the
+    Gram diagonal) NaN or Inf, so only when neither statistic is kept is x itself scanned."""
     for c in range(0, x2.shape[0], chunk):
         xc = x2[c:c + chunk]
+        finite = True
         if abs_stats:
             a = xc.abs()
             s, mx = a.sum(0), a.amax(0)
             finite = bool(torch.isfinite(s).all())
-        else:
+        elif not hessian:
             finite = bool(torch.isfinite(xc).all())
-        if not finite:
-            raise ValueError(f"the calibration input of {where or 'a Linear'} contains NaN or Inf (from the "
-                             f"calibration batches, or overflow in the model's own activations)")
-        if abs_stats:
-            st.abs_sum = s if st.abs_sum is None else st.abs_sum + s
-            st.abs_max = mx if st.abs_max is None else torch.maximum(st.abs_max, mx)
-        if hessian:
+        if finite and hessian:
             if st.gram is None:     # first rows, or more rows after a finish
                 K = xc.shape[1]
                 st.gram = (st.hessian * (st.n / 2.0) if st.hessian is not None
                            else torch.zeros(K, K, dtype=torch.float32, device=xc.device))
                 st.hessian = None
             add_gram_(st.gram, xc, mirror=False)
+            finite = bool(torch.isfinite(st.gram.diagonal()).all())
+        if not finite:
+            raise ValueError(f"the calibration input of {where or 'a Linear'} contains NaN or Inf (from the "
+                             f"calibration batches, or overflow in the model's own activations)")
+        if abs_stats:
+            st.abs_sum = s if st.abs_sum is None else st.abs_sum + s
+            st.abs_max = mx if st.abs_max is None else torch.maximum(st.abs_max, mx)
         st.n += xc.shape[0]
     return st
 
