@@ -17,6 +17,7 @@ namespace lowbit {
 namespace {
 
 constexpr int64_t kGramRows = 256;   // x rows per packed chunk: a 16-column strip is 16 KiB
+constexpr int64_t kGramBlockRows = 96;  // rows of h per block (their packed strips: 96 KiB)
 constexpr int kMaxTile = 16 * 64;    // the largest mr × nr of any variant's tile kernel
 
 void require_gram(bool ok, const std::string& msg) {
@@ -53,13 +54,14 @@ void gram_update(const GramCall& c) {
   const int64_t strips = (c.K + kGramStrip - 1) / kGramStrip + 1;
   std::vector<float> panel(size_t(strips * std::min(c.m, kGramRows) * kGramStrip));
   const int64_t JT = (c.K + g.nr - 1) / g.nr;
+  const int64_t rows_per_block = std::max<int64_t>(1, kGramBlockRows / g.mr) * g.mr;  // whole tiles
   for (int64_t t0 = 0; t0 < c.m; t0 += kGramRows) {
     const int64_t kc = std::min(kGramRows, c.m - t0);
     pack_strips(c, t0, kc, strips, panel.data());
-    // every tile of tile column jt on or above the diagonal, added to h
-    auto column = [&](int64_t jt, float* edge) {
+    // the tiles of tile column jt in rows [r0, r1) on or above the diagonal, added to h
+    auto tiles = [&](int64_t jt, int64_t r0, int64_t r1, float* edge) {
       const int64_t j0 = jt * g.nr, j1 = std::min(j0 + g.nr, c.K);
-      for (int64_t i0 = 0; i0 < j1; i0 += g.mr) {
+      for (int64_t i0 = r0; i0 < std::min(r1, j1); i0 += g.mr) {
         const int64_t i1 = std::min(i0 + g.mr, c.K);
         if (i1 - i0 == g.mr && j1 - j0 == g.nr) {
           g.tile(panel.data(), kc, i0, j0, c.h + i0 * c.ld_h + j0, c.ld_h);
@@ -73,10 +75,15 @@ void gram_update(const GramCall& c) {
     };
     parallel_for((JT + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
       float edge[kMaxTile];
+      std::vector<int64_t> cols;
       for (int64_t p = p0; p < p1; ++p) {
-        column(p, edge);
-        if (JT - 1 - p != p) column(JT - 1 - p, edge);
+        cols.push_back(p);
+        if (JT - 1 - p != p) cols.push_back(JT - 1 - p);
       }
+      // row blocks outermost: a block's strips (read a few floats per cache line by the
+      // broadcasts) stay in L2 across this thread's columns, whose strips stream once per block
+      for (int64_t r0 = 0; r0 < c.K; r0 += rows_per_block)
+        for (int64_t jt : cols) tiles(jt, r0, r0 + rows_per_block, edge);
     });
   }
 }

@@ -283,10 +283,17 @@ def add_gram_(h: torch.Tensor, x: torch.Tensor, block: int = 256, mirror: bool =
     if h.device.type == "cpu" and h.dtype == torch.float32 and x.dtype == torch.float32:
         gram_update(h, x if x.stride(-1) == 1 else x.contiguous())
     else:
-        edges = _gram_edges(x.shape[1], block)
-        for a, b in zip(edges[:-1], edges[1:]):
-            h[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+        add_gram_panels_(h, x, block)
     return symmetrize_(h, block) if mirror else h
+
+
+def add_gram_panels_(h: torch.Tensor, x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The upper triangle of h += xᵀx with the framework's matmuls: each row panel of `block`
+    rows times the columns on and right of its diagonal block (diagonal blocks whole)."""
+    edges = _gram_edges(x.shape[1], block)
+    for a, b in zip(edges[:-1], edges[1:]):
+        h[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+    return h
 
 
 def symmetrize_(h: torch.Tensor, block: int = 256) -> torch.Tensor:
