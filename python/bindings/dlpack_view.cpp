@@ -1,5 +1,7 @@
 #include "dlpack_view.h"
 
+#include <pybind11/numpy.h>
+
 #include <stdexcept>
 
 namespace py = pybind11;
@@ -40,7 +42,38 @@ bool ArrayView::contiguous() const {
   return true;
 }
 
+// A numpy array read straight from the array object: no DLPack capsule (a __dlpack__ call costs
+// a few µs, a large share of a small matmul's time). False for what this does not describe the
+// way DLPack would (other dtypes, byte-swapped data, strides that are not whole elements): those
+// take the DLPack path, which reports them.
+static bool view_numpy(const py::handle& obj, ArrayView& v) {
+  if (!py::isinstance<py::array>(obj)) return false;
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  const py::dtype dt = a.dtype();
+  const char kind = dt.kind();
+  const int64_t size = dt.itemsize();
+  if ((kind != 'f' && kind != 'i' && kind != 'u') || dt.byteorder() == '>') return false;
+  v.dtype = (kind == 'f' ? "float" : kind == 'i' ? "int" : "uint") + std::to_string(8 * size);
+  v.shape.assign(a.shape(), a.shape() + a.ndim());
+  v.strides.resize(size_t(a.ndim()));
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (a.strides(d) % size != 0) return false;
+    v.strides[size_t(d)] = a.strides(d) / size;
+  }
+  v.data = const_cast<void*>(a.data());
+  v.read_only = !a.writeable();
+  v.capsule = py::reinterpret_borrow<py::object>(obj);  // keeps the memory alive
+  return true;
+}
+
 ArrayView view_array(const py::handle& obj, const char* name, bool writable, int64_t stream) {
+  {
+    ArrayView v;
+    if (view_numpy(obj, v)) {
+      if (writable && v.read_only) throw py::value_error(std::string(name) + " is read-only");
+      return v;
+    }
+  }
   if (!py::hasattr(obj, "__dlpack__"))
     throw py::type_error(std::string(name) + " must be an array (numpy, torch, CuPy); got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
