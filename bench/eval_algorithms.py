@@ -404,7 +404,7 @@ def write_table(rows, path):
 
     for r in rows:
         gap = ""
-        base = by.get(BASELINE.get(r["name"].split("@")[0], ""))   # name@orderN: a reordered rerun
+        base = by.get(BASELINE.get(r["name"].split("@")[0], ""))   # name@orderN / @batchN: a rerun (reordered; batched)
         if base and fp is not None and base["ppl"] != fp:
             gap = f"{100 * (base['ppl'] - r['ppl']) / (base['ppl'] - fp):.1f}% (vs {base['name']})"
         rel = f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp else ""
@@ -476,6 +476,8 @@ def main():
         row = {"name": name, "model": args.model, "threads": args.threads}
         if args.calib_order_seed is not None:   # its own row, beside the protocol-order one
             row["name"] = f"{name}@order{args.calib_order_seed}"
+        if args.calib_batch != 1 and name not in ("fp32", *kv_configs, *QAT_CONFIGS):
+            row["name"] += f"@batch{args.calib_batch}"   # same data and result, its own timing row
         if args.note:
             row["note"] = args.note
         make_cache = None
