@@ -11,6 +11,7 @@ VARIANTS = [v["name"] for v in lb.build_info()["cpu_variants"] if v["runnable"]]
 
 FORMATS = {
     "int4-asym-g128": dict(bits=4, group_size=128),
+    "int4-asym-g32": dict(bits=4, group_size=32),
     "int4-sym-g64": dict(bits=4, group_size=64, symmetric=True),
     "int4-asym-row": dict(bits=4, group_size=None),
     "nf4-g64": dict(bits=4, codebook="nf4", group_size=64),
@@ -185,10 +186,11 @@ def test_integer_dots_exact(isa, fmt, shape, granularity):
     np.testing.assert_array_equal(y, (xi @ wint.T).astype(np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["int8-sym-row", "int8-asym-g32", "int4-asym-g128", "int4-sym-g64"])
+@pytest.mark.parametrize("fmt", ["int8-sym-row", "int8-asym-g32", "int4-asym-g128", "int4-sym-g64", "int4-asym-g32"])
 def test_gemm_row_remainders_exact(isa, fmt):
-    # The GEMMs walk a tile's rows of X in fours, threes and pairs: every remainder of 17-31 rows
-    # (one prefill tile) and 97 (a full tile plus one row) must give each row its own exact dots.
+    # The GEMMs walk a tile's rows of X in fours, threes, pairs and ones (32-wide groups: threes
+    # and the rest): every remainder of 17-31 rows (one prefill tile) and 97 (a full tile plus
+    # one row) must give each row its own exact dots.
     rng = np.random.default_rng(13)
     qt, wint = _integer_weight(rng, fmt, 20, 576)
     for M in list(range(17, 32)) + [97]:
@@ -266,7 +268,7 @@ def test_torch_bfloat16_and_batch_dims(isa):
         assert np.all(np.abs(got - want) <= 8 * _bound(xr, qt) + 2 ** -8 * np.abs(want) + 1e-3)
 
 
-@pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")] + ["int4-asym-g32"])
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")])
 @pytest.mark.parametrize("shape", [(16, 16, 32), (35, 37, 576), (70, 50, 300), (48, 33, 1000)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype,act_bits", [("bfloat16", None), ("bfloat16", 8), ("float16", 8)])
@@ -277,7 +279,7 @@ def test_half_precision_prefill(isa, fmt, shape, dtype, act_bits):
     the output's rounding plus fp32 sums (plus the per-token int8 rounding of x with act_bits=8)."""
     torch = pytest.importorskip("torch")
     M, N, K = shape
-    kw = FORMATS.get(fmt, dict(bits=4, group_size=32))
+    kw = FORMATS[fmt]
     x, w = _data(M, N, K, seed=5)
     qt = lb.quantize(w, **kw)
     tdtype = getattr(torch, dtype)

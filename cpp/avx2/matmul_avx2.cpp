@@ -255,14 +255,13 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
 // unpacked into a scratch of 4-k steps: one step is two registers, each 8 rows of W × 4
 // consecutive k (int4: u8 codes; int8: the s8 w'), so vpmaddubsw against 4 int8 activations
 // broadcast to every lane leaves each row's dot in its own lane, and a group ends with a
-// convert and two FMAs per (row of X, 8 rows of W). int4: 3 rows of X × 16 rows of W per step,
-// 6 multiplies per 3 broadcasts and 2 loads (measured best of 1-6 rows × 8-32 W rows); int8
-// (sign trick and a vpmaddwd per multiply, 4 vector ops per 32 MACs): 4 rows. The scratch
-// (Kp·16 bytes, L2-resident) is built once per four panels and tile and read by every row of X.
+// convert and two FMAs per (row of X, 8 rows of W). 4 rows of X × 16 rows of W per step (3 with
+// 32-wide groups, whose float sums stay in registers): 8 multiplies per 4 broadcasts and 2 loads.
+// The scratch (Kp·16 bytes, L2-resident) is built once per four panels and tile and read by
+// every row of X.
 constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
 // Fewer rows of X: the panel4 kernels (no scratch to build) were as fast or faster, int4 and float
-// activations alike (>= 2: the int4 GEMM walks rows in threes and pairs); int4 with groups wider
-// than 32 keeps them up to kDecodeRows (see matmul_int).
+// activations alike; int4 with groups wider than 32 keeps them up to kDecodeRows (see matmul_int).
 constexpr int64_t kK4MinRows = 8;
 constexpr int64_t kK4ChunkK = 1024;  // k per chunk in the integer GEMM (int_k4_walk)
 
@@ -320,97 +319,130 @@ inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst
       }
 }
 
-// One block (8 steps, 32 k from k) of MR rows of X against 16 rows of W, added to the int32 dots
-// d[i][v]. int4: vpmaddubsw of u in [0, 15] against the activations into int16 sums (a lane
-// <= 8·3810 = 30480 over the block), widened once per block. int8: the sign trick per step,
-// maddubs(|w'|, sign(x, w')) with |w'| <= 128 and |x| <= 127 (a lane <= 32512), widened every
-// step. (Not |x| against sign(w', x): w' = −128 has no positive int8.)
-template <int BITS, int MR>
-inline void k4_block(const uint8_t* wk, const int8_t* const* x, int64_t k, __m256i (*d)[2]) {
-  const __m256i ones16 = _mm256_set1_epi16(1);
-  const uint8_t* wb = wk + (k >> 2) * kK4Step;
-  auto bcast4 = [](const int8_t* p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
-  };
+// One step (4 k) of one row of X against 16 rows of W (w0: rows 0-7, w1: 8-15) into its two sums.
+// int4: vpmaddubsw of u in [0, 15] against the activations into int16 sums (a lane <= 8·3810 =
+// 30480 over a block). int8: the sign trick, maddubs(|w'|, sign(x, w')) with |w'| <= 128 and
+// |x| <= 127 (a lane <= 32512), widened to int32 every step. (Not |x| against sign(w', x):
+// w' = −128 has no positive int8.)
+template <int BITS>
+inline void k4_step(__m256i w0, __m256i w1, __m256i a0, __m256i a1, const int8_t* x, __m256i& s0, __m256i& s1) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  const __m256i xb = _mm256_set1_epi32(v);
   if constexpr (BITS == 4) {
-    __m256i s[MR][2];
-    for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm256_setzero_si256();
-#pragma GCC unroll 8  // unrolled, the 2·MR sums stay in registers
-    for (int j = 0; j < 8; ++j) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step + 32));
-      for (int i = 0; i < MR; ++i) {
-        const __m256i xb = bcast4(x[i] + k + 4 * j);
-        s[i][0] = _mm256_add_epi16(s[i][0], _mm256_maddubs_epi16(w0, xb));
-        s[i][1] = _mm256_add_epi16(s[i][1], _mm256_maddubs_epi16(w1, xb));
-        asm("" : "+x"(s[i][0]), "+x"(s[i][1]));  // one running sum each: GCC's reassociated add tree spills
-      }
-    }
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < 2; ++v) d[i][v] = _mm256_add_epi32(d[i][v], _mm256_madd_epi16(s[i][v], ones16));
+    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(w0, xb));
+    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(w1, xb));
   } else {
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step + 32));
-      const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
-      for (int i = 0; i < MR; ++i) {
-        const __m256i xb = bcast4(x[i] + k + 4 * j);
-        d[i][0] = _mm256_add_epi32(d[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0)), ones16));
-        d[i][1] = _mm256_add_epi32(d[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1)), ones16));
-        asm("" : "+x"(d[i][0]), "+x"(d[i][1]));
-      }
-    }
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0)), ones16));
+    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1)), ones16));
   }
+  asm("" : "+x"(s0), "+x"(s1));  // one running sum each: GCC's reassociated add tree spills
 }
 
-// Rows m .. m+MR-1 of X against the unpacked panels, k in
-// [k0, k1) (whole blocks): y[i][0..15] (16 rows of W, before the per-token activation scale;
-// ns: −suma, times sg per block, [row][G]) += each group's share of the scaled dots, plus its
-// zero-point term where the group ends in the range. A share's int32 dot is exact in float: the
-// chunks of int_k4_walk keep it under 1024 k (|d| < 1024·127·128 < 2^24). G32 (32-wide groups,
-// one block each): the float sums stay in registers across groups.
+// One block (8 steps, 32 k) of MR <= 4 rows of X (x: row 0 at the block's k, row stride ld)
+// against 16 rows of W; done(i, v, dot) gets row i's int32 dots with rows 8v .. 8v+7 of W.
+// The sums are named variables, not an array: GCC kept arrays of them in memory.
+template <int BITS, int MR, class Done>
+inline void k4_block(const uint8_t* wb, const int8_t* x, int64_t ld, Done&& done) {
+  const __m256i z = _mm256_setzero_si256();
+  __m256i s0 = z, s1 = z, s2 = z, s3 = z, s4 = z, s5 = z, s6 = z, s7 = z;
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * kK4Step + 32));
+    const __m256i a0 = BITS == 8 ? _mm256_abs_epi8(w0) : w0, a1 = BITS == 8 ? _mm256_abs_epi8(w1) : w1;
+    const int8_t* xj = x + 4 * j;
+    k4_step<BITS>(w0, w1, a0, a1, xj, s0, s1);
+    if constexpr (MR > 1) k4_step<BITS>(w0, w1, a0, a1, xj + ld, s2, s3);
+    if constexpr (MR > 2) k4_step<BITS>(w0, w1, a0, a1, xj + 2 * ld, s4, s5);
+    if constexpr (MR > 3) k4_step<BITS>(w0, w1, a0, a1, xj + 3 * ld, s6, s7);
+  }
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  auto widen = [&](__m256i t) { return BITS == 4 ? _mm256_madd_epi16(t, ones16) : t; };
+  done(0, 0, widen(s0));
+  done(0, 1, widen(s1));
+  if constexpr (MR > 1) { done(1, 0, widen(s2)); done(1, 1, widen(s3)); }
+  if constexpr (MR > 2) { done(2, 0, widen(s4)); done(2, 1, widen(s5)); }
+  if constexpr (MR > 3) { done(3, 0, widen(s6)); done(3, 1, widen(s7)); }
+}
+
+// Rows m .. m+MR-1 of X against the unpacked panels, k in [k0, k1) (whole blocks): y[i][0..15]
+// (16 rows of W, before the per-token activation scale; ns: −suma, times sg per block,
+// [row][G]) += each group's share of the scaled dots, plus its zero-point term where the group
+// ends in the range. A share's int32 dot is exact in float: the chunks of int_k4_walk keep it
+// under 1024 k (|d| < 1024·127·128 < 2^24). G32 (groups of one block, MR <= 2): each block's
+// sums are scaled into float sums held in registers across the range. Wider groups add their
+// blocks into int32 dots in memory (the 2·MR sums keep the registers) and scale those into y
+// once per group.
 template <int BITS, int MR, bool G32>
 inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns,
                     int64_t m, int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
+  static_assert(!G32 || MR <= 3, "G32 keeps 2·MR float sums beside the 2·MR block sums");
   const PackedLinear& w = a.w;
-  const int64_t G = w.h->G, gs = w.h->group_size;
-  const int8_t* x[MR];
-  for (int i = 0; i < MR; ++i) x[i] = a.x.xq + (m + i) * a.x.ld;
-  __m256 f[MR][2];
-  if constexpr (G32)
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < 2; ++v) f[i][v] = _mm256_load_ps(y[i] + 8 * v);
+  const int64_t G = w.h->G, ld = a.x.ld;
+  const int8_t* x = a.x.xq + m * ld;
+  const float* sg = a.x.sg ? a.x.sg + m * G : nullptr;
   // acc + s_g · d (+ swz_g · ns when the group ends here; s_g: the group scale, times sg per block)
   auto scale_add = [&](int64_t g, bool ends, int i, int v, __m256i d, __m256 acc) {
     __m256 s = _mm256_loadu_ps(sc + g * 32 + 8 * v);
-    if (a.x.sg) s = _mm256_mul_ps(s, _mm256_broadcast_ss(a.x.sg + (m + i) * G + g));
+    if (sg) s = _mm256_mul_ps(s, _mm256_broadcast_ss(sg + i * G + g));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
     return ends ? _mm256_fmadd_ps(_mm256_loadu_ps(sc + g * 32 + 16 + 8 * v), _mm256_broadcast_ss(ns + i * G + g), acc)
                 : acc;
   };
+  if constexpr (G32) {
+    __m256 f0 = _mm256_load_ps(y[0]), f1 = _mm256_load_ps(y[0] + 8), f2 = f0, f3 = f1, f4 = f0, f5 = f1;
+    if constexpr (MR > 1) f2 = _mm256_load_ps(y[1]), f3 = _mm256_load_ps(y[1] + 8);
+    if constexpr (MR > 2) f4 = _mm256_load_ps(y[2]), f5 = _mm256_load_ps(y[2] + 8);
+    for (int64_t k = k0, g = g0; k < k1; k += kBlockK, ++g)
+      k4_block<BITS, MR>(wk + (k >> 2) * kK4Step, x + k, ld, [&](int i, int v, __m256i d) {
+        __m256& f = i == 0 ? (v == 0 ? f0 : f1) : i == 1 ? (v == 0 ? f2 : f3) : (v == 0 ? f4 : f5);
+        f = scale_add(g, true, i, v, d, f);
+      });
+    _mm256_store_ps(y[0], f0);
+    _mm256_store_ps(y[0] + 8, f1);
+    if constexpr (MR > 1) _mm256_store_ps(y[1], f2), _mm256_store_ps(y[1] + 8, f3);
+    if constexpr (MR > 2) _mm256_store_ps(y[2], f4), _mm256_store_ps(y[2] + 8, f5);
+    return;
+  }
+  alignas(32) __m256i dots[MR][2];
   for (int64_t k = k0, g = g0; k < k1; ++g) {
     const int64_t e = std::min(w.group_end(g), k1);
-    __m256i d[MR][2];
-    for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
-    if constexpr (G32) {  // one block, no loop: d then lives only as long as the block's sums
-      k4_block<BITS, MR>(wk, x, k, d);
-      k += kBlockK;
-      for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < 2; ++v) f[i][v] = scale_add(g, true, i, v, d[i][v], f[i][v]);
-    } else {  // f through memory: 2·MR float sums beside the dots' registers would spill
-      for (; k < e; k += kBlockK) k4_block<BITS, MR>(wk, x, k, d);
-      const bool ends = e == w.group_end(g);
-      for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < 2; ++v)
-          _mm256_store_ps(y[i] + 8 * v, scale_add(g, ends, i, v, d[i][v], _mm256_load_ps(y[i] + 8 * v)));
-    }
-  }
-  if constexpr (G32)
+    for (int i = 0; i < MR; ++i) dots[i][0] = dots[i][1] = _mm256_setzero_si256();
+    for (; k < e; k += kBlockK)
+      k4_block<BITS, MR>(wk + (k >> 2) * kK4Step, x + k, ld, [&](int i, int v, __m256i d) {
+        _mm256_store_si256(&dots[i][v], _mm256_add_epi32(_mm256_load_si256(&dots[i][v]), d));
+      });
+    const bool ends = e == w.group_end(g);
     for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < 2; ++v) _mm256_store_ps(y[i] + 8 * v, f[i][v]);
+      for (int v = 0; v < 2; ++v)
+        _mm256_store_ps(y[i] + 8 * v, scale_add(g, ends, i, v, _mm256_load_si256(&dots[i][v]), _mm256_load_ps(y[i] + 8 * v)));
+  }
+}
+
+// Rows [m0, m1) (at least kK4MinRows): 32-wide groups in pairs (see k4_rows), else four at a
+// time, then threes, the rest in pairs.
+template <int BITS>
+void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m0, int64_t m1,
+             int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
+  const int64_t G = a.w.h->G, rows = m1 - m0;
+  auto run = [&](auto mr, auto g32, int64_t i) {
+    k4_rows<BITS, decltype(mr)::value, decltype(g32)::value>(a, wk, sc, ns + i * G, m0 + i, g0, k0, k1, y + i);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  int64_t i = 0;
+  if (a.w.h->group_size == kBlockK) {
+    for (; rows - i >= 3; i += 3) run(std::integral_constant<int, 3>(), std::true_type(), i);
+    if (rows - i == 2) run(Two(), std::true_type(), i);
+    if (rows - i == 1) run(One(), std::true_type(), i);
+    return;
+  }
+  for (; rows - i >= 8 || rows - i == 4 || rows - i == 7; i += 4)  // leaving 0, 3, 5 or 6 rows
+    run(std::integral_constant<int, 4>(), std::false_type(), i);
+  for (; rows - i >= 3 && rows - i != 4; i += 3) run(std::integral_constant<int, 3>(), std::false_type(), i);
+  for (; i < rows; i += 2) run(Two(), std::false_type(), i);
 }
 
 // y[m - m0][r] (rows of W p·4 + r of the set of np panels at p) times row_scale[m] (nullptr: 1)
@@ -440,21 +472,6 @@ inline float (*k4_out_scratch(int64_t rows))[16] {
   return reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
 }
 
-// Rows [m0, m1) (at least kK4MinRows): int8 four at a time, then threes, the rest in pairs.
-template <int BITS, bool G32>
-void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m0, int64_t m1,
-             int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
-  const int64_t G = a.w.h->G, rows = m1 - m0;
-  auto run = [&](auto mr, int64_t i) {
-    k4_rows<BITS, decltype(mr)::value, G32>(a, wk, sc, ns + i * G, m0 + i, g0, k0, k1, y + i);
-  };
-  int64_t i = 0;
-  if constexpr (BITS == 8)  // fours, leaving 0, 3, 5 or 6 rows
-    for (; rows - i >= 8 || rows - i == 4 || rows - i == 7; i += 4) run(std::integral_constant<int, 4>(), i);
-  for (; rows - i >= 3 && rows - i != 4; i += 3) run(std::integral_constant<int, 3>(), i);
-  for (; i < rows; i += 2) run(std::integral_constant<int, 2>(), i);
-}
-
 // W4A8 / W8A8 GEMM on the k4 scratch, per four panels: k in chunks of about kK4ChunkK (whole
 // groups when they are narrower), so the chunk's scratch (16 KiB) and activations stay in L1
 // while every row of the tile passes over them.
@@ -479,8 +496,7 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
     for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
       const int64_t k1 = std::min(Kp, k0 + chunk);
       const int64_t g0 = k0 / gs;  // the group of k0 (a chunk starts on a group, or inside one)
-      if (gs == kBlockK) k4_tile<BITS, true>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, k0, k1, y);
-      else k4_tile<BITS, false>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, k0, k1, y);
+      k4_tile<BITS>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, k0, k1, y);
     }
     store_k4_set(a, m0, m1, p, np, y, a.x.sa);
   }
