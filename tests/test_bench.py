@@ -56,6 +56,9 @@ def test_every_method_is_measured_or_explained(tiny_run):
         assert lim["fp32_fma_instr"] and lim["int8_dot_instr"]
         # a bf16-dot peak where the CPU has avx512_bf16, else the reason it is missing
         assert (lim["bf16_dot_GFLOPs"] or 0) > 0 or lim["bf16_dot_instr"].startswith("unavailable")
+        # on AVX2 the exact s8×s8 rate too (the W8A8 kernels' ceiling there)
+        if lim["int8_dot_kind"] == "int8":
+            assert 0 < lim["int8_exact_dot_GOPs"]
 
 
 def test_peers_multiply_by_our_weights(tiny_run):
@@ -126,7 +129,8 @@ def test_microbench_read_reps_is_validated():
         bench.runner._ext.core().microbench("read", np.ones(1 << 16, np.uint8), 0)
 
 
-@pytest.mark.parametrize("kind", ["fma", "int8", "fma512", "vnni512", "bf16dot512", "amx_int8", "amx_bf16"])
+@pytest.mark.parametrize("kind", ["fma", "int8", "int8_exact", "fma512", "vnni512", "bf16dot512", "amx_int8",
+                                  "amx_bf16"])
 def test_microbench_peaks_run_or_say_why(kind):
     """Each peak microbenchmark gives a positive rate where its variant runs, else a clear error."""
     core = bench.runner._ext.core()

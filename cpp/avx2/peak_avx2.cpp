@@ -85,5 +85,37 @@ double peak_int8_gops(int64_t iters) {
   return double(threads) * iters * kChains * 32 * 2 / dt / 1e9 + 0 * double(sink.load());
 }
 
+// The exact s8×s8 rate on AVX2, the ceiling of the W8A8 kernels: the sign trick
+// (maddubs(|w|, sign(x, w))) and a vpmaddwd to int32 per vpmaddubsw, as those kernels do it
+// (the u8×s8 form without vpsignb can saturate int16, so no exact kernel gets the rate above).
+double peak_int8_exact_gops(int64_t iters) {
+  const int threads = get_num_threads();
+  constexpr int kChains = 6;
+  std::atomic<int64_t> sink{0};
+  double t0 = seconds_now();
+  parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
+    for (int64_t t = t0_; t < t1_; ++t) {
+      __m256i acc[kChains], w[kChains], aw[kChains];
+      for (int i = 0; i < kChains; ++i) {
+        acc[i] = _mm256_set1_epi32(i);
+        w[i] = _mm256_set1_epi8(char(i % 2 ? -3 - i : 3 + i));
+        aw[i] = _mm256_abs_epi8(w[i]);
+      }
+      const __m256i ones16 = _mm256_set1_epi16(1);
+      __m256i x = _mm256_set1_epi8(-5);
+      for (int64_t it = 0; it < iters; ++it) {
+        asm("" : "+x"(x));
+        for (int i = 0; i < kChains; ++i)
+          acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[i], _mm256_sign_epi8(x, w[i])), ones16));
+      }
+      __m256i r = acc[0];
+      for (int i = 1; i < kChains; ++i) r = _mm256_add_epi32(r, acc[i]);
+      sink += _mm256_extract_epi32(r, 0);
+    }
+  });
+  double dt = seconds_now() - t0;
+  return double(threads) * iters * kChains * 32 * 2 / dt / 1e9 + 0 * double(sink.load());
+}
+
 }  // namespace avx2
 }  // namespace lowbit

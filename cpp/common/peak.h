@@ -11,7 +11,8 @@ inline double seconds_now() {
 namespace avx2 {  // cpp/avx2/peak_avx2.cpp
 double peak_read_gbps(const uint8_t* buf, int64_t bytes, int reps);  // streaming 32-byte loads
 double peak_fma_gflops(int64_t iters);   // 2 FLOP per fp32 FMA lane, 10 independent chains
-double peak_int8_gops(int64_t iters);    // vpmaddubsw+vpmaddwd+vpaddd: 2 OP per int8 MAC
+double peak_int8_gops(int64_t iters);    // vpmaddubsw+vpaddw (u8×s8 into int16): 2 OP per int8 MAC
+double peak_int8_exact_gops(int64_t iters);  // vpsignb+vpmaddubsw+vpmaddwd+vpaddd: exact s8×s8
 }  // namespace avx2
 namespace avx512 {  // cpp/avx512/peak_avx512.cpp
 double peak_fma512_gflops(int64_t iters);

@@ -321,6 +321,7 @@ PYBIND11_MODULE(_core, m) {
     Fn fn = nullptr;
     if (kind == "fma") { need("avx2", true, "fma"); fn = avx2::peak_fma_gflops; }
     else if (kind == "int8") { need("avx2", true, "int8"); fn = avx2::peak_int8_gops; }
+    else if (kind == "int8_exact") { need("avx2", true, "int8_exact"); fn = avx2::peak_int8_exact_gops; }
     else if (kind == "fma512") { need("avx512", true, "fma512"); fn = avx512::peak_fma512_gflops; }
     else if (kind == "vnni512") { need("avx512", true, "vnni512"); fn = avx512::peak_vnni512_gops; }
     else if (kind == "bf16dot512") { need("avx512", f.avx512bf16, "bf16dot512 (avx512_bf16)"); fn = avx512::peak_bf16dot512_gflops; }
@@ -328,13 +329,14 @@ PYBIND11_MODULE(_core, m) {
     else if (kind == "amx_int8") { need("amx", true, "amx_int8"); fn = amx::peak_amx_int8_gops; }
     else if (kind == "amx_bf16") { need("amx", f.amx_bf16, "amx_bf16"); fn = amx::peak_amx_bf16_gflops; }
 #endif
-    else throw py::value_error("microbench kind must be read, fma, int8, fma512, vnni512, bf16dot512, amx_int8 or amx_bf16"
+    else throw py::value_error("microbench kind must be read, fma, int8, int8_exact, fma512, vnni512, bf16dot512, amx_int8 or amx_bf16"
                                " (the last five where this build has the variant)");
     py::gil_scoped_release nogil;
     return fn(iters);
   }, py::arg("kind"), py::arg("arg"), py::arg("reps") = 5,
         "machine limits: read GB/s (best of reps passes over arg); the others take an iteration count:"
-        " fp32 FMA GFLOP/s (fma: ymm, fma512: zmm), int8 dot GOP/s (int8: vpmaddubsw, vnni512:"
+        " fp32 FMA GFLOP/s (fma: ymm, fma512: zmm), int8 dot GOP/s (int8: vpmaddubsw, int8_exact: the exact"
+        " s8×s8 sign trick with vpmaddwd, vnni512:"
         " vpdpbusd, amx_int8: tdpbusd), bf16 dot GFLOP/s (bf16dot512: vdpbf16ps, amx_bf16: tdpbf16ps)");
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));

@@ -55,6 +55,7 @@ def compute_probe(lim: dict, compute: str) -> Callable[[], float]:
 _FMA = [("fma512", "zmm vfmadd"), ("fma", "ymm vfmadd")]
 _INT8 = [("vnni512", "zmm vpdpbusd"), ("int8", "ymm vpmaddubsw+vpaddw")]
 _BF16 = [("bf16dot512", "zmm vdpbf16ps")]
+_INT8_EXACT = [("int8_exact", "ymm vpsignb+vpmaddubsw+vpmaddwd")]
 _AMX = [("amx_int8", "amx_int8_GOPs", "AMX tdpbusd"), ("amx_bf16", "amx_bf16_GFLOPs", "AMX tdpbf16ps")]
 
 
@@ -73,8 +74,10 @@ def _first_runnable(core, candidates, iters: int, runs: int = 3):
 def measure_limits(threads: List[int], buf: np.ndarray) -> Dict[int, Dict[str, float]]:
     """Per thread count: DRAM read GB/s (best of 5 passes over buf); the fp32 FMA, int8-dot and
     bf16-dot peaks of the widest SIMD instruction this CPU runs (the instruction is named beside
-    each); and the AMX tile peaks where the CPU and OS allow AMX (reported, not used as a limit:
-    the issue's prefill targets are stated against the vector peaks)."""
+    each); on AVX2, the exact s8×s8 rate (sign trick plus a vpmaddwd per multiply: what an exact
+    W8A8 kernel can reach there); and the AMX tile peaks where the CPU and OS allow AMX. The last
+    two are reported, not used as limits: the issue's prefill targets are stated against the
+    vector peaks."""
     core = _ext.core()
     limits = {}
     for t in threads:
@@ -86,6 +89,10 @@ def measure_limits(threads: List[int], buf: np.ndarray) -> Dict[int, Dict[str, f
             lim[key] = value
             lim[key.split("_G")[0] + "_instr"] = instr
             lim[key.split("_G")[0] + "_kind"] = kind
+        if lim["int8_dot_kind"] == "int8":  # AVX2: also the exact s8×s8 rate, the W8A8 kernels' ceiling
+            value, _, _ = _first_runnable(core, _INT8_EXACT, 20_000_000)
+            if value is not None:
+                lim["int8_exact_dot_GOPs"] = value
         for kind, key, instr in _AMX:
             value, _, _ = _first_runnable(core, [(kind, instr)], 1_000_000)
             if value is not None:

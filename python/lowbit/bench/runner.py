@@ -175,6 +175,8 @@ def main(argv=None) -> dict:
                 else lim["bf16_dot_instr"])
         amx = "".join(f", {k.replace('_', ' ')[:-1]}/s {lim[k]:.0f}" for k in ("amx_int8_GOPs", "amx_bf16_GFLOPs")
                       if k in lim)
+        if "int8_exact_dot_GOPs" in lim:
+            amx = f", exact s8×s8 dot {lim['int8_exact_dot_GOPs']:.0f} GOP/s (ymm vpsignb+vpmaddubsw+vpmaddwd){amx}"
         print(f"  limits @ {t} thread(s): DRAM read {lim['dram_read_GBps']:.1f} GB/s, fp32 FMA "
               f"{lim['fp32_fma_GFLOPs']:.0f} GFLOP/s ({lim['fp32_fma_instr']}), int8 dot "
               f"{lim['int8_dot_GOPs']:.0f} GOP/s ({lim['int8_dot_instr']}), bf16 dot {bf16}{amx}")
