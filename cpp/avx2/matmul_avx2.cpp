@@ -371,25 +371,27 @@ inline void k4_block(const uint8_t* wb, const int8_t* x, int64_t ld, Done&& done
 // (16 rows of W, before the per-token activation scale; ns: −suma, times sg per block,
 // [row][G]) += each group's share of the scaled dots, plus its zero-point term where the group
 // ends in the range. A share's int32 dot is exact in float: the chunks of int_k4_walk keep it
-// under 1024 k (|d| < 1024·127·128 < 2^24). G32 (groups of one block, MR <= 2): each block's
+// under 1024 k (|d| < 1024·127·128 < 2^24). G32 (groups of one block, MR <= 3): each block's
 // sums are scaled into float sums held in registers across the range. Wider groups add their
 // blocks into int32 dots in memory (the 2·MR sums keep the registers) and scale those into y
-// once per group.
-template <int BITS, int MR, bool G32>
+// once per group. SG: per-block activation scales (a.x.sg), a template flag so the epilogue has
+// no branch per output vector.
+template <int BITS, int MR, bool G32, bool SG>
 inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns,
                     int64_t m, int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
   static_assert(!G32 || MR <= 3, "G32 keeps 2·MR float sums beside the 2·MR block sums");
   const PackedLinear& w = a.w;
   const int64_t G = w.h->G, ld = a.x.ld;
   const int8_t* x = a.x.xq + m * ld;
-  const float* sg = a.x.sg ? a.x.sg + m * G : nullptr;
+  const float* sg = SG ? a.x.sg + m * G : nullptr;
   // acc + s_g · d (+ swz_g · ns when the group ends here; s_g: the group scale, times sg per block)
-  auto scale_add = [&](int64_t g, bool ends, int i, int v, __m256i d, __m256 acc) {
+  auto scale_add = [&](int64_t g, auto ends, int i, int v, __m256i d, __m256 acc) {
     __m256 s = _mm256_loadu_ps(sc + g * 32 + 8 * v);
-    if (sg) s = _mm256_mul_ps(s, _mm256_broadcast_ss(sg + i * G + g));
+    if constexpr (SG) s = _mm256_mul_ps(s, _mm256_broadcast_ss(sg + i * G + g));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
-    return ends ? _mm256_fmadd_ps(_mm256_loadu_ps(sc + g * 32 + 16 + 8 * v), _mm256_broadcast_ss(ns + i * G + g), acc)
-                : acc;
+    if constexpr (decltype(ends)::value)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(sc + g * 32 + 16 + 8 * v), _mm256_broadcast_ss(ns + i * G + g), acc);
+    return acc;
   };
   if constexpr (G32) {
     __m256 f0 = _mm256_load_ps(y[0]), f1 = _mm256_load_ps(y[0] + 8), f2 = f0, f3 = f1, f4 = f0, f5 = f1;
@@ -398,7 +400,7 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, con
     for (int64_t k = k0, g = g0; k < k1; k += kBlockK, ++g)
       k4_block<BITS, MR>(wk + (k >> 2) * kK4Step, x + k, ld, [&](int i, int v, __m256i d) {
         __m256& f = i == 0 ? (v == 0 ? f0 : f1) : i == 1 ? (v == 0 ? f2 : f3) : (v == 0 ? f4 : f5);
-        f = scale_add(g, true, i, v, d, f);
+        f = scale_add(g, std::true_type(), i, v, d, f);
       });
     _mm256_store_ps(y[0], f0);
     _mm256_store_ps(y[0] + 8, f1);
@@ -414,10 +416,13 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, con
       k4_block<BITS, MR>(wk + (k >> 2) * kK4Step, x + k, ld, [&](int i, int v, __m256i d) {
         _mm256_store_si256(&dots[i][v], _mm256_add_epi32(_mm256_load_si256(&dots[i][v]), d));
       });
-    const bool ends = e == w.group_end(g);
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < 2; ++v)
-        _mm256_store_ps(y[i] + 8 * v, scale_add(g, ends, i, v, _mm256_load_si256(&dots[i][v]), _mm256_load_ps(y[i] + 8 * v)));
+    auto finish = [&](auto ends) {  // one branch per group, not per output vector
+      for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < 2; ++v)
+          _mm256_store_ps(y[i] + 8 * v, scale_add(g, ends, i, v, _mm256_load_si256(&dots[i][v]), _mm256_load_ps(y[i] + 8 * v)));
+    };
+    if (e == w.group_end(g)) finish(std::true_type());
+    else finish(std::false_type());
   }
 }
 
@@ -428,7 +433,10 @@ void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const floa
              int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
   const int64_t G = a.w.h->G, rows = m1 - m0;
   auto run = [&](auto mr, auto g32, int64_t i) {
-    k4_rows<BITS, decltype(mr)::value, decltype(g32)::value>(a, wk, sc, ns + i * G, m0 + i, g0, k0, k1, y + i);
+    constexpr int MR = decltype(mr)::value;
+    constexpr bool G32 = decltype(g32)::value;
+    if (a.x.sg) k4_rows<BITS, MR, G32, true>(a, wk, sc, ns + i * G, m0 + i, g0, k0, k1, y + i);
+    else k4_rows<BITS, MR, G32, false>(a, wk, sc, ns + i * G, m0 + i, g0, k0, k1, y + i);
   };
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
