@@ -82,6 +82,21 @@ def test_float_activations(isa, fmt, shape):
     assert np.all(err <= 8 * _bound(x, qt)), (isa, fmt, shape, err.max())
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_float_activations_far_from_one(isa, fmt, M):
+    # Rows of tiny, huge and zero activations keep float accuracy (the AVX2 int4 decode kernel
+    # scales x by up to 2^-24 internally and must renormalise the row first).
+    x, w = _data(M, 37, 576, seed=5)
+    qt = lb.quantize(w, **FORMATS[fmt])
+    for scale in (1e-35, 1e30, 0.0):
+        xs = (x * np.float32(scale)).astype(np.float32)
+        y = lb.matmul(xs, qt)
+        # _bound without its absolute floor, which would hide any error at 1e-35
+        bound = 16e-6 * (np.abs(xs.astype(np.float64)) @ np.abs(lb.dequantize(qt).astype(np.float64)).T)
+        assert np.all(np.abs(y - _ref(xs, qt)) <= bound), (isa, fmt, M, scale)
+
+
 @pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
