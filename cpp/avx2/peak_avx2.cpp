@@ -36,85 +36,82 @@ double peak_read_gbps(const uint8_t* buf, int64_t bytes, int reps) {
   return best + 0 * double(sink.load());
 }
 
-double peak_fma_gflops(int64_t iters) {
+// Runs chains(iters) on every thread at once: G ops per second, ops_per_iter ops per iteration
+// and thread (chains returns a value that keeps its work from being optimized away).
+template <class Chains>
+double rate_on_all_threads(int64_t iters, double ops_per_iter, Chains chains) {
   const int threads = get_num_threads();
   std::atomic<int64_t> sink{0};
   double t0 = seconds_now();
   parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
-    for (int64_t t = t0_; t < t1_; ++t) {
-      __m256 acc[10];
-      for (int i = 0; i < 10; ++i) acc[i] = _mm256_set1_ps(float(i));
-      const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-      for (int64_t it = 0; it < iters; ++it)
-        for (int i = 0; i < 10; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, c);
-      __m256 s = acc[0];
-      for (int i = 1; i < 10; ++i) s = _mm256_add_ps(s, acc[i]);
-      sink += int64_t(_mm256_cvtss_f32(s));
-    }
+    for (int64_t t = t0_; t < t1_; ++t) sink += chains(iters);
   });
   double dt = seconds_now() - t0;
-  return double(threads) * iters * 10 * 8 * 2 / dt / 1e9 + 0 * double(sink.load());
+  return double(threads) * double(iters) * ops_per_iter / dt / 1e9 + 0 * double(sink.load());
 }
+
+double peak_fma_gflops(int64_t iters) {
+  constexpr int kChains = 10;
+  return rate_on_all_threads(iters, kChains * 8 * 2, [](int64_t n) -> int64_t {
+    __m256 acc[kChains];
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm256_set1_ps(float(i));
+    const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    for (int64_t it = 0; it < n; ++it)
+      for (int i = 0; i < kChains; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, c);
+    __m256 s = acc[0];
+    for (int i = 1; i < kChains; ++i) s = _mm256_add_ps(s, acc[i]);
+    return int64_t(_mm256_cvtss_f32(s));
+  });
+}
+
+// Each int8 microbenchmark: kInt8Chains chains of one 32-byte multiply per iteration.
+constexpr int kInt8Chains = 6;
 
 // The u8×s8 multiply rate: vpmaddubsw into int16 sums (how the int4 kernels use it; an exact
 // int32 dot of int8 × int8 needs a vpmaddwd more). Each chain has its own weight operand and the
 // activation operand is opaque to the compiler every iteration, so no product is shared or hoisted.
 double peak_int8_gops(int64_t iters) {
-  const int threads = get_num_threads();
-  constexpr int kChains = 6;
-  std::atomic<int64_t> sink{0};
-  double t0 = seconds_now();
-  parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
-    for (int64_t t = t0_; t < t1_; ++t) {
-      __m256i acc[kChains], u[kChains];
-      for (int i = 0; i < kChains; ++i) {
-        acc[i] = _mm256_set1_epi16(int16_t(i));
-        u[i] = _mm256_set1_epi8(char(3 + i));
-      }
-      __m256i x = _mm256_set1_epi8(-5);
-      for (int64_t it = 0; it < iters; ++it) {
-        asm("" : "+x"(x));
-        for (int i = 0; i < kChains; ++i) acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(u[i], x));
-      }
-      __m256i r = acc[0];
-      for (int i = 1; i < kChains; ++i) r = _mm256_add_epi16(r, acc[i]);
-      sink += _mm256_extract_epi16(r, 0);
+  return rate_on_all_threads(iters, kInt8Chains * 32 * 2, [](int64_t n) -> int64_t {
+    __m256i acc[kInt8Chains], u[kInt8Chains];
+    for (int i = 0; i < kInt8Chains; ++i) {
+      acc[i] = _mm256_set1_epi16(int16_t(i));
+      u[i] = _mm256_set1_epi8(char(3 + i));
+      asm("" : "+x"(u[i]));  // opaque: not rebuilt from constants in the loop
     }
+    __m256i x = _mm256_set1_epi8(-5);
+    for (int64_t it = 0; it < n; ++it) {
+      asm("" : "+x"(x));
+      for (int i = 0; i < kInt8Chains; ++i) acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(u[i], x));
+    }
+    __m256i r = acc[0];
+    for (int i = 1; i < kInt8Chains; ++i) r = _mm256_add_epi16(r, acc[i]);
+    return _mm256_extract_epi16(r, 0);
   });
-  double dt = seconds_now() - t0;
-  return double(threads) * iters * kChains * 32 * 2 / dt / 1e9 + 0 * double(sink.load());
 }
 
 // The exact s8×s8 rate on AVX2, the ceiling of the W8A8 kernels: the sign trick
 // (maddubs(|w|, sign(x, w))) and a vpmaddwd to int32 per vpmaddubsw, as those kernels do it
 // (the u8×s8 form without vpsignb can saturate int16, so no exact kernel gets the rate above).
 double peak_int8_exact_gops(int64_t iters) {
-  const int threads = get_num_threads();
-  constexpr int kChains = 6;
-  std::atomic<int64_t> sink{0};
-  double t0 = seconds_now();
-  parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
-    for (int64_t t = t0_; t < t1_; ++t) {
-      __m256i acc[kChains], w[kChains], aw[kChains];
-      for (int i = 0; i < kChains; ++i) {
-        acc[i] = _mm256_set1_epi32(i);
-        w[i] = _mm256_set1_epi8(char(i % 2 ? -3 - i : 3 + i));
-        aw[i] = _mm256_abs_epi8(w[i]);
-      }
-      const __m256i ones16 = _mm256_set1_epi16(1);
-      __m256i x = _mm256_set1_epi8(-5);
-      for (int64_t it = 0; it < iters; ++it) {
-        asm("" : "+x"(x));
-        for (int i = 0; i < kChains; ++i)
-          acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[i], _mm256_sign_epi8(x, w[i])), ones16));
-      }
-      __m256i r = acc[0];
-      for (int i = 1; i < kChains; ++i) r = _mm256_add_epi32(r, acc[i]);
-      sink += _mm256_extract_epi32(r, 0);
+  return rate_on_all_threads(iters, kInt8Chains * 32 * 2, [](int64_t n) -> int64_t {
+    __m256i acc[kInt8Chains], w[kInt8Chains], aw[kInt8Chains];
+    for (int i = 0; i < kInt8Chains; ++i) {
+      acc[i] = _mm256_set1_epi32(i);
+      w[i] = _mm256_set1_epi8(char(i % 2 ? -3 - i : 3 + i));
+      aw[i] = _mm256_abs_epi8(w[i]);
+      asm("" : "+x"(w[i]), "+x"(aw[i]));  // opaque: not rebuilt from constants in the loop
     }
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256i x = _mm256_set1_epi8(-5);
+    for (int64_t it = 0; it < n; ++it) {
+      asm("" : "+x"(x));
+      for (int i = 0; i < kInt8Chains; ++i)
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[i], _mm256_sign_epi8(x, w[i])), ones16));
+    }
+    __m256i r = acc[0];
+    for (int i = 1; i < kInt8Chains; ++i) r = _mm256_add_epi32(r, acc[i]);
+    return _mm256_extract_epi32(r, 0);
   });
-  double dt = seconds_now() - t0;
-  return double(threads) * iters * kChains * 32 * 2 / dt / 1e9 + 0 * double(sink.load());
 }
 
 }  // namespace avx2
