@@ -7,10 +7,10 @@
 //           |x| <= 127 (activations are clamped to ±127) keep pairs <= 32512 < 32767.
 //     The integer dots are exact; per group they are scaled lane-wise in float (see int_panel),
 //     so outputs match cpp/ref to float rounding, not bit for bit.
-//     Tiling: per panel (4 rows of W), the dispatcher's rows of X in pairs; decode (M <= 16)
-//     streams each panel from DRAM once with software prefetch. 8 or more rows of X (int4 with
-//     groups wider than 32: more, see matmul_int): on a k4 scratch instead (int_k4_walk), no
-//     per-group fold.
+//     Tiling: per panel (4 rows of W), the dispatcher's rows of X in passes of up to 3; decode
+//     (M <= 16) streams each panel from DRAM once with software prefetch. 8 or more rows of X
+//     (int4 with groups wider than 32: more, see matmul_int): on a k4 scratch instead
+//     (int_k4_walk), no per-group fold.
 //   matmul_float: weight-only; codes -> int32 -> float (nf4: two 8-entry vpermps tables and a
 //     blend on bit 3) fused with the FMA; the float weight matrix never exists in memory.
 //     Up to 7 rows of X: decoded on the fly per block, two rows at a time (float_tile; int4
@@ -63,7 +63,7 @@ inline void load_block(const uint8_t* panel, int64_t b, __m256i wv[4]) {
   }
 }
 
-// Integer kernel: MR (1 or 2) rows of X against one panel, no horizontal sum per block. Per group
+// Integer kernel: MR (1 to 3) rows of X against one panel, no horizontal sum per block. Per group
 // each X row's 4 panel-row sums are folded with vphadd into one register
 // [r0 r1 r2 r3 | r0 r1 r2 r3] (the halves hold k mod 32 < 16 and >= 16), converted and scaled by
 // [sw | sw] in one FMA; one horizontal add per panel. int4 folds start in int16: a vpmaddubsw
@@ -71,7 +71,7 @@ inline void load_block(const uint8_t* panel, int64_t b, __m256i wv[4]) {
 // <= 30480, and over <= 2 blocks even a second vphaddw fits. The zero-point term
 // Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] swz against −suma (float, exact below
 // 2^24). The same kernel serves decode (MR = 1, weights streamed from DRAM once) and GEMM (the
-// dispatcher's tile of X rows walked in pairs while the panel stays in L1).
+// dispatcher's tile of X rows walked in passes of up to 3 while the panel stays in L1).
 constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 
 // Software prefetch of every weight line 2 KiB ahead (about one DRAM latency at full bandwidth):
@@ -215,39 +215,41 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   }
 }
 
-// Rows [m0, m1) × panels [p0, p1): per panel, the rows in pairs (the panel, <= Kp bytes, stays
-// in L1 while the rows stream from L1/L2; for decode the panel is read from DRAM once). The first
-// pair prefetches the panel 2 KiB ahead; the second prefetches the next panel, so DRAM keeps
-// streaming while the later pairs work from L1 (K = N = 4096, 1 thread, M = 2 / 4 / 7: int4
-// g128 0.86 / 1.40 / 2.23-2.87 -> 0.68 / 1.08 / 1.92-2.68 ms, int8 1.67 / 2.49 / (M = 8) 3.42 ->
-// 1.37 / 2.02 / 3.00 ms; M = 1 unchanged).
+// Rows [m0, m1) × panels [p0, p1): per panel, the rows in passes of 3 (int4, unless 4 rows are
+// left: 2 + 2 beats 3 + 1), then 2, then 1 (the panel, <= Kp bytes, stays in L1 while the rows
+// stream from L1/L2; for decode the panel is read from DRAM once). The first pass prefetches the
+// panel 2 KiB ahead; the second prefetches the next panel, so DRAM keeps streaming while the
+// later passes work from L1 (K = N = 4096, 1 thread, M = 2 / 4 / 7: int4 g128 0.86 / 1.40 /
+// 2.23-2.87 -> 0.68 / 1.08 / 1.92-2.68 ms, int8 1.67 / 2.49 / (M = 8) 3.42 -> 1.37 / 2.02 /
+// 3.00 ms; M = 1 unchanged). Passes of 3 unpack each int4 block once for 3 rows (weights in L3,
+// M = 3 / 6 / 12: g128 0.75 / 1.30 / 2.60 -> 0.65 / 1.24 / 2.47 ms, g64 0.91 / 1.64 / 3.22 ->
+// 0.75 / 1.47 / 2.94); int8 gained nothing from them (its 3 · 4 int32 sums spill).
 template <int BITS, int NB>
 void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G, panel_bytes = a.w.panel_bytes();
-  auto ahead = [&](int64_t m) { return m == m0 ? kPrefetchAhead : m == m0 + 2 ? panel_bytes : 0; };
   const std::vector<float> nsuma = neg_suma(a, m0, m1);
-  const int8_t* x[2];
-  const float* ns[2];
-  const float* sg[2];
-  __m128 out[2];
   for (int64_t p = p0; p < p1; ++p) {
-    int64_t m = m0;
-    for (; m + 2 <= m1; m += 2) {
-      for (int i = 0; i < 2; ++i) {
+    int pass = 0;  // per panel: the first pass prefetches it, the second the next panel
+    auto rows = [&](auto mr, int64_t m) {
+      constexpr int MR = decltype(mr)::value;
+      const int8_t* x[MR];
+      const float* ns[MR];
+      const float* sg[MR];
+      __m128 out[MR];
+      for (int i = 0; i < MR; ++i) {
         x[i] = a.x.xq + (m + i) * a.x.ld;
         ns[i] = &nsuma[(m + i - m0) * G * 4];
         sg[i] = a.x.sg + (m + i) * G;
       }
-      int_panel<BITS, 2, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, ahead(m), out);
-      for (int i = 0; i < 2; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
-    }
-    if (m < m1) {
-      x[0] = a.x.xq + m * a.x.ld;
-      ns[0] = &nsuma[(m - m0) * G * 4];
-      sg[0] = a.x.sg + m * G;
-      int_panel<BITS, 1, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, ahead(m), out);
-      store_tile(a, m, p, out[0], a.x.sa[m]);
-    }
+      const int64_t ahead = pass == 0 ? kPrefetchAhead : pass == 1 ? panel_bytes : 0;
+      int_panel<BITS, MR, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, ahead, out);
+      ++pass;
+      for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
+    };
+    int64_t m = m0;
+    for (; BITS == 4 && m1 - m >= 3 && m1 - m != 4; m += 3) rows(std::integral_constant<int, 3>(), m);
+    for (; m1 - m >= 2; m += 2) rows(std::integral_constant<int, 2>(), m);
+    if (m < m1) rows(std::integral_constant<int, 1>(), m);
   }
 }
 
