@@ -4,8 +4,6 @@
 // amx_bf16) runs here; Linux's tile-state permission is requested once at feature detection.
 #include <immintrin.h>
 
-#include <atomic>
-
 #include "amx/tiles.h"
 #include "common/dispatch.h"
 #include "common/peak.h"
@@ -14,23 +12,20 @@ namespace lowbit {
 namespace amx {
 namespace {
 
+// Each thread configures its tiles, zeroes the four accumulators and loads the four operands
+// (register-resident from then on), runs body(iters), and releases the tiles.
 template <class Body>
 double rate(int64_t iters, double ops_per_iter, Body body) {
-  const int threads = get_num_threads();
-  const double t0 = seconds_now();
-  parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
-    for (int64_t t = t0_; t < t1_; ++t) {
-      amx_tiles::configure();
-      alignas(64) static const uint8_t ones[16 * 64] = {1};
-      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      _tile_loadd(4, ones, 64); _tile_loadd(5, ones, 64);
-      _tile_loadd(6, ones, 64); _tile_loadd(7, ones, 64);
-      body(iters);
-      _tile_release();
-    }
+  return rate_on_all_threads(iters, ops_per_iter, [&](int64_t n) -> int64_t {
+    amx_tiles::configure();
+    alignas(64) static const uint8_t ones[16 * 64] = {1};
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    _tile_loadd(4, ones, 64); _tile_loadd(5, ones, 64);
+    _tile_loadd(6, ones, 64); _tile_loadd(7, ones, 64);
+    body(n);
+    _tile_release();
+    return 0;
   });
-  const double dt = seconds_now() - t0;
-  return double(threads) * double(iters) * ops_per_iter / dt / 1e9;
 }
 
 }  // namespace

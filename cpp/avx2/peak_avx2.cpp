@@ -36,20 +36,6 @@ double peak_read_gbps(const uint8_t* buf, int64_t bytes, int reps) {
   return best + 0 * double(sink.load());
 }
 
-// Runs chains(iters) on every thread at once: G ops per second, ops_per_iter ops per iteration
-// and thread (chains returns a value that keeps its work from being optimized away).
-template <class Chains>
-double rate_on_all_threads(int64_t iters, double ops_per_iter, Chains chains) {
-  const int threads = get_num_threads();
-  std::atomic<int64_t> sink{0};
-  double t0 = seconds_now();
-  parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
-    for (int64_t t = t0_; t < t1_; ++t) sink += chains(iters);
-  });
-  double dt = seconds_now() - t0;
-  return double(threads) * double(iters) * ops_per_iter / dt / 1e9 + 0 * double(sink.load());
-}
-
 double peak_fma_gflops(int64_t iters) {
   constexpr int kChains = 10;
   return rate_on_all_threads(iters, kChains * 8 * 2, [](int64_t n) -> int64_t {

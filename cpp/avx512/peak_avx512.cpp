@@ -3,8 +3,6 @@
 // the ports, not latency, bound the loop. Native build only (not the SIMDe-emulated variant).
 #include <immintrin.h>
 
-#include <atomic>
-
 #include "common/dispatch.h"
 #include "common/peak.h"
 
@@ -14,23 +12,10 @@ namespace {
 
 constexpr int kChains = 12;  // > latency (4-5 cycles) × ports (2)
 
-// Runs body(iters) on every thread of the pool; returns ops per second over all of them / 1e9.
-template <class Body>
-double rate(int64_t iters, double ops_per_iter, Body body) {
-  const int threads = get_num_threads();
-  std::atomic<int64_t> sink{0};
-  const double t0 = seconds_now();
-  parallel_for(threads, 1, [&](int64_t t0_, int64_t t1_) {
-    for (int64_t t = t0_; t < t1_; ++t) sink += body(iters);
-  });
-  const double dt = seconds_now() - t0;
-  return double(threads) * double(iters) * ops_per_iter / dt / 1e9 + 0 * double(sink.load());
-}
-
 }  // namespace
 
 double peak_fma512_gflops(int64_t iters) {
-  return rate(iters, kChains * 16 * 2, [](int64_t n) {
+  return rate_on_all_threads(iters, kChains * 16 * 2, [](int64_t n) {
     __m512 acc[kChains];
     for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(float(i));
     const __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
@@ -43,7 +28,7 @@ double peak_fma512_gflops(int64_t iters) {
 }
 
 double peak_vnni512_gops(int64_t iters) {  // 64 u8×s8 MACs per vpdpbusd, 2 OP each
-  return rate(iters, kChains * 64 * 2, [](int64_t n) {
+  return rate_on_all_threads(iters, kChains * 64 * 2, [](int64_t n) {
     __m512i acc[kChains];
     for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_epi32(i);
     const __m512i u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-5);
@@ -56,7 +41,7 @@ double peak_vnni512_gops(int64_t iters) {  // 64 u8×s8 MACs per vpdpbusd, 2 OP 
 }
 
 double peak_bf16dot512_gflops(int64_t iters) {  // 32 bf16 products per vdpbf16ps, 2 FLOP each
-  return rate(iters, kChains * 32 * 2, [](int64_t n) {
+  return rate_on_all_threads(iters, kChains * 32 * 2, [](int64_t n) {
     __m512 acc[kChains];
     for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(float(i));
     const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(-1e-3f));
