@@ -186,7 +186,7 @@ void matmul(const MatmulCall& c) {
   const bool keep_bf16 = !int_mode && c.x_dtype == DType::bf16 && c.act_bits == 0 && t.float_wants_bf16_x;
   if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
   if (int_mode && c.act_per_block) sg.resize(size_t(M * G));
-  else { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
+  if (!int_mode) { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
   if (keep_bf16) xb.assign(size_t(M * ld), 0);
   const int64_t gs = w.h->group_size;
   std::atomic<int64_t> bad{-1};
