@@ -76,7 +76,10 @@ constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 
 // Software prefetch of every weight line 2 KiB ahead (about one DRAM latency at full bandwidth):
 // measured 65% -> 80-90% of the DRAM read rate for M=1, next to the hardware prefetcher alone.
-constexpr int64_t kPrefetchAhead = 2048;
+// int8 decode streams best from 1 KiB ahead (K = N = 4096, 1 thread, % of the read probe in
+// alternating runs: 512 B 78-80, 768 B 83-85, 1 KiB 83-87, 2 KiB 78-81, 3 KiB 75-78; int4 with
+// 1 / 1.5 KiB: 80-81 / 84-86 against 86-91 at 2 KiB; 2 threads: no difference).
+constexpr int64_t kPrefetchAhead = 2048, kPrefetchAhead8 = 1024;
 inline void prefetch_weights(const uint8_t* line, int64_t ahead = kPrefetchAhead) {
   _mm_prefetch(reinterpret_cast<const char*>(line + ahead), _MM_HINT_T0);
 }
@@ -174,10 +177,11 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   const float* sw = w.sw + p * G * 4;
   const float* swz = w.swz + p * G * 4;
   // decode: the scales stream from DRAM beside the codes; fetch their lines as far ahead as the
-  // codes' prefetch (2 KiB of codes = 32 / nb groups), swz too (the zero-point dot reads it last)
-  const int64_t sdist = std::max<int64_t>(1, 32 / std::max<int64_t>(nb, 1)) * 4;
+  // codes' prefetch (in groups: ahead / group bytes), swz too (the zero-point dot reads it last)
+  const int64_t decode_ahead = BITS == 8 ? kPrefetchAhead8 : kPrefetchAhead;
+  const int64_t sdist = std::max<int64_t>(1, ahead / (std::max<int64_t>(nb, 1) * (BITS == 4 ? kW4Bytes : kW8Bytes))) * 4;
   auto group = [&](int64_t g, __m256* f) {
-    if (ahead == kPrefetchAhead && (g & 3) == 0) {
+    if (ahead == decode_ahead && (g & 3) == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(sw + g * 4 + sdist), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(swz + g * 4 + sdist), _MM_HINT_T0);
     }
@@ -218,7 +222,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
 // Rows [m0, m1) × panels [p0, p1): per panel, the rows in passes of 3 (int4, unless 4 rows are
 // left: 2 + 2 beats 3 + 1), then 2, then 1 (the panel, <= Kp bytes, stays in L1 while the rows
 // stream from L1/L2; for decode the panel is read from DRAM once). The first pass prefetches the
-// panel 2 KiB ahead; the second prefetches the next panel, so DRAM keeps streaming while the
+// panel 2 KiB ahead (int8: 1 KiB); the second prefetches the next panel, so DRAM keeps streaming while the
 // later passes work from L1 (K = N = 4096, 1 thread, M = 2 / 4 / 7: int4 g128 0.86 / 1.40 /
 // 2.23-2.87 -> 0.68 / 1.08 / 1.92-2.68 ms, int8 1.67 / 2.49 / (M = 8) 3.42 -> 1.37 / 2.02 /
 // 3.00 ms; M = 1 unchanged). Passes of 3 unpack each int4 block once for 3 rows (weights in L3,
@@ -241,7 +245,7 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
         ns[i] = &nsuma[(m + i - m0) * G * 4];
         sg[i] = a.x.sg + (m + i) * G;
       }
-      const int64_t ahead = pass == 0 ? kPrefetchAhead : pass == 1 ? panel_bytes : 0;
+      const int64_t ahead = pass == 0 ? (BITS == 8 ? kPrefetchAhead8 : kPrefetchAhead) : pass == 1 ? panel_bytes : 0;
       int_panel<BITS, MR, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, ahead, out);
       ++pass;
       for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
