@@ -14,7 +14,8 @@
 //   matmul_float: weight-only; codes -> int32 -> float (nf4: two 8-entry vpermps tables and a
 //     blend on bit 3) fused with the FMA; the float weight matrix never exists in memory.
 //     Up to 7 rows of X: decoded on the fly per block, two rows at a time (float_tile; int4
-//     codes masked in place against permuted activations, see NibbleX); 8 or
+//     codes masked in place, nf4 as vpshufb byte planes, both against permuted activations,
+//     see PermutedX and NF4Planes); 8 or
 //     more: the k4 scratch, decoded per 256-k chunk into an L1 tile of floats that every row
 //     streams over (float_k4_walk).
 #include <immintrin.h>
@@ -518,18 +519,11 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
   }
 }
 
-// Eight codes (bytes 8q .. 8q+7 of v) as floats: d(u) = u, NF4[u], or the int8 value.
-template <int BITS, bool NF4>
-inline __m256 decode8(__m256i v, int q, __m256 lut_lo, __m256 lut_hi) {
+// Eight int8 codes (bytes 8q .. 8q+7 of v) as floats.
+inline __m256 decode8_s8(__m256i v, int q) {
   __m128i h = q < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
   if (q & 1) h = _mm_srli_si128(h, 8);
-  if constexpr (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h));
-  __m256i u = _mm256_cvtepu8_epi32(h);
-  if constexpr (NF4) {
-    __m256 lo = _mm256_permutevar8x32_ps(lut_lo, u), hi = _mm256_permutevar8x32_ps(lut_hi, u);
-    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(u, 28)));  // bit 3 -> sign
-  }
-  return _mm256_cvtepi32_ps(u);
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h));
 }
 
 // Eight int32 codes u in [0, 15] as floats: u, or NF4[u].
@@ -550,22 +544,31 @@ inline __m256 decode_u32(__m256i u, __m256 lut_lo, __m256 lut_hi) {
 // that order and scaled by 2^-8c: xs[32b + 8c + j] = x[32b + 4j + c] · 2^(e - 8c), with 2^e
 // bringing max|x| to [2^63, 2^64), so the 2^-24 of c = 3 underflows nothing that matters (without
 // it x = 1e-35 loses 3 digits); the dot sums are scaled back by 2^-e per row.
-struct NibbleX {
+// nf4 (see nf4_planes): xs[32b + 8q + t] = x[32b + 4q + t] for t < 4, x[32b + 16 + 4q + t - 4]
+// for t >= 4, unscaled.
+struct PermutedX {
   std::vector<float> xs;  // [rows][Kp]
   std::vector<float> unscale;  // [rows] 2^-e
-  void prepare(const PreparedAct& x, int64_t m0, int64_t m1) {
+  void prepare(const PreparedAct& x, int64_t m0, int64_t m1, bool nf4) {
     const int64_t Kp = x.Kp;
     xs.resize(size_t((m1 - m0) * Kp));
     unscale.resize(size_t(m1 - m0));
     for (int64_t m = m0; m < m1; ++m) {
       const float* xf = x.xf + m * x.ld;
+      float* out = xs.data() + (m - m0) * Kp;
+      if (nf4) {
+        unscale[m - m0] = 1.f;
+        for (int64_t b = 0; b < Kp; b += kBlockK)
+          for (int q = 0; q < 4; ++q)
+            for (int t = 0; t < 8; ++t) out[b + 8 * q + t] = xf[b + 4 * q + (t < 4 ? t : 12 + t)];
+        continue;
+      }
       float mx = 0.f;
       for (int64_t k = 0; k < Kp; ++k) mx = std::max(mx, std::fabs(xf[k]));
       const int e = mx > 0.f && std::isfinite(mx) ? std::clamp(63 - std::ilogb(mx), -64, 100) : 0;
       unscale[m - m0] = std::ldexp(1.f, -e);
       float f[4];
       for (int c = 0; c < 4; ++c) f[c] = std::ldexp(1.f, e - 8 * c);
-      float* out = xs.data() + (m - m0) * Kp;
       for (int64_t b = 0; b < Kp; b += kBlockK)
         for (int c = 0; c < 4; ++c)
           for (int j = 0; j < 8; ++j) out[b + 8 * c + j] = xf[b + 4 * j + c] * f[c];
@@ -573,9 +576,40 @@ struct NibbleX {
   }
 };
 
-// Weight-only kernel, up to 2 rows of X (x[i]: row i's activations, in the nibble order when
-// NIB) against one panel. One row of X: two accumulators per panel row, alternating by k slice,
-// so the 4 FMAs per block and row do not form one 16-cycle dependency chain. Group results
+// nf4 codes with float activations, the decode path: vpermps is slow on Zen 3 (1.3 cycles, two
+// per 8 codes with the blend), so each byte of the codebook's floats is a 16-entry vpshufb table
+// instead. Four lookups give the byte planes of 32 codes (one per byte, in k order), and two
+// rounds of unpacks interleave them into four registers of floats, f[q] = NF4 at k = 4q .. 4q+3
+// (low lane) and 16 + 4q .. 16 + 4q + 3 (high lane): 3 shuffles per 8 codes, all exact.
+struct NF4Planes {
+  __m256i t[4];
+  NF4Planes() {
+    for (int b = 0; b < 4; ++b) {
+      alignas(16) uint8_t bytes[16];
+      for (int u = 0; u < 16; ++u) {
+        uint32_t bits;
+        std::memcpy(&bits, &kNF4Values[u], 4);
+        bytes[u] = uint8_t(bits >> (8 * b));
+      }
+      t[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
+    }
+  }
+  // idx: one code in [0, 15] per byte
+  inline void decode(__m256i idx, __m256 f[4]) const {
+    const __m256i p0 = _mm256_shuffle_epi8(t[0], idx), p1 = _mm256_shuffle_epi8(t[1], idx);
+    const __m256i p2 = _mm256_shuffle_epi8(t[2], idx), p3 = _mm256_shuffle_epi8(t[3], idx);
+    const __m256i l01 = _mm256_unpacklo_epi8(p0, p1), h01 = _mm256_unpackhi_epi8(p0, p1);
+    const __m256i l23 = _mm256_unpacklo_epi8(p2, p3), h23 = _mm256_unpackhi_epi8(p2, p3);
+    f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+    f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+    f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+    f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+  }
+};
+
+// Weight-only kernel, up to 2 rows of X (x[i]: row i's activations, in PermutedX's order for
+// int4 and nf4) against one panel. One row of X: two accumulators per panel row, alternating by
+// k slice, so the 4 FMAs per block and row do not form one 16-cycle dependency chain. Group results
 // stay in vector sums (one FMA by the broadcast scale per panel row and group, one horizontal
 // sum per panel): M = 1 above, 1.10 -> 0.87 ms over a horizontal sum per group.
 template <int MR, int BITS, bool NF4>
@@ -584,7 +618,7 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
   const PackedLinear& w = a.w;
   const int64_t G = w.h->G;
   const uint8_t* panel = w.panel(p);
-  const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
+  static const NF4Planes nf4;
   __m256 vacc[MR][4];
   __m128 zacc[MR];
   for (int i = 0; i < MR; ++i) {
@@ -637,21 +671,19 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
             }
           }
         }
-      } else if constexpr (BITS == 4) {
-        // vpmovzxbd straight from memory: 8 bytes -> 8 lanes holding two rows' codes (lo | hi<<4)
-        const __m256i low4 = _mm256_set1_epi32(15);
-        for (int q = 0; q < 4; ++q) {
-          __m256 xv[MR];
-          for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x[i] + k + 8 * q);
-          for (int h = 0; h < 2; ++h) {
-            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 32 * h + 8 * q)));
-            __m256 wa = decode_u32<NF4>(_mm256_and_si256(v, low4), lut_lo, lut_hi);
-            __m256 wb = decode_u32<NF4>(_mm256_srli_epi32(v, 4), lut_lo, lut_hi);
+      } else if constexpr (BITS == 4) {  // nf4: byte-plane lookups, x in their order (PermutedX)
+        const __m256i low4 = _mm256_set1_epi8(0x0F);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
+          __m256 fa[4], fb[4];
+          nf4.decode(_mm256_and_si256(v, low4), fa);
+          nf4.decode(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), fb);
+          for (int q = 0; q < 4; ++q)
             for (int i = 0; i < MR; ++i) {
-              facc[i][2 * h][q % NA] = _mm256_fmadd_ps(wa, xv[i], facc[i][2 * h][q % NA]);
-              facc[i][2 * h + 1][q % NA] = _mm256_fmadd_ps(wb, xv[i], facc[i][2 * h + 1][q % NA]);
+              const __m256 xv = _mm256_loadu_ps(x[i] + k + 8 * q);
+              facc[i][2 * h][q % NA] = _mm256_fmadd_ps(fa[q], xv, facc[i][2 * h][q % NA]);
+              facc[i][2 * h + 1][q % NA] = _mm256_fmadd_ps(fb[q], xv, facc[i][2 * h + 1][q % NA]);
             }
-          }
         }
       } else {
         __m256i wv[4];
@@ -660,7 +692,7 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
           __m256 xv[MR];
           for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x[i] + k + 8 * q);
           for (int r = 0; r < 4; ++r) {
-            __m256 wf = decode8<BITS, NF4>(wv[r], q, lut_lo, lut_hi);
+            __m256 wf = decode8_s8(wv[r], q);
             for (int i = 0; i < MR; ++i) facc[i][r][q % NA] = _mm256_fmadd_ps(wf, xv[i], facc[i][r][q % NA]);
           }
         }
@@ -770,16 +802,16 @@ void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int6
 template <int BITS, bool NF4>
 void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m1 - m0 >= kK4MinRows) return float_k4_walk<BITS, NF4>(a, m0, m1, p0, p1);
-  constexpr bool NIB = BITS == 4 && !NF4;
-  thread_local NibbleX nx;
-  if (NIB) nx.prepare(a.x, m0, m1);
+  constexpr bool PERMUTED = BITS == 4;
+  thread_local PermutedX nx;
+  if (PERMUTED) nx.prepare(a.x, m0, m1, NF4);
   const float ones[2] = {1.f, 1.f};
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t m = m0; m < m1; m += 2) {
       const float* x[2];
       for (int64_t i = 0; i < 2 && m + i < m1; ++i)
-        x[i] = NIB ? nx.xs.data() + (m + i - m0) * a.x.Kp : a.x.xf + (m + i) * a.x.ld;
-      const float* unscale = NIB ? nx.unscale.data() + (m - m0) : ones;
+        x[i] = PERMUTED ? nx.xs.data() + (m + i - m0) * a.x.Kp : a.x.xf + (m + i) * a.x.ld;
+      const float* unscale = PERMUTED ? nx.unscale.data() + (m - m0) : ones;
       if (m + 2 <= m1) float_tile<2, BITS, NF4>(a, m, p, x, unscale);
       else float_tile<1, BITS, NF4>(a, m, p, x, unscale);
     }
