@@ -11,13 +11,12 @@
 //     (M <= 16) streams each panel from DRAM once with software prefetch. 8 or more rows of X
 //     (int4 with groups wider than 32: more, see matmul_int): on a k4 scratch instead
 //     (int_k4_walk), no per-group fold.
-//   matmul_float: weight-only; codes -> int32 -> float (nf4: two 8-entry vpermps tables and a
-//     blend on bit 3) fused with the FMA; the float weight matrix never exists in memory.
-//     Up to 7 rows of X: decoded on the fly per block, two rows at a time (float_tile; int4
-//     codes masked in place, nf4 as vpshufb byte planes, both against permuted activations,
-//     see PermutedX and NF4Planes); 8 or
-//     more: the k4 scratch, decoded per 256-k chunk into an L1 tile of floats that every row
-//     streams over (float_k4_walk).
+//   matmul_float: weight-only; codes -> float fused with the FMA; the float weight matrix never
+//     exists in memory. Up to 7 rows of X (nf4: 4): decoded on the fly per block, two rows at a
+//     time (float_tile; int4 codes masked in place and converted, nf4 as vpshufb byte planes,
+//     both against permuted activations, see PermutedX and NF4Planes). More: the k4 scratch,
+//     decoded per 256-k chunk into an L1 tile of floats that every row streams over
+//     (float_k4_walk; nf4 by two 8-entry vpermps tables and a blend on bit 3).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -801,7 +800,9 @@ void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int6
 
 template <int BITS, bool NF4>
 void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (m1 - m0 >= kK4MinRows) return float_k4_walk<BITS, NF4>(a, m0, m1, p0, p1);
+  // nf4 from 5 rows: its decode costs 3 shuffles per 8 codes, which the scratch pays once per
+  // tile (K = N = 4096 g64, 1 thread, M = 4 / 5 / 7: 4.45 / 5.9 / 8.2 -> 5.1 / 5.2-5.5 / 7.1 ms)
+  if (m1 - m0 >= (NF4 ? 5 : kK4MinRows)) return float_k4_walk<BITS, NF4>(a, m0, m1, p0, p1);
   constexpr bool PERMUTED = BITS == 4;
   thread_local PermutedX nx;
   if (PERMUTED) nx.prepare(a.x, m0, m1, NF4);
