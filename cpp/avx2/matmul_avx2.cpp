@@ -12,11 +12,12 @@
 //     (int4 with groups wider than 32: more, see matmul_int): on a k4 scratch instead
 //     (int_k4_walk), no per-group fold.
 //   matmul_float: weight-only; codes -> float fused with the FMA; the float weight matrix never
-//     exists in memory. Up to 7 rows of X (nf4: 4): decoded on the fly per block, two rows at a
-//     time (float_tile; int4 codes masked in place and converted, nf4 as vpshufb byte planes,
-//     both against permuted activations, see PermutedX and NF4Planes). More: the k4 scratch,
-//     decoded per 256-k chunk into an L1 tile of floats that every row streams over
-//     (float_k4_walk; nf4 by two 8-entry vpermps tables and a blend on bit 3).
+//     exists in memory. Up to 7 rows of X (nf4: 4, int8: 9): decoded on the fly per block, two
+//     rows at a time (float_tile; int4 codes masked in place and converted, nf4 as vpshufb byte
+//     planes, both against permuted activations, see PermutedX and NF4Planes; int8 by
+//     vpmovsxbd from memory). More: the k4 scratch, decoded per 256-k chunk into an L1 tile of
+//     floats that every row streams over (float_k4_walk; nf4 by two 8-entry vpermps tables and
+//     a blend on bit 3).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -518,13 +519,6 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
   }
 }
 
-// Eight int8 codes (bytes 8q .. 8q+7 of v) as floats.
-inline __m256 decode8_s8(__m256i v, int q) {
-  __m128i h = q < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
-  if (q & 1) h = _mm_srli_si128(h, 8);
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h));
-}
-
 // Eight int32 codes u in [0, 15] as floats: u, or NF4[u].
 template <bool NF4>
 inline __m256 decode_u32(__m256i u, __m256 lut_lo, __m256 lut_hi) {
@@ -684,14 +678,13 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
               facc[i][2 * h + 1][q % NA] = _mm256_fmadd_ps(fb[q], xv, facc[i][2 * h + 1][q % NA]);
             }
         }
-      } else {
-        __m256i wv[4];
-        load_block<BITS>(src, 0, wv);
+      } else {  // int8: vpmovsxbd straight from memory, 8 codes per load
         for (int q = 0; q < 4; ++q) {
           __m256 xv[MR];
           for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x[i] + k + 8 * q);
           for (int r = 0; r < 4; ++r) {
-            __m256 wf = decode8_s8(wv[r], q);
+            const __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 32 * r + 8 * q));
+            const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c8));
             for (int i = 0; i < MR; ++i) facc[i][r][q % NA] = _mm256_fmadd_ps(wf, xv[i], facc[i][r][q % NA]);
           }
         }
@@ -801,8 +794,11 @@ void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int6
 template <int BITS, bool NF4>
 void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   // nf4 from 5 rows: its decode costs 3 shuffles per 8 codes, which the scratch pays once per
-  // tile (K = N = 4096 g64, 1 thread, M = 4 / 5 / 7: 4.45 / 5.9 / 8.2 -> 5.1 / 5.2-5.5 / 7.1 ms)
-  if (m1 - m0 >= (NF4 ? 5 : kK4MinRows)) return float_k4_walk<BITS, NF4>(a, m0, m1, p0, p1);
+  // tile (K = N = 4096 g64, 1 thread, M = 4 / 5 / 7: 4.45 / 5.9 / 8.2 -> 5.1 / 5.2-5.5 / 7.1 ms).
+  // int8 from 10 (per channel, M = 8 / 10 / 12: scratch 5.2-5.5 / 5.3-5.5 / 6.3, float_tile 4.2 /
+  // 5.2 / 6.3-6.5 ms).
+  const int64_t k4_rows = NF4 ? 5 : BITS == 8 ? 10 : kK4MinRows;
+  if (m1 - m0 >= k4_rows) return float_k4_walk<BITS, NF4>(a, m0, m1, p0, p1);
   constexpr bool PERMUTED = BITS == 4;
   thread_local PermutedX nx;
   if (PERMUTED) nx.prepare(a.x, m0, m1, NF4);
