@@ -30,8 +30,8 @@ def test_every_method_is_measured_or_explained(tiny_run):
     assert [r["M"] for r in tiny_run["rows"]] == [1, 32]
     assert [r["regime"] for r in tiny_run["rows"]] == ["decode", "prefill"]
     for row in tiny_run["rows"]:
-        # w4a8 g128 / g32 / g128 with x per block, w4a32, w8a8; + w4a16 (bf16 x) with torch
-        assert len(row["ours"]) == 5 + (importlib.util.find_spec("torch") is not None)
+        # w4a8 g128 / g32 / g128 with x per block, w4a32, w8a8, w8a32; + w4a16 (bf16 x) with torch
+        assert len(row["ours"]) == 6 + (importlib.util.find_spec("torch") is not None)
         for name, r in row["results"].items():
             assert 0 < r["time_ms_min"] <= r["time_ms"] <= r["time_ms_max"]
             assert r["pct_limit"] > 0 and r["GBps"] > 0
@@ -65,14 +65,15 @@ def test_peers_multiply_by_our_weights(tiny_run):
     """Float-compute methods given our codes reproduce x @ dequantize(W).T: the harness converted
     the layouts right (int8-activation methods differ by their activation rounding)."""
     errors = {name: e for section in tiny_run["accuracy"]["errors"].values() for name, e in section.items()}
-    float_compute = [n for n in errors if "w4a32" in n or "acc0" in n]
+    float_compute = [n for n in errors if "w4a32" in n or "w8a32" in n or "acc0" in n]
     assert float_compute
     for name in float_compute:
         assert errors[name] < 1e-4, name
     for name in [n for n in errors if "bf16 x" in n]:
         assert errors[name] < 2e-2, name  # x rounded to bf16
-    if "torch int4pack_mm bf16" in errors:
-        assert errors["torch int4pack_mm bf16"] < 2e-2  # bf16 activations and scales
+    for name in ("torch int4pack_mm bf16", "torch int8pack_mm bf16"):
+        if name in errors:
+            assert errors[name] < 2e-2, name  # bf16 activations and scales
     for name in [n for n in errors if n.startswith("llama.cpp")]:
         assert errors[name] < 5e-2, name  # x rounded to int8 per block of 32; a misread layout gives ~1
 

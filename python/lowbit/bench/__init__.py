@@ -12,10 +12,12 @@ vector peaks, so an AMX kernel can exceed 100%).
 
 Methods: lowbit w4a8 (int4 g128 and g32, asymmetric; g128 also with activations per K-block of
 128, "w4a8_xblk"), w4a32 and w4a16 (int4 g128, float32 and
-bfloat16 activations; the latter where torch is installed) and w8a8 (int8 per-channel), all on numpy
+bfloat16 activations; the latter where torch is installed), w8a8 and w8a32 (int8 per-channel,
+int8 and float32 activations), all on numpy
 arrays, plus w4a8 g128 through the lowbit.nn.QuantLinear torch module (listed like a peer: its ratio
 is the module's per-call cost); torch fp32/bf16
-F.linear, torch dynamic int8 (fbgemm and onednn engines), torch int4pack_mm; onnxruntime
+F.linear, torch dynamic int8 (fbgemm and onednn engines), torch int4pack_mm and int8pack_mm
+(weight-only, bf16 activations); onnxruntime
 MatMulInteger, DynamicQuantizeMatMul and MatMulNBits (int4, blocks 128 and 32, accuracy levels 0
 and 4); llama.cpp Q4_0/Q8_0 through ggml. Peers take our exact codes where their format allows, and
 a missing peer is listed as unavailable with the reason.

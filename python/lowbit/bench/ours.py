@@ -86,7 +86,8 @@ def methods(case: Case) -> List[Method]:
            _lowbit(f"lowbit w4a8_g32 int4 g{case.group(32)}", case.int4_g32, 8),
            _lowbit(f"lowbit w4a8_xblk int4 g{g} (x per block)", case.int4_g128, 8, act_granularity="block"),
            _lowbit(f"lowbit w4a32 int4 g{g}", case.int4_g128, None),
-           _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8)]
+           _lowbit("lowbit w8a8 int8 per-channel", case.int8_per_channel, 8),
+           _lowbit("lowbit w8a32 int8 per-channel", case.int8_per_channel, None)]
     if importlib.util.find_spec("torch") is not None:  # bf16 activations come as torch tensors
         out.insert(2, _lowbit(f"lowbit w4a16 int4 g{g} (bf16 x)", case.int4_g128, None, bf16_x=True))
         out.insert(1, _quant_linear(f"lowbit QuantLinear w4a8 int4 g{g}", case.int4_g128, 8))
