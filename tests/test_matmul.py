@@ -355,6 +355,12 @@ def test_validate_rechecks_replaced_arrays():
     qt.codes = qt.codes[:, :-1].copy()
     with pytest.raises(ValueError, match="codes must have shape"):
         lb.matmul(x, qt)
+    # and the same array object reshaped in place
+    qt = lb.quantize(w, bits=4, group_size=32)
+    lb.matmul(x, qt)
+    qt.scales.shape = (qt.scales.size,)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        lb.matmul(x, qt)
 
 
 def test_one_dimensional_x():

@@ -16,6 +16,7 @@ group_size the last group of each row is shorter (a ragged group), never padded.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -369,8 +370,10 @@ def _packed_weight(qt: QuantizedTensor):
     None when no packed kernel takes this format (bits 2/3, or a group size that is not a
     multiple of 32)."""
     layout = _ext.core().packed_layout()
-    cache = qt.__dict__.setdefault(_PACK_ATTR, {})
-    if layout in cache:
+    cache = qt.__dict__.get(_PACK_ATTR)
+    if cache is None:
+        cache = qt.__dict__[_PACK_ATTR] = {}
+    elif layout in cache:
         return cache[layout]
     rows, K = qt.shape
     g = qt.format.kernel_group_size(K)
@@ -448,10 +451,8 @@ def matmul(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int
     if int(x.shape[-1]) != K:
         raise ValueError(f"x has {x.shape[-1]} features (last axis) but the weight expects K={K} "
                          f"(weight shape [N, K] = {list(qt.shape)})")
-    lead = tuple(int(s) for s in x.shape[:-1])
-    M = 1
-    for s in lead:
-        M *= s
+    lead = tuple(x.shape[:-1])  # ints already (numpy, torch.Size, CuPy)
+    M = math.prod(lead)
     if M == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
     numpy_x = isinstance(x, np.ndarray)

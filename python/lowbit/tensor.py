@@ -67,6 +67,13 @@ class QuantFormat:
         return (K + g - 1) // g
 
 
+def _array_meta(codes, scales, zeros) -> tuple:
+    """The shapes and dtypes validate() remembers with the array objects (a numpy array's shape
+    can be reassigned in place)."""
+    return (codes.shape, codes.dtype, scales.shape, scales.dtype,
+            None if zeros is None else (zeros.shape, zeros.dtype))
+
+
 @dataclass
 class QuantizedTensor:
     """A quantized [rows, K] matrix, grouped along K.
@@ -154,9 +161,10 @@ class QuantizedTensor:
         A passed check is remembered for these array objects (with their shapes and dtypes), shape
         and format, so validating an unchanged tensor again (every matmul) costs about a µs."""
         seen = self.__dict__.get(_VALID_ATTR)
-        if seen is not None and seen[0] is self.format and seen[1] == self.shape and all(
-                a is b and (b is None or (b.shape == shp and b.dtype is dt))
-                for a, (b, shp, dt) in zip((self.codes, self.scales, self.zeros), seen[2])):
+        c, s, z = self.codes, self.scales, self.zeros
+        # unrolled, no generator: this runs on every matmul (0.4 µs against 1.3)
+        if (seen is not None and seen[0] is self.format and seen[1] == self.shape and seen[2] is c
+                and seen[3] is s and seen[4] is z and seen[5] == _array_meta(c, s, z)):
             return
         self._validate_arrays()
         self._trust()
@@ -164,9 +172,8 @@ class QuantizedTensor:
     def _trust(self) -> None:
         """Remember the current arrays as validated. Also for callers that validated the very
         same buffers before (torch_ops' packing cache) and must not keep the arrays alive."""
-        self.__dict__[_VALID_ATTR] = (self.format, tuple(self.shape), tuple(
-            (a, None if a is None else a.shape, None if a is None else a.dtype)
-            for a in (self.codes, self.scales, self.zeros)))
+        c, s, z = self.codes, self.scales, self.zeros
+        self.__dict__[_VALID_ATTR] = (self.format, tuple(self.shape), c, s, z, _array_meta(c, s, z))
 
     def _validate_arrays(self) -> None:
         if not isinstance(self.format, QuantFormat):
