@@ -38,6 +38,13 @@ inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 
 inline void store_tile(const MatmulArgs& a, int64_t m, int64_t p, __m128 acc, float row_scale) {
+  const int64_t n0 = p * kPanelRows, N = a.w.h->N;
+  if (a.y_dtype == DType::f32 && n0 + kPanelRows <= N) {  // the common case, as store_matmul_out
+    __m128 y = _mm_mul_ps(acc, _mm_set1_ps(row_scale));
+    if (a.bias) y = _mm_add_ps(y, _mm_loadu_ps(a.bias + n0));
+    _mm_storeu_ps(static_cast<float*>(a.y) + m * N + n0, y);
+    return;
+  }
   alignas(16) float out[4];
   _mm_store_ps(out, acc);
   for (int r = 0; r < kPanelRows; ++r) {
