@@ -335,6 +335,42 @@ inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst
       }
 }
 
+// The unpacked sets of four panels of one work item, kept per thread for the rest of the call:
+// a call's prefill items that share panels (one per tile of rows of X) unpack each set once per
+// thread, not once per item (K = N = 4096, M = 512: 6 items per panel chunk). Up to 16 panels
+// (the dispatcher's prefill chunk); longer ranges (decode) unpack each set as they go.
+template <int BITS>
+class K4Sets {
+ public:
+  // The scratch and scales of the set at p (p0 <= p < p1, p - p0 a multiple of 4).
+  std::pair<const uint8_t*, const float*> get(const MatmulArgs& a, int64_t p0, int64_t p1, int64_t p) {
+    const int64_t set_bytes = a.w.h->Kp / 4 * kK4Step, set_scales = a.w.h->G * 32;
+    const bool keep = p1 - p0 <= 16;
+    if (!keep || call_ != a.call || p0_ != p0 || p1_ != p1) {
+      const int64_t sets = keep ? (p1 - p0 + 3) / 4 : 1;
+      wk_.resize(size_t(sets * set_bytes));
+      sc_.resize(size_t(sets * set_scales));
+      ready_.assign(size_t(sets), false);
+      call_ = keep ? a.call : 0, p0_ = p0, p1_ = p1;
+    }
+    const int64_t i = keep ? (p - p0) / 4 : 0;
+    uint8_t* wk = wk_.data() + i * set_bytes;
+    float* sc = sc_.data() + i * set_scales;
+    if (!ready_[size_t(i)]) {
+      unpack_k4<BITS>(a.w, p, std::min<int64_t>(4, p1 - p), wk, sc);
+      ready_[size_t(i)] = keep;
+    }
+    return {wk, sc};
+  }
+
+ private:
+  uint64_t call_ = 0;  // 0: nothing kept (call ids start at 1)
+  int64_t p0_ = 0, p1_ = 0;
+  std::vector<uint8_t> wk_;
+  std::vector<float> sc_;
+  std::vector<bool> ready_;
+};
+
 // One step (4 k) of one row of X against 16 rows of W (w0: rows 0-7, w1: 8-15) into its two sums.
 // int4: vpmaddubsw of u in [0, 15] against the activations into int16 sums (a lane <= 8·3810 =
 // 30480 over a block). int8: the sign trick, maddubs(|w'|, sign(x, w')) with |w'| <= 128 and
@@ -502,10 +538,8 @@ inline float (*k4_out_scratch(int64_t rows))[16] {
 template <int BITS>
 void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
-  thread_local std::vector<uint8_t> wk;
-  thread_local std::vector<float> sc, ns;
-  wk.resize(size_t(Kp / 4 * kK4Step));
-  sc.resize(size_t(G * 32));
+  thread_local K4Sets<BITS> sets;
+  thread_local std::vector<float> ns;
   ns.resize(size_t(rows * G));
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t g = 0; g < G; ++g)
@@ -515,12 +549,12 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
   const int64_t chunk = G > 1 && gs <= kK4ChunkK ? kK4ChunkK / gs * gs : kK4ChunkK;
   for (int64_t p = p0; p < p1; p += 4) {
     const int64_t np = std::min<int64_t>(4, p1 - p);
-    unpack_k4<BITS>(a.w, p, np, wk.data(), sc.data());
+    const auto [wk, sc] = sets.get(a, p0, p1, p);
     std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
     for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
       const int64_t k1 = std::min(Kp, k0 + chunk);
       const int64_t g0 = k0 / gs;  // the group of k0 (a chunk starts on a group, or inside one)
-      k4_tile<BITS>(a, wk.data(), sc.data(), ns.data(), m0, m1, g0, k0, k1, y);
+      k4_tile<BITS>(a, wk, sc, ns.data(), m0, m1, g0, k0, k1, y);
     }
     store_k4_set(a, m0, m1, p, np, y, a.x.sa);
   }
@@ -769,20 +803,18 @@ inline void k4f_rows(const float* x, int64_t ld, const float (*wf)[16], int64_t 
 template <int BITS, bool NF4>
 void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t Kp = a.w.h->Kp, rows = m1 - m0, ld = a.x.ld;
-  thread_local std::vector<uint8_t> wk;
-  thread_local std::vector<float> sc, wfv;
-  wk.resize(size_t(Kp / 4 * kK4Step));
-  sc.resize(size_t(a.w.h->G * 32));
+  thread_local K4Sets<BITS> sets;
+  thread_local std::vector<float> wfv;
   wfv.resize(size_t(kF4ChunkK * 16 + 8));
   float (*wf)[16] = reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(wfv.data()) + 31) & ~uintptr_t(31));
   float (*y)[16] = k4_out_scratch(rows);
   for (int64_t p = p0; p < p1; p += 4) {
     const int64_t np = std::min<int64_t>(4, p1 - p);
-    unpack_k4<BITS>(a.w, p, np, wk.data(), sc.data());
+    const auto [wk, sc] = sets.get(a, p0, p1, p);
     std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
     for (int64_t k0 = 0; k0 < Kp; k0 += kF4ChunkK) {
       const int64_t len = std::min(kF4ChunkK, Kp - k0);
-      decode_k4_chunk<BITS, NF4>(a.w, wk.data(), sc.data(), k0, k0 + len, wf);
+      decode_k4_chunk<BITS, NF4>(a.w, wk, sc, k0, k0 + len, wf);
       const float* x = a.x.xf + m0 * ld + k0;
       int64_t i = 0;
       for (; i + 6 <= rows; i += 6) k4f_rows<6>(x + i * ld, ld, wf, len, y + i);

@@ -79,6 +79,7 @@ struct MatmulArgs {
   const float* bias;  // [N] float32 or nullptr
   void* y;            // [M, N] contiguous
   DType y_dtype;
+  uint64_t call;      // unique per matmul call: the key of per-thread scratch kept across its work items
 };
 
 }  // namespace lowbit

@@ -164,6 +164,11 @@ std::string matmul_kernel_name(const uint8_t* packed, int act_bits, bool act_per
   return std::string(has ? t.name : reference().name) + (i ? ":int" : ":float");
 }
 
+static uint64_t next_call_id() {
+  static std::atomic<uint64_t> calls{0};
+  return ++calls;
+}
+
 void matmul(const MatmulCall& c) {
   require(c.packed && c.packed_bytes >= int64_t(sizeof(PackedLinearHeader)), "packed weight is missing");
   PackedLinear w = view_packed(c.packed);
@@ -242,7 +247,7 @@ void matmul(const MatmulCall& c) {
   }
   MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), sg.empty() ? nullptr : sg.data(),
                               xf.data(), sumx.data(), keep_bf16 ? xb.data() : nullptr},
-               c.bias ? bias.data() : nullptr, c.y, c.x_dtype};
+               c.bias ? bias.data() : nullptr, c.y, c.x_dtype, next_call_id()};
   MatmulFn fn = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)
                          : (t.matmul_float ? t.matmul_float : reference().matmul_float);
   const int64_t P = w.h->Np / kPanelRows;
