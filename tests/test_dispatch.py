@@ -233,6 +233,41 @@ def test_concurrent_python_threads_get_correct_results(restore_threads):
     assert not errors, errors
 
 
+def test_concurrent_python_threads_matmul_prefill(restore_threads):
+    """Prefill matmuls from several Python threads at once, each with its own weight: the kernels'
+    per-thread scratch kept across a call's work items (unpacked weight sets) must never serve
+    another call, so every result equals the one computed alone."""
+    lowbit.set_num_threads(2)
+    rng = rng_for("conc_mm")
+    cases = []
+    for bits, gs in ((4, 128), (8, None), (4, 32), (4, 64)):
+        w = rng.standard_normal((200, 320)).astype(np.float32)
+        x = rng.standard_normal((150, 320)).astype(np.float32)
+        qt = lowbit.quantize(w, bits=bits, group_size=gs)
+        for act_bits in (8, None):
+            cases.append((x, qt, act_bits, lowbit.matmul(x, qt, act_bits=act_bits)))
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(6):
+                for j in range(i, i + len(cases)):
+                    x, qt, act_bits, expected = cases[j % len(cases)]
+                    if not np.array_equal(lowbit.matmul(x, qt, act_bits=act_bits), expected):
+                        errors.append(f"thread {i}: case {j % len(cases)} differs")
+                        return
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(f"thread {i}: {e!r}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+
+
 def test_many_quick_parallel_calls(restore_threads):
     """Back-to-back small parallel calls: pieces are claimed by whichever threads run, and a
     worker still finishing one call's piece, or waking up late, must never take a piece of the
