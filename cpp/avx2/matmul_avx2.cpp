@@ -12,12 +12,11 @@
 //     (int4 with groups wider than 32: more, see matmul_int): on a k4 scratch instead
 //     (int_k4_walk), no per-group fold.
 //   matmul_float: weight-only; codes -> float fused with the FMA; the float weight matrix never
-//     exists in memory. Up to 7 rows of X (nf4: 4, int8: 9): decoded on the fly per block, two
+//     exists in memory. Up to 7 rows of X (nf4: 3, int8: 9): decoded on the fly per block, two
 //     rows at a time (float_tile; int4 codes masked in place and converted, nf4 as vpshufb byte
 //     planes, both against permuted activations, see PermutedX and NF4Planes; int8 by
 //     vpmovsxbd from memory). More: the k4 scratch, decoded per 256-k chunk into an L1 tile of
-//     floats that every row streams over (float_k4_walk; nf4 by two 8-entry vpermps tables and
-//     a blend on bit 3).
+//     floats that every row streams over (float_k4_walk; nf4 by the same byte planes).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -560,16 +559,6 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
   }
 }
 
-// Eight int32 codes u in [0, 15] as floats: u, or NF4[u].
-template <bool NF4>
-inline __m256 decode_u32(__m256i u, __m256 lut_lo, __m256 lut_hi) {
-  if constexpr (NF4) {
-    __m256 lo = _mm256_permutevar8x32_ps(lut_lo, u), hi = _mm256_permutevar8x32_ps(lut_hi, u);
-    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(u, 28)));
-  }
-  return _mm256_cvtepi32_ps(u);
-}
-
 // int4 codes with float activations (not nf4), the decode path: a 32-bit lane j of a half-block
 // holds the bytes k = 4j + c (c = 0..3), so v & (15 << 8c) is row 2h's code at k = 4j + c times
 // 2^8c, and (v >> 4) & (15 << 8c) row 2h+1's; vcvtdq2ps converts both exactly. One shift per
@@ -758,18 +747,27 @@ template <int BITS, bool NF4>
 inline void decode_k4_chunk(const PackedLinear& w, const uint8_t* wk, const float* sc, int64_t k0, int64_t k1,
                             float (*wf)[16]) {
   const int64_t G = w.h->G, gs = w.h->group_size;
-  const __m256 lut_lo = _mm256_loadu_ps(kNF4Values), lut_hi = _mm256_loadu_ps(kNF4Values + 8);
   const __m256i byte = _mm256_set1_epi32(0xFF);
+  static const NF4Planes nf4;
+  // a 4 × 4 byte transpose per lane: bytes 4j .. 4j+3 become the lane's 4 rows at k + j
+  const __m256i by_k = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   for (int64_t k = k0; k < k1; k += kBlockK) {  // groups start on a block
     const float* sg = sc + std::min(k / gs, G - 1) * 32;
     for (int s = 0; s < 8; ++s)
       for (int v = 0; v < 2; ++v) {
         const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + ((k >> 2) + s) * kK4Step + 32 * v));
         const __m256 sw = _mm256_loadu_ps(sg + 8 * v), swz = _mm256_loadu_ps(sg + 16 + 8 * v);
+        if constexpr (NF4) {  // byte planes (see NF4Planes) on the codes ordered by k within each lane
+          __m256 f[4];
+          nf4.decode(_mm256_shuffle_epi8(c, by_k), f);
+          for (int j = 0; j < 4; ++j) _mm256_store_ps(wf[k - k0 + 4 * s + j] + 8 * v, _mm256_fmsub_ps(f[j], sw, swz));
+          continue;
+        }
         for (int j = 0; j < 4; ++j) {  // byte j of each row's dword: k = k + 4s + j
           __m256 d;
           if constexpr (BITS == 8) d = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(c, 24 - 8 * j), 24));
-          else d = decode_u32<NF4>(_mm256_and_si256(_mm256_srli_epi32(c, 8 * j), byte), lut_lo, lut_hi);
+          else d = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(c, 8 * j), byte));
           _mm256_store_ps(wf[k - k0 + 4 * s + j] + 8 * v, _mm256_fmsub_ps(d, sw, swz));
         }
       }
@@ -832,11 +830,12 @@ void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int6
 
 template <int BITS, bool NF4>
 void float_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  // nf4 from 5 rows: its decode costs 3 shuffles per 8 codes, which the scratch pays once per
-  // tile (K = N = 4096 g64, 1 thread, M = 4 / 5 / 7: 4.45 / 5.9 / 8.2 -> 5.1 / 5.2-5.5 / 7.1 ms).
+  // nf4 from 4 rows: its decode costs 3 shuffles per 8 codes, which the scratch pays once per
+  // tile (K = N = 4096 g64, 1 thread, M = 3 / 4, weights streamed from DRAM: 3.66-3.69 / 4.20 ms
+  // in float_tile, 3.70-3.74 / 3.73-3.80 on the scratch; M = 2 in L3: 2.15 against 3.29).
   // int8 from 10 (per channel, M = 8 / 10 / 12: scratch 5.2-5.5 / 5.3-5.5 / 6.3, float_tile 4.2 /
   // 5.2 / 6.3-6.5 ms).
-  const int64_t k4_rows = NF4 ? 5 : BITS == 8 ? 10 : kK4MinRows;
+  const int64_t k4_rows = NF4 ? 4 : BITS == 8 ? 10 : kK4MinRows;
   if (m1 - m0 >= k4_rows) return float_k4_walk<BITS, NF4>(a, m0, m1, p0, p1);
   constexpr bool PERMUTED = BITS == 4;
   thread_local PermutedX nx;
