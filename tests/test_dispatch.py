@@ -207,30 +207,42 @@ def test_nan_row_reported_the_same_with_threads(restore_threads):
             lowbit.quantize(w, bits=4, group_size=128)
 
 
+def _check_in_threads(check, threads=4, rounds=10, timeout=120):
+    """Runs check(i) `rounds` times in each of `threads` Python threads at once; check returns an
+    error message or None. Asserts that no thread hung, raised or reported an error."""
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(rounds):
+                err = check(i)
+                if err:
+                    errors.append(f"thread {i}: {err}")
+                    return
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(f"thread {i}: {e!r}")
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in ts), "a thread hung"
+    assert not errors, errors
+
+
 def test_concurrent_python_threads_get_correct_results(restore_threads):
     """Calls from several Python threads at once (the GIL is released in the kernels) must not
     corrupt each other: a busy pool runs the extra calls inline."""
     lowbit.set_num_threads(2)
     ws = [rng_for("conc", i).standard_normal((64, 2048)).astype(np.float32) for i in range(4)]
     expected = [lowbit.quantize(w, bits=4, group_size=64).codes for w in ws]
-    errors = []
 
-    def work(i):
-        try:
-            for _ in range(15):
-                got = lowbit.quantize(ws[i], bits=4, group_size=64).codes
-                if not np.array_equal(got, expected[i]):
-                    errors.append(f"thread {i}: wrong codes")
-                    return
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(f"thread {i}: {e!r}")
+    def check(i):
+        if not np.array_equal(lowbit.quantize(ws[i], bits=4, group_size=64).codes, expected[i]):
+            return "wrong codes"
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    _check_in_threads(check, rounds=15)
 
 
 def test_concurrent_python_threads_matmul_prefill(restore_threads):
@@ -246,26 +258,14 @@ def test_concurrent_python_threads_matmul_prefill(restore_threads):
         qt = lowbit.quantize(w, bits=bits, group_size=gs)
         for act_bits in (8, None):
             cases.append((x, qt, act_bits, lowbit.matmul(x, qt, act_bits=act_bits)))
-    errors = []
 
-    def work(i):
-        try:
-            for _ in range(6):
-                for j in range(i, i + len(cases)):
-                    x, qt, act_bits, expected = cases[j % len(cases)]
-                    if not np.array_equal(lowbit.matmul(x, qt, act_bits=act_bits), expected):
-                        errors.append(f"thread {i}: case {j % len(cases)} differs")
-                        return
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(f"thread {i}: {e!r}")
+    def check(i):  # thread i starts at case i, so different threads run different weights at once
+        for j in range(i, i + len(cases)):
+            x, qt, act_bits, expected = cases[j % len(cases)]
+            if not np.array_equal(lowbit.matmul(x, qt, act_bits=act_bits), expected):
+                return f"case {j % len(cases)} differs"
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
+    _check_in_threads(check, rounds=6)
 
 
 def test_many_quick_parallel_calls(restore_threads):
