@@ -5,7 +5,7 @@
 
 Peers (on the same device, same shapes): torch fp16/bf16 matmul (cuBLAS), torch._int_mm (int8,
 cuBLASLt; needs M > 16 and K, N multiples of 8), torch._weight_int4pack_mm (tinygemm int4; bf16).
-Timing: CUDA events around each call, warm-up first, median of repeats. Weights rotate over
+Timing: CUDA events around 10 back-to-back calls, warm-up first, median of repeats. Weights rotate over
 enough copies that their total exceeds 4x the L2, so decode (small M) reads weights from DRAM.
 The header holds this device's measured device-to-device copy bandwidth (bytes read + written);
 each row reports time, effective GB/s (weights + activations + output bytes / time), TFLOP/s,
@@ -24,20 +24,22 @@ import lowbit
 from lowbit.ops_cuda import matmul_cuda
 
 
-def events_time(fn, args_list, repeats, warmup=3):
-    """Median/min milliseconds of fn(*args) with CUDA events, cycling through args_list."""
+def events_time(fn, args_list, repeats, warmup=3, batch=10):
+    """Median/min milliseconds per call of fn(*args) with CUDA events around `batch` back-to-back
+    calls (cycling through args_list): the steady-state rate of eager calls, which counts the
+    host's launch overhead only where it is slower than the GPU."""
     for i in range(warmup):
         fn(*args_list[i % len(args_list)])
     torch.cuda.synchronize()
     times = []
     for i in range(repeats):
-        a = args_list[i % len(args_list)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(*a)
+        for j in range(batch):
+            fn(*args_list[(i * batch + j) % len(args_list)])
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / batch)
     return statistics.median(times), min(times)
 
 
@@ -100,7 +102,7 @@ def main() -> int:
                     print(f"# torch._int_mm skipped: {e}", file=sys.stderr)
             try:
                 wi = [torch.ops.aten._convert_weight_to_int4pack(
-                    torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8), 8) for _ in range(2)]
+                    torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8), 8) for _ in range(copies)]
                 sz = torch.randn(K // 128, N, 2, device=dev, dtype=torch.bfloat16)
                 xb = x.bfloat16()
                 results["torch_int4pack"] = events_time(

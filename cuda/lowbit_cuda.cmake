@@ -37,7 +37,11 @@ enable_language(CUDA)
 find_package(CUDAToolkit REQUIRED)
 # Real code for each target GPU, plus compute_80 PTX so newer GPUs (sm_100, sm_120) can JIT the
 # kernels. (compute_90a PTX would be useless there: arch-specific PTX only runs on sm_90a itself.)
-set(LOWBIT_CUDA_ARCHS "80-real;89-real;90a-real;80-virtual")
+# LOWBIT_CUDA_ARCHS (env or -D) narrows this, e.g. "90a-real" for a quicker build on an H100.
+set(LOWBIT_CUDA_ARCHS "" CACHE STRING "CUDA architectures (empty: 80-real;89-real;90a-real;80-virtual)")
+if(NOT LOWBIT_CUDA_ARCHS)
+  set(LOWBIT_CUDA_ARCHS "80-real;89-real;90a-real;80-virtual")
+endif()
 message(STATUS "lowbit: CUDA extension ON (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, ${LOWBIT_CUDA_ARCHS})")
 set(CMAKE_CUDA_STANDARD 17)
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)

@@ -366,7 +366,7 @@ def test_api_errors_on_gpu():
     w = make_w(3, 100, "float32", 2).to(dev)
     with pytest.raises(ValueError, match="put them on one device"):
         lowbit.quantize(w, bits=4, group_size=32, scales=torch.ones(3, 4), zeros=torch.zeros(3, 4, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="zeros must be integers"):
+    with pytest.raises(ValueError, match=r"zeros must be .*\[0, (15|2\^bits - 1)\]"):
         lowbit.quantize(w, bits=4, group_size=32, scales=torch.ones(3, 4, device=dev),
                         zeros=torch.full((3, 4), 16, dtype=torch.uint8, device=dev))
     with pytest.raises(ValueError, match="scales must be finite"):

@@ -47,10 +47,16 @@ class CudaArgs {
   }
 
   ArrayView view(const py::handle& obj, const char* name, bool writable) {
-    if (!py::hasattr(obj, "__dlpack_device__") || !py::hasattr(obj, "__dlpack__"))
-      throw py::type_error(std::string(name) + " must be a CUDA array (torch tensor or CuPy array)");
-    py::tuple dev = obj.attr("__dlpack_device__")();
-    const int type = dev[0].cast<int>(), id = dev[1].cast<int>();
+    ArrayView direct;
+    const bool is_direct = view_direct(obj, direct);
+    int type = direct.device_type, id = direct.device_id;
+    if (!is_direct) {
+      if (!py::hasattr(obj, "__dlpack_device__") || !py::hasattr(obj, "__dlpack__"))
+        throw py::type_error(std::string(name) + " must be a CUDA array (torch tensor or CuPy array)");
+      py::tuple dev = obj.attr("__dlpack_device__")();
+      type = dev[0].cast<int>();
+      id = dev[1].cast<int>();
+    }
     if (type != dl::kCUDA && type != dl::kCUDAManaged)
       fail(std::string(name) + " is not in GPU memory (DLPack device type " + std::to_string(type) +
            "); the CUDA kernels take CUDA arrays");
@@ -61,7 +67,7 @@ class CudaArgs {
       fail(std::string(name) + " is on cuda:" + std::to_string(id) + " but " + first_ +
            " is on cuda:" + std::to_string(device_) + "; put them on one device");
     }
-    return view_array(obj, name, writable, stream_);
+    return is_direct ? direct : view_array(obj, name, writable, stream_);
   }
 
   // A C-contiguous array of exactly this dtype and shape.

@@ -45,6 +45,11 @@ struct ArrayView {
   bool contiguous() const;
 };
 
+// numpy arrays and torch tensors viewed without a DLPack capsule (a __dlpack__ call costs µs on
+// the CPU and tens of µs for a CUDA tensor); false for anything else, which then goes through
+// DLPack. Fills device_type/device_id; read_only is set for read-only numpy arrays.
+bool view_direct(const pybind11::handle& obj, ArrayView& v);
+
 // obj: any object with __dlpack__. `name` is the argument name used in error messages.
 // stream: for CUDA producers, the stream the kernel will run on (-1: none/CPU).
 ArrayView view_array(const pybind11::handle& obj, const char* name, bool writable,

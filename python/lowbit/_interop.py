@@ -148,7 +148,9 @@ def cuda_stream(x: Any) -> int:
     if fw == "torch":
         import torch
 
-        ptr = torch.cuda.current_stream(x.device).cuda_stream
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # µs cheaper than current_stream
+        index = x.device.index
+        ptr = raw(0 if index is None else index) if raw else torch.cuda.current_stream(x.device).cuda_stream
     else:
         import cupy
 

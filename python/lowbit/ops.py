@@ -221,7 +221,11 @@ def clip_search(w: Any, bits: int, group_size: GroupSize, symmetric: bool, ratio
 def _given_param(w, value, name, dtype, fmt, rows, G):
     """A caller-supplied scales/zeros as a contiguous [rows, G] array beside w. Values are checked
     here (zeros: integers in [0, 2^bits - 1]; scales: finite, >= 0) so nothing wraps silently."""
-    if _interop._is_framework_array(value):
+    # A numpy array is plain numbers for any w (copied to w's device); a framework tensor must
+    # already be on w's device.
+    tensor = _interop._is_framework_array(value) and not (
+        type(value) is np.ndarray and _interop.device_of(w)[0] != "cpu")
+    if tensor:
         _check_same_device(name, value, w, "w")
         if (fmt.group_size != "tensor" and _interop.dtype_name(value) == dtype
                 and _interop.framework_of(value) == _interop.framework_of(w)
@@ -250,7 +254,7 @@ def _given_param(w, value, name, dtype, fmt, rows, G):
             raise ValueError(f"zeros must be integers in [0, {qmax}] for {fmt.bits}-bit codes")
     elif not (np.all(np.isfinite(host)) and host.min() >= 0):
         raise ValueError("scales must be finite and >= 0")
-    if _interop._is_framework_array(value) and fmt.group_size != "tensor":
+    if tensor and fmt.group_size != "tensor":
         return _interop.asarray_like(w, value, dtype)  # stays on its device, no host round trip
     return _interop.asarray_like(w, host.astype(dtype), dtype)
 
