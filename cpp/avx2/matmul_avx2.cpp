@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "avx2/k4_scratch.h"
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
 
@@ -274,101 +275,10 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
 // 32-wide groups, whose float sums stay in registers): 8 multiplies per 4 broadcasts and 2 loads.
 // The scratch (Kp·16 bytes, L2-resident) is built once per four panels and tile and read by
 // every row of X.
-constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
 // Fewer rows of X: the panel4 kernels (no scratch to build) were as fast or faster, int4 and float
 // activations alike; int4 with groups wider than 32 keeps them up to kDecodeRows (see matmul_int).
 constexpr int64_t kK4MinRows = 8;
 constexpr int64_t kK4ChunkK = 1024;  // k per chunk in the integer GEMM (int_k4_walk)
-
-// Panels [p, p + np) (np <= 4; the rest zero) as k4 steps, rows 0-7 in the first half of a step
-// and 8-15 in the second (int4: u in [0, 15]; int8: the stored int8 w'); their scales as
-// [G][sw 0-7 | sw 8-15 | swz 0-7 | swz 8-15].
-template <int BITS>
-inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst, float* sc) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const int64_t nblk = w.h->Kp / kBlockK, G = w.h->G;
-  for (int half = 0; half < 2; ++half) {
-    const uint8_t* src[2];
-    for (int q = 0; q < 2; ++q) src[q] = 2 * half + q < np ? w.panel(p + 2 * half + q) : nullptr;
-    for (int64_t b = 0; b < nblk; ++b) {
-      __m256i r[8];  // rows 0-3 of the first panel, then of the second: 32 codes each, k in order
-      for (int q = 0; q < 2; ++q) {
-        if constexpr (BITS == 8) {
-          for (int row = 0; row < 4; ++row)
-            r[4 * q + row] = src[q] ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[q] + b * kW8Bytes + 32 * row))
-                                    : _mm256_setzero_si256();
-          continue;
-        }
-        for (int h = 0; h < 2; ++h) {
-          const __m256i v = src[q] ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[q] + b * kW4Bytes + 32 * h))
-                                   : _mm256_setzero_si256();
-          r[4 * q + 2 * h] = _mm256_and_si256(v, low4);
-          r[4 * q + 2 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        }
-      }
-      // 8 × 8 transpose of dwords: step s gets dword s (k 4s .. 4s+3) of rows 0..7
-      __m256i t[8], u[8];
-      for (int i = 0; i < 4; ++i) {
-        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-      }
-      for (int i = 0; i < 2; ++i) {
-        u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-      }
-      uint8_t* out = dst + b * 8 * kK4Step + 32 * half;
-      for (int s = 0; s < 4; ++s) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + s * kK4Step), _mm256_permute2x128_si256(u[s], u[4 + s], 0x20));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (s + 4) * kK4Step), _mm256_permute2x128_si256(u[s], u[4 + s], 0x31));
-      }
-    }
-  }
-  for (int64_t g = 0; g < G; ++g)
-    for (int q = 0; q < 4; ++q)
-      for (int r = 0; r < 4; ++r) {
-        const int64_t i = ((p + q) * G + g) * 4 + r;
-        sc[g * 32 + 4 * q + r] = q < np ? w.sw[i] : 0.f;
-        sc[g * 32 + 16 + 4 * q + r] = q < np ? w.swz[i] : 0.f;
-      }
-}
-
-// The unpacked sets of four panels of one work item, kept per thread for the rest of the call:
-// a call's prefill items that share panels (one per tile of rows of X) unpack each set once per
-// thread, not once per item (K = N = 4096, M = 512: 6 items per panel chunk). Up to 16 panels
-// (the dispatcher's prefill chunk); longer ranges (decode) unpack each set as they go.
-template <int BITS>
-class K4Sets {
- public:
-  // The scratch and scales of the set at p (p0 <= p < p1, p - p0 a multiple of 4).
-  std::pair<const uint8_t*, const float*> get(const MatmulArgs& a, int64_t p0, int64_t p1, int64_t p) {
-    const int64_t set_bytes = a.w.h->Kp / 4 * kK4Step, set_scales = a.w.h->G * 32;
-    const bool keep = p1 - p0 <= 16;
-    if (!keep || call_ != a.call || p0_ != p0 || p1_ != p1) {
-      const int64_t sets = keep ? (p1 - p0 + 3) / 4 : 1;
-      wk_.resize(size_t(sets * set_bytes));
-      sc_.resize(size_t(sets * set_scales));
-      ready_.assign(size_t(sets), false);
-      call_ = keep ? a.call : 0, p0_ = p0, p1_ = p1;
-    }
-    const int64_t i = keep ? (p - p0) / 4 : 0;
-    uint8_t* wk = wk_.data() + i * set_bytes;
-    float* sc = sc_.data() + i * set_scales;
-    if (!ready_[size_t(i)]) {
-      unpack_k4<BITS>(a.w, p, std::min<int64_t>(4, p1 - p), wk, sc);
-      ready_[size_t(i)] = keep;
-    }
-    return {wk, sc};
-  }
-
- private:
-  uint64_t call_ = 0;  // 0: nothing kept (call ids start at 1)
-  int64_t p0_ = 0, p1_ = 0;
-  std::vector<uint8_t> wk_;
-  std::vector<float> sc_;
-  std::vector<bool> ready_;
-};
 
 // One step (4 k) of one row of X against 16 rows of W (w0: rows 0-7, w1: 8-15) into its two sums.
 // int4: vpmaddubsw of u in [0, 15] against the activations into int16 sums (a lane <= 8·3810 =
@@ -502,33 +412,6 @@ void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const floa
     run(std::integral_constant<int, 4>(), std::false_type(), i);
   for (; rows - i >= 3 && rows - i != 4; i += 3) run(std::integral_constant<int, 3>(), std::false_type(), i);
   for (; i < rows; i += 2) run(Two(), std::false_type(), i);
-}
-
-// y[m - m0][r] (rows of W p·4 + r of the set of np panels at p) times row_scale[m] (nullptr: 1)
-// into the output. Only this call's panels: the rows past them belong to another call (thread).
-inline void store_k4_set(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p, int64_t np, const float (*y)[16],
-                         const float* row_scale) {
-  const int64_t n0 = p * kPanelRows, n1 = std::min(a.w.h->N, (p + np) * kPanelRows);
-  for (int64_t m = m0; m < m1; ++m) {
-    const float rs = row_scale ? row_scale[m] : 1.f;
-    if (a.y_dtype == DType::f32 && n0 + 16 <= n1) {  // the common case, 16 outputs at once
-      float* out = static_cast<float*>(a.y) + m * a.w.h->N + n0;
-      for (int v = 0; v < 2; ++v) {
-        __m256 o = _mm256_mul_ps(_mm256_load_ps(y[m - m0] + 8 * v), _mm256_set1_ps(rs));
-        if (a.bias) o = _mm256_add_ps(o, _mm256_loadu_ps(a.bias + n0 + 8 * v));
-        _mm256_storeu_ps(out + 8 * v, o);
-      }
-      continue;
-    }
-    for (int64_t n = n0; n < n1; ++n) store_matmul_out(a, m, n, y[m - m0][n - n0], rs);
-  }
-}
-
-// Aligned per-thread scratch for y[rows][16].
-inline float (*k4_out_scratch(int64_t rows))[16] {
-  thread_local std::vector<float> yv;
-  yv.resize(size_t(rows * 16 + 8));
-  return reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
 }
 
 // W4A8 / W8A8 GEMM on the k4 scratch, per four panels: k in chunks of about kK4ChunkK (whole

@@ -1,0 +1,146 @@
+// The k4 scratch shared by the AVX2 and AVX-512 integer and weight-only GEMMs (many rows of X):
+// four panel4 panels (16 rows of W) unpacked into 4-k steps of 64 bytes, each 16 rows × 4
+// consecutive k, so a dot against 4 activations broadcast to every lane leaves each row of W's
+// sum in its own lane (no per-group horizontal fold). Built once per set of four panels and kept
+// per thread for the rest of the call (K4Sets); the GEMMs write y[row of X][16] and store it
+// with store_k4_set. AVX2 instructions only: the AVX-512 files include it too.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "common/matmul_epilogue.h"
+
+namespace lowbit {
+namespace LOWBIT_ISA_NS {
+namespace {
+
+constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
+
+// Panels [p, p + np) (np <= 4; the rest zero) as k4 steps, rows 0-7 in the first half of a step
+// and 8-15 in the second (int4: u in [0, 15]; int8: the stored int8 w', or with U8 the unsigned
+// u = w' + 128, vpdpbusd's u8 operand, its offset folded into swz); their scales as
+// [G][sw 0-7 | sw 8-15 | swz 0-7 | swz 8-15].
+template <int BITS, bool U8 = false>
+inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst, float* sc) {
+  static_assert(!U8 || BITS == 8, "int4 codes are unsigned already");
+  const __m256i low4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(char(0x80));
+  const int64_t nblk = w.h->Kp / kBlockK, G = w.h->G;
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* src[2];
+    for (int q = 0; q < 2; ++q) src[q] = 2 * half + q < np ? w.panel(p + 2 * half + q) : nullptr;
+    for (int64_t b = 0; b < nblk; ++b) {
+      __m256i r[8];  // rows 0-3 of the first panel, then of the second: 32 codes each, k in order
+      for (int q = 0; q < 2; ++q) {
+        if constexpr (BITS == 8) {
+          for (int row = 0; row < 4; ++row)
+            r[4 * q + row] = src[q] ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[q] + b * int64_t(sizeof(W8Block)) + 32 * row))
+                                    : _mm256_setzero_si256();
+          if constexpr (U8)
+            for (int row = 0; row < 4; ++row) r[4 * q + row] = _mm256_xor_si256(r[4 * q + row], flip);
+          continue;
+        }
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = src[q] ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[q] + b * int64_t(sizeof(W4Block)) + 32 * h))
+                                   : _mm256_setzero_si256();
+          r[4 * q + 2 * h] = _mm256_and_si256(v, low4);
+          r[4 * q + 2 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+      }
+      // 8 × 8 transpose of dwords: step s gets dword s (k 4s .. 4s+3) of rows 0..7
+      __m256i t[8], u[8];
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+      }
+      uint8_t* out = dst + b * 8 * kK4Step + 32 * half;
+      for (int s = 0; s < 4; ++s) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + s * kK4Step), _mm256_permute2x128_si256(u[s], u[4 + s], 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (s + 4) * kK4Step), _mm256_permute2x128_si256(u[s], u[4 + s], 0x31));
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int q = 0; q < 4; ++q)
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = ((p + q) * G + g) * 4 + r;
+        sc[g * 32 + 4 * q + r] = q < np ? w.sw[i] : 0.f;
+        sc[g * 32 + 16 + 4 * q + r] = q < np ? w.swz[i] + (U8 ? 128.f * w.sw[i] : 0.f) : 0.f;
+      }
+}
+
+// The unpacked sets of four panels of one work item, kept per thread for the rest of the call:
+// a call's prefill items that share panels (one per tile of rows of X) unpack each set once per
+// thread, not once per item (K = N = 4096, M = 512: 6 items per panel chunk). Up to 16 panels
+// (the dispatcher's prefill chunk); longer ranges (decode) unpack each set as they go.
+template <int BITS, bool U8 = false>
+class K4Sets {
+ public:
+  // The scratch and scales of the set at p (p0 <= p < p1, p - p0 a multiple of 4).
+  std::pair<const uint8_t*, const float*> get(const MatmulArgs& a, int64_t p0, int64_t p1, int64_t p) {
+    const int64_t set_bytes = a.w.h->Kp / 4 * kK4Step, set_scales = a.w.h->G * 32;
+    const bool keep = p1 - p0 <= 16;
+    if (!keep || call_ != a.call || p0_ != p0 || p1_ != p1) {
+      const int64_t sets = keep ? (p1 - p0 + 3) / 4 : 1;
+      wk_.resize(size_t(sets * set_bytes));
+      sc_.resize(size_t(sets * set_scales));
+      ready_.assign(size_t(sets), false);
+      call_ = keep ? a.call : 0, p0_ = p0, p1_ = p1;
+    }
+    const int64_t i = keep ? (p - p0) / 4 : 0;
+    uint8_t* wk = wk_.data() + i * set_bytes;
+    float* sc = sc_.data() + i * set_scales;
+    if (!ready_[size_t(i)]) {
+      unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), wk, sc);
+      ready_[size_t(i)] = keep;
+    }
+    return {wk, sc};
+  }
+
+ private:
+  uint64_t call_ = 0;  // 0: nothing kept (call ids start at 1)
+  int64_t p0_ = 0, p1_ = 0;
+  std::vector<uint8_t> wk_;
+  std::vector<float> sc_;
+  std::vector<bool> ready_;
+};
+
+// y[m - m0][r] (rows of W p·4 + r of the set of np panels at p) times row_scale[m] (nullptr: 1)
+// into the output. Only this call's panels: the rows past them belong to another call (thread).
+inline void store_k4_set(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p, int64_t np, const float (*y)[16],
+                         const float* row_scale) {
+  const int64_t n0 = p * kPanelRows, n1 = std::min(a.w.h->N, (p + np) * kPanelRows);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float rs = row_scale ? row_scale[m] : 1.f;
+    if (a.y_dtype == DType::f32 && n0 + 16 <= n1) {  // the common case, 16 outputs at once
+      float* out = static_cast<float*>(a.y) + m * a.w.h->N + n0;
+      for (int v = 0; v < 2; ++v) {
+        __m256 o = _mm256_mul_ps(_mm256_load_ps(y[m - m0] + 8 * v), _mm256_set1_ps(rs));
+        if (a.bias) o = _mm256_add_ps(o, _mm256_loadu_ps(a.bias + n0 + 8 * v));
+        _mm256_storeu_ps(out + 8 * v, o);
+      }
+      continue;
+    }
+    for (int64_t n = n0; n < n1; ++n) store_matmul_out(a, m, n, y[m - m0][n - n0], rs);
+  }
+}
+
+// Aligned per-thread scratch for y[rows][16].
+inline float (*k4_out_scratch(int64_t rows))[16] {
+  thread_local std::vector<float> yv;
+  yv.resize(size_t(rows * 16 + 8));
+  return reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
+}
+
+}  // namespace
+}  // namespace LOWBIT_ISA_NS
+}  // namespace lowbit
