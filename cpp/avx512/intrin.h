@@ -62,6 +62,14 @@ inline void lb_mask_storeu_ps(float* p, __mmask16 m, __m512 v) {
   _mm512_store_ps(b, v);
   for (int i = 0; i < 16; ++i) if ((m >> i) & 1) p[i] = b[i];
 }
+// vdpbf16ps on bf16 pairs held in integer registers: each product rounded once (the native
+// instruction's accumulation order and denormal flushing aside; tests compare to a tolerance).
+inline __m512 lb_dpbf16_ps(__m512 acc, __m512i a, __m512i b) {
+  const __m512i hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+}
+constexpr bool kNativeBf16 = false;
 inline void lb_mask_storeu_epi16(uint16_t* p, __mmask16 m, __m256i v) {
   alignas(32) uint16_t b[16];
   _mm256_store_si256(reinterpret_cast<__m256i*>(b), v);
@@ -80,5 +88,7 @@ inline __m256i lb_cvtepi32_epi16(__m512i v) { return _mm512_cvtepi32_epi16(v); }
 inline __m128i lb_cvtepi32_epi8(__m512i v) { return _mm512_cvtepi32_epi8(v); }
 inline __m128i lb_cvtepi64_epi8(__m512i v) { return _mm512_cvtepi64_epi8(v); }
 inline void lb_mask_storeu_epi8(void* p, __mmask16 m, __m128i v) { _mm_mask_storeu_epi8(p, m, v); }
+inline __m512 lb_dpbf16_ps(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+constexpr bool kNativeBf16 = true;  // vdpbf16ps needs avx512_bf16 at run time (cpu_features)
 inline __m128i lb_maskz_loadu_epi8(__mmask16 m, const void* p) { return _mm_maskz_loadu_epi8(m, p); }
 #endif

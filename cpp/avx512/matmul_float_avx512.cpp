@@ -6,7 +6,18 @@
 // sums are scaled by the reference's float steps (acc += sw·dot − swz·sumx); decode (MR = 1)
 // scales each row's vector of sums per group instead and sums horizontally once per panel, and
 // prefetches the panel 2 KiB ahead as the integer kernel does.
+// Many rows of X (float_k4_walk): the k4 scratch of avx2/k4_scratch.h, decoded per chunk of k
+// into an L1 tile with one zmm per k of 16 rows of W (fp32 codebook values; int8 w'), or, for
+// bfloat16 x, one zmm per 2 k of the codes as bf16 pairs (small integers: exact) for vdpbf16ps.
+// Each row of W's sum stays in its lane: a group ends with an FMA per row of X, no horizontal sum.
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
 #include "avx512/intrin.h"
+#include "avx2/k4_scratch.h"
+#include "common/dispatch.h"
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
 
@@ -104,12 +115,134 @@ void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   }
 }
 
+// The chunk [k0, k1) of a k4 set decoded into `out`: per k a zmm of 16 floats d(code) (BF16:
+// per 2 k a zmm of 16 bf16 pairs, k in the low half), int4 / nf4 through the codebook table,
+// int8 w' sign-extended and converted.
+template <int BITS, bool NF4, bool BF16>
+inline void decode_chunk(const uint8_t* wk, int64_t k0, int64_t k1, uint8_t* out) {
+  const __m512 lut = _mm512_loadu_ps(NF4 ? kNF4Values : kInt4Values);
+  const __m512i hi16 = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  for (int64_t k = k0; k < k1; k += 4) {
+    const __m512i v = _mm512_loadu_si512(wk + (k >> 2) * kK4Step);
+    __m512 f[4];
+    for (int j = 0; j < 4; ++j)  // vpermps reads only the low 4 bits of each shifted dword
+      f[j] = BITS == 4 ? _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * j), lut)
+                       : _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24));
+    if constexpr (BF16) {
+      for (int h = 0; h < 2; ++h)  // an exact float's bf16 is its top half
+        _mm512_storeu_si512(out + ((k - k0) / 2 + h) * 64,
+                            _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(f[2 * h]), 16),
+                                            _mm512_and_si512(_mm512_castps_si512(f[2 * h + 1]), hi16)));
+    } else {
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(out + (k - k0 + j) * 64), f[j]);
+    }
+  }
+}
+
+// Rows m .. m+MR-1 of X against a decoded chunk [k0, k1) (wf): y[i][0..15] += each group's share
+// s_g · Σ d·x, plus −swz_g · Σ_g x where the group ends in the chunk (ns: −sumx, [row][G]).
+template <int MR, bool BF16>
+inline void f4_rows(const MatmulArgs& a, const uint8_t* wf, const float* sc, const float* ns, int64_t m,
+                    int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G, ld = a.x.ld;
+  __m512 f[MR];
+  for (int i = 0; i < MR; ++i) f[i] = _mm512_loadu_ps(y[i]);
+  for (int64_t k = k0, g = g0; k < k1; ++g) {
+    const int64_t e = std::min(w.group_end(g), k1);
+    __m512 d[MR];
+    for (int i = 0; i < MR; ++i) d[i] = _mm512_setzero_ps();
+    for (; k < e; k += kBlockK) {
+      if constexpr (BF16) {
+        const uint16_t* x = a.x.xb + m * ld + k;
+        const uint8_t* wb = wf + (k - k0) / 2 * 64;
+#pragma GCC unroll 16
+        for (int j = 0; j < kBlockK / 2; ++j) {
+          const __m512i wv = _mm512_loadu_si512(wb + j * 64);
+          for (int i = 0; i < MR; ++i) {
+            int32_t v;
+            std::memcpy(&v, x + i * ld + 2 * j, 4);
+            d[i] = lb_dpbf16_ps(d[i], wv, _mm512_set1_epi32(v));
+          }
+        }
+      } else {
+        const float* x = a.x.xf + m * ld + k;
+        const float* wb = reinterpret_cast<const float*>(wf + (k - k0) * 64);
+#pragma GCC unroll 8
+        for (int j = 0; j < kBlockK; ++j) {
+          const __m512 wv = _mm512_loadu_ps(wb + 16 * j);
+          for (int i = 0; i < MR; ++i) d[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[i * ld + j]), d[i]);
+        }
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(sc + g * 32);
+    for (int i = 0; i < MR; ++i) f[i] = _mm512_fmadd_ps(d[i], s, f[i]);
+    if (e == w.group_end(g)) {
+      const __m512 sz = _mm512_loadu_ps(sc + g * 32 + 16);
+      for (int i = 0; i < MR; ++i) f[i] = _mm512_fmadd_ps(sz, _mm512_set1_ps(ns[i * G + g]), f[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) _mm512_storeu_ps(y[i], f[i]);
+}
+
+// Weight-only GEMM on the k4 scratch, per four panels: per chunk of k (whole groups where they
+// are narrower; 16 KiB decoded), the decode once, then every row of X over it.
+template <int BITS, bool NF4, bool BF16>
+void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
+  thread_local K4Sets<BITS> sets;
+  thread_local std::vector<float> ns;
+  thread_local std::vector<uint8_t> wfv;
+  const int64_t ck = BF16 ? 512 : 256;
+  const int64_t chunk = G > 1 && gs <= ck ? ck / gs * gs : ck;
+  wfv.resize(size_t(chunk / (BF16 ? 2 : 1) * 64 + 64));
+  uint8_t* wf = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wfv.data()) + 63) & ~uintptr_t(63));
+  ns.resize(size_t(rows * G));
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t g = 0; g < G; ++g) ns[size_t((m - m0) * G + g)] = -a.x.sumx[m * G + g];
+  float (*y)[16] = k4_out_scratch(rows);
+  for (int64_t p = p0; p < p1; p += 4) {
+    const int64_t np = std::min<int64_t>(4, p1 - p);
+    const auto [wk, sc] = sets.get(a, p0, p1, p);
+    std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
+    for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
+      const int64_t k1 = std::min(Kp, k0 + chunk), g0 = k0 / gs;
+      decode_chunk<BITS, NF4, BF16>(wk, k0, k1, wf);
+      auto rows_at = [&](auto mr, int64_t i) {
+        f4_rows<decltype(mr)::value, BF16>(a, wf, sc, ns.data() + i * G, m0 + i, g0, k0, k1, y + i);
+      };
+      int64_t i = 0;
+      for (; rows - i >= 8; i += 8) rows_at(std::integral_constant<int, 8>(), i);
+      if (rows - i >= 4) rows_at(std::integral_constant<int, 4>(), i), i += 4;
+      if (rows - i >= 2) rows_at(std::integral_constant<int, 2>(), i), i += 2;
+      if (rows - i >= 1) rows_at(std::integral_constant<int, 1>(), i);
+    }
+    store_k4_set(a, m0, m1, p, np, y, nullptr);
+  }
+}
+
+// The GEMM from this many rows of X; fewer run the panel kernel (no scratch to build, the panel
+// decoded on the fly). K = N = 4096, 1 thread, Zen 4, panel -> k4 ms: bf16 x int4 g128 M = 8:
+// 3.30 -> 2.45; int8 M = 8 / 16: 2.59 -> 3.41 / 5.86 -> 4.83; fp32 x int4 g128 M = 16 / 32: 6.47 ->
+// 7.03 / 13.2 -> 11.6; int8 M = 32 / 64: 10.9 -> 11.7 / 21.1 -> 21.4; nf4 g64 M = 8 / 16: 4.01 ->
+// 3.96 / 8.17 -> 6.77.
+template <int BITS, bool NF4>
+void float_matmul(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  // bf16 x with exact bf16 codes (not nf4's) on a CPU with vdpbf16ps: the bf16 dot
+  static const bool has_bf16_dot = !kNativeBf16 || cpu_features().avx512bf16;
+  const bool bf16 = !NF4 && a.x.xb && has_bf16_dot;
+  const int64_t gemm_rows = bf16 ? (BITS == 8 ? 12 : 8) : NF4 ? 8 : BITS == 8 ? 64 : 24;
+  if (m1 - m0 < gemm_rows) return walk<BITS, NF4>(a, m0, m1, p0, p1);
+  if (bf16) return float_k4_walk<BITS, NF4, true>(a, m0, m1, p0, p1);
+  float_k4_walk<BITS, NF4, false>(a, m0, m1, p0, p1);
+}
+
 }  // namespace
 
 void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (a.w.h->bits == 8) walk<8, false>(a, m0, m1, p0, p1);
-  else if (a.w.h->scheme == int(Scheme::nf4)) walk<4, true>(a, m0, m1, p0, p1);
-  else walk<4, false>(a, m0, m1, p0, p1);
+  if (a.w.h->bits == 8) float_matmul<8, false>(a, m0, m1, p0, p1);
+  else if (a.w.h->scheme == int(Scheme::nf4)) float_matmul<4, true>(a, m0, m1, p0, p1);
+  else float_matmul<4, false>(a, m0, m1, p0, p1);
 }
 
 }  // namespace LOWBIT_ISA_NS
