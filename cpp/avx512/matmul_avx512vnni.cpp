@@ -10,10 +10,11 @@
 // add) to int4: [r0 r1 r0 r1 ×2 | r2 r3 r2 r3 ×2], int8: [r0 r2 .. | r1 r3 ..], converted and
 // scaled by sw permuted to the same lane order in one FMA; one horizontal sum per panel. The
 // zero-point term Σ_g swz·suma is a dot over the panel's [G][4] swz against −suma ×4.
-// Decode (M = 1) streams the panels from DRAM with no software prefetch: on Zen 4 the hardware
-// prefetcher alone does better (K = N = 4096, 1 thread, weights from DRAM, GB/s: int4 g128
-// 22-26 -> 26-27, int8 24-26 -> 28-29 with a T0 prefetch 2 KiB ahead; 4-12 KiB ahead, T0 or T1,
-// no better).
+// Decode (M = 1) streams the panels from DRAM with a T0 software prefetch 2 KiB ahead on Intel,
+// none on AMD, where the hardware prefetcher alone does better. K = N = 4096, 1 thread, GB/s
+// with -> without: Zen 4 (weights from DRAM) int4 g128 22-26 -> 26-27, int8 24-26 -> 28-29
+// (4-12 KiB ahead, T0 or T1, no better); the Xeon (AMX) VM, 134 MB of rotated weights: int4
+// g128 9.0-11.0 -> 7.0-7.7, int8 11.3-12.4 -> 9.7-10.6.
 // Many rows of X (int_k4_walk): the k4 scratch of avx2/k4_scratch.h instead, one zmm per 4-k step
 // of 16 rows of W, so vpdpbusd leaves each row of W's dot in its own lane and a group ends with a
 // convert and an FMA per row of X, not a fold (the fold was ~40% of the g128 GEMM, ~70% at g32).
@@ -26,6 +27,7 @@
 
 #include "avx512/intrin.h"
 #include "avx2/k4_scratch.h"
+#include "common/dispatch.h"
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
 
@@ -51,6 +53,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   const __m512i sidx = BITS == 4 ? _mm512_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)
                                  : _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 1, 3, 1, 3, 1, 3, 1, 3);
   const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
+  static const bool prefetch = !cpu_features().amd;
   __m512 f[MR], f1[MR];
   for (int i = 0; i < MR; ++i) f[i] = f1[i] = _mm512_setzero_ps();
   int64_t k = 0;
@@ -60,6 +63,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     for (int i = 0; i < MR; ++i) d0[i] = d1[i] = _mm512_setzero_si512();
     for (int64_t b = 0; b < n; ++b, k += kBlockK) {
       if constexpr (BITS == 4) {
+        if (MR == 1 && prefetch) _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(wp);
         const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         for (int i = 0; i < MR; ++i) {
@@ -69,6 +73,10 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
         }
         wp += sizeof(W4Block);
       } else {
+        if (MR == 1 && prefetch) {
+          _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wp + 2048 + 64), _MM_HINT_T0);
+        }
         const __m512i v0 = _mm512_loadu_si512(wp), v1 = _mm512_loadu_si512(wp + 64);
         const __mmask64 n0 = _mm512_movepi8_mask(v0), n1 = _mm512_movepi8_mask(v1);  // w' < 0
         const __m512i a0 = _mm512_abs_epi8(v0), a1 = _mm512_abs_epi8(v1);

@@ -16,6 +16,7 @@ struct CpuFeatures {
   bool avx512vnni = false, avx512bf16 = false;
   bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
   bool os_ymm = false, os_zmm = false, os_amx = false;  // XCR0 enables the register state
+  bool amd = false;                                     // vendor AuthenticAMD (tuning only)
   std::vector<std::string> names() const;              // the features present, for build_info
 };
 const CpuFeatures& cpu_features();
