@@ -284,14 +284,17 @@ def test_torch_bfloat16_and_batch_dims(isa):
 
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")])
-@pytest.mark.parametrize("shape", [(16, 16, 32), (35, 37, 576), (70, 50, 300), (48, 33, 1000)],
+@pytest.mark.parametrize("shape", [(1, 37, 576), (2, 16, 8192), (3, 50, 300), (7, 33, 1000),
+                                   (16, 16, 32), (35, 37, 576), (70, 50, 300), (48, 33, 1000)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype,act_bits", [("bfloat16", None), ("bfloat16", 8), ("float16", 8)])
-def test_half_precision_prefill(isa, fmt, shape, dtype, act_bits):
-    """bf16 / fp16 activations at M >= 16 (the AMX tiles where the CPU has them: bf16 x times the
-    codes as bf16, exact, fp32 sums; or int8 x), every format the tiles take, K off the 32/64
-    steps, partial tiles in M and N, outputs stored in x's dtype. Against the float64 reference:
-    the output's rounding plus fp32 sums (plus the per-token int8 rounding of x with act_bits=8)."""
+def test_half_precision_x(isa, fmt, shape, dtype, act_bits):
+    """bf16 / fp16 activations, decode (M < 8: AVX-512's vdpbf16ps panel kernel, whose codes carry
+    a +128 offset) and prefill (M >= 16: the AMX tiles where the CPU has them, bf16 x times the
+    codes as bf16, exact, fp32 sums; AVX-512's k4 GEMM; or int8 x), every format the tiles take,
+    K off the 32/64 steps, partial tiles in M and N, outputs stored in x's dtype. Against the
+    float64 reference: the output's rounding plus fp32 sums (plus the per-token int8 rounding of
+    x with act_bits=8)."""
     torch = pytest.importorskip("torch")
     M, N, K = shape
     kw = FORMATS[fmt]
