@@ -21,6 +21,7 @@ import sys
 import torch
 
 import lowbit
+from lowbit import ops_cuda
 from lowbit.ops_cuda import matmul_cuda
 
 
@@ -91,6 +92,11 @@ def main() -> int:
             results = {}
             results["torch_fp16"] = events_time(lambda w: x @ w.T, [(w,) for w in w16], args.repeats)[0]
             results["lowbit_w4a16"] = events_time(lambda q: matmul_cuda(x, q), [(q,) for q in q4], args.repeats)[0]
+            if M >= ops_cuda.W4A16_DENSE_MIN_M:  # the fused kernel too, where lowbit_w4a16 went dense
+                dense_min, ops_cuda.W4A16_DENSE_MIN_M = ops_cuda.W4A16_DENSE_MIN_M, 1 << 62
+                results["lowbit_w4a16_fused"] = events_time(lambda q: matmul_cuda(x, q), [(q,) for q in q4],
+                                                            args.repeats)[0]
+                ops_cuda.W4A16_DENSE_MIN_M = dense_min
             results["lowbit_w8a8"] = events_time(lambda q: matmul_cuda(x, q, act_bits=8), [(q,) for q in q8],
                                                  args.repeats)[0]
             if M > 16 and K % 8 == 0 and N % 8 == 0:
@@ -111,10 +117,12 @@ def main() -> int:
                 print(f"# torch._weight_int4pack_mm skipped: {e}", file=sys.stderr)
             for name, ms in results.items():
                 wbytes = {"lowbit_w4a16": N * K / 2 + N * (K // 128) * 4, "torch_int4pack": N * K / 2,
+                          "lowbit_w4a16_fused": N * K / 2 + N * (K // 128) * 4,
                           "lowbit_w8a8": N * K, "torch_int_mm": N * K}.get(name, 2 * N * K)
                 io = wbytes + 2 * M * K + 2 * M * N
                 gbps = io / (ms * 1e-3) / 1e9
-                peer = {"lowbit_w4a16": "torch_int4pack", "lowbit_w8a8": "torch_int_mm"}.get(name)
+                peer = {"lowbit_w4a16": "torch_int4pack", "lowbit_w4a16_fused": "torch_int4pack",
+                        "lowbit_w8a8": "torch_int_mm"}.get(name)
                 row = {"shape": shape, "M": M, "kernel": name, "ms": round(ms, 4), "GB/s": round(gbps, 1),
                        "%copy": round(100 * gbps / bw, 1), "TFLOP/s": round(flops / (ms * 1e-3) / 1e12, 2),
                        "vs_fp16": round(results["torch_fp16"] / ms, 2),

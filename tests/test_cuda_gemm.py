@@ -100,13 +100,23 @@ def _poison_allocator():
     yield
 
 
+@pytest.fixture(params=("fused", "dense"))
+def w4_route(request, monkeypatch):
+    """W4A16 on the fused kernel at every M, or on dequantize + cuBLAS at every M (the route
+    matmul_cuda takes from W4A16_DENSE_MIN_M rows)."""
+    import lowbit.ops_cuda as oc
+
+    monkeypatch.setattr(oc, "W4A16_DENSE_MIN_M", 1 << 62 if request.param == "fused" else 1)
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------
 # W4A16
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("symmetric", (True, False), ids=("sym", "asym"))
 @pytest.mark.parametrize("shape", W4_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}-g{s[2]}")
-def test_w4a16_matches_reference(shape, symmetric, dtype):
+def test_w4a16_matches_reference(shape, symmetric, dtype, w4_route):
     N, K, group = shape
     qt = lowbit.quantize(make_w(N, K, seed_for("w4", shape, symmetric)), bits=4, group_size=group,
                          symmetric=symmetric)
@@ -119,7 +129,7 @@ def test_w4a16_matches_reference(shape, symmetric, dtype):
 
 
 @pytest.mark.parametrize("group", (32, 64, 128, None), ids=str)
-def test_w4a16_all_group_sizes_and_bias(group):
+def test_w4a16_all_group_sizes_and_bias(group, w4_route):
     N, K = 136, 1152
     qt = lowbit.quantize(make_w(N, K, seed_for("w4g", group)), bits=4, group_size=group)
     bias = torch.randn(N, device=dev())
@@ -133,7 +143,7 @@ def test_w4a16_all_group_sizes_and_bias(group):
             assert err < TOL[dtype]
 
 
-def test_w4a16_batched_and_strided_input():
+def test_w4a16_batched_and_strided_input(w4_route):
     """x [..., K] with leading dims; a column slice of a wider tensor (misaligned rows: the
     element-wise activation path) gives the same result as its contiguous copy."""
     N, K = 96, 576

@@ -9,6 +9,10 @@ QuantizedTensor on the same device. Output [..., N] in x's dtype, framework and 
   * 8-bit per-channel weights (group_size=None) and act_bits=8: W8A8 — x's rows are quantized to
     int8 per token inside the call by lowbit.quantize's rule (bits=8, symmetric, one group per row),
     then s8 x s8 -> s32 tensor-core products and a per-token x per-channel scale epilogue.
+  * W4A16 from W4A16_DENSE_MIN_M rows of x: the weight is dequantized to x's dtype (the same
+    rounding of (u - z)·s as the fused kernel's) into a temporary array from the caller's
+    allocator and multiplied by the framework's matmul (cuBLAS): the fused kernel (mma.sync,
+    64 x 64 tiles, no wgmma) is 4-6x slower than cuBLAS at prefill sizes.
 Everything runs on the caller's current stream and never synchronizes. The weights are prepacked
 once into the kernels' layout and cached on qt (see _packed); the split-K workspace and the
 activation scratch are allocated here, through the caller's framework (its caching allocator).
@@ -17,10 +21,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import _ext, _interop
+from . import _ext, _interop, ops
 from .tensor import QuantizedTensor
 
 _CACHE_ATTR = "_lowbit_packed"  # dict on the QuantizedTensor: layout key -> packed arrays
+# W4A16 rows of x from which dequantize + cuBLAS beats the fused kernel. H100, fp16, eager calls,
+# µs fused -> dense (bench/results_bench/h100_cuda_gemm.json): M = 128: N×K = 4096² 69 -> 122,
+# 11008×4096 130 -> 142, 14336×4096 157 -> 115; M = 256: 118 -> 136, 236 -> 101, 287 -> 128;
+# M = 2048: 587 -> 142, 1473 -> 349, 1905 -> 418.
+W4A16_DENSE_MIN_M = 256
 
 
 def _data_ptr(a: Any) -> int:
@@ -117,6 +126,19 @@ def _check(x: Any, qt: QuantizedTensor, bias: Any, act_bits: Optional[int]):
     return kind, dev, dt
 
 
+def _dense(x2: Any, w: Any, bias: Any, dt: str) -> Any:
+    """x2 @ w.T (+ bias) by the framework's matmul, in x's dtype."""
+    if _interop.framework_of(x2) == "torch":
+        import torch
+
+        b = None if bias is None else _interop.asarray_like(x2, bias, dt)
+        return torch.nn.functional.linear(x2, w, b)
+    y = x2 @ w.T
+    if bias is not None:
+        y += _interop.asarray_like(x2, bias, dt)
+    return y
+
+
 def matmul_cuda(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optional[int] = None) -> Any:
     """x @ dequantize(qt).T (+ bias) on the GPU; see the module docstring."""
     kind, dev, dt = _check(x, qt, bias, act_bits)
@@ -132,6 +154,8 @@ def matmul_cuda(x: Any, qt: QuantizedTensor, bias: Any = None, act_bits: Optiona
         return y.reshape(lead + (N,))
     x2 = _interop.contiguous(x.reshape(M, K))
     b = None if bias is None else _interop.asarray_like(x, bias, "float32")
+    if kind == "w4a16" and M >= W4A16_DENSE_MIN_M:
+        return _dense(x2, ops.dequantize(qt, dtype=dt), bias, dt).reshape(lead + (N,))
     weights, params = _packed(qt, mod, kind, dt, stream)
     if kind == "w4a16":
         g = qt.format.kernel_group_size(K)
