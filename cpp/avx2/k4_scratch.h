@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -134,11 +135,55 @@ inline void store_k4_set(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p,
   }
 }
 
+// The k4 GEMMs' zero-point operand for rows [m0, m1) of X, [row][G]: −Σ_group x (int mode: −suma,
+// times sg for per-block activations; float mode: −sumx).
+inline void k4_neg_sums(const MatmulArgs& a, int64_t m0, int64_t m1, bool int_mode, std::vector<float>& ns) {
+  const int64_t G = a.w.h->G;
+  ns.resize(size_t((m1 - m0) * G));
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      ns[size_t((m - m0) * G + g)] = int_mode ? -float(a.x.suma[m * G + g]) * (a.x.sg ? a.x.sg[m * G + g] : 1.f)
+                                              : -a.x.sumx[m * G + g];
+}
+
 // Aligned per-thread scratch for y[rows][16].
 inline float (*k4_out_scratch(int64_t rows))[16] {
   thread_local std::vector<float> yv;
   yv.resize(size_t(rows * 16 + 8));
   return reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
+}
+
+// Rows [0, rows) of X in passes of 8, then 4, 2 and 1 (the AVX-512 GEMMs' register blocking):
+// pass(std::integral_constant<int, MR>(), first row of the pass).
+template <class Pass>
+inline void row_passes(int64_t rows, Pass&& pass) {
+  int64_t i = 0;
+  for (; rows - i >= 8; i += 8) pass(std::integral_constant<int, 8>(), i);
+  if (rows - i >= 4) pass(std::integral_constant<int, 4>(), i), i += 4;
+  if (rows - i >= 2) pass(std::integral_constant<int, 2>(), i), i += 2;
+  if (rows - i >= 1) pass(std::integral_constant<int, 1>(), i);
+}
+
+// The k4 GEMM driver: per set of four panels of [p0, p1) (its scratch and scales from `sets`),
+// k in chunks of `chunk_k` (whole groups where they are narrower), chunk(wk, sc, g0, k0, k1, y)
+// for each, then the set's 16 outputs of every row of X stored, times row_scale[m] (nullptr: 1).
+template <class Sets, class Chunk>
+inline void k4_walk_sets(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1, Sets& sets,
+                         int64_t chunk_k, const float* row_scale, Chunk&& chunk) {
+  const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
+  float (*y)[16] = k4_out_scratch(rows);
+  // whole groups where they are narrower than a chunk (G > 1: group sizes are multiples of 32)
+  const int64_t step = G > 1 && gs <= chunk_k ? chunk_k / gs * gs : chunk_k;
+  for (int64_t p = p0; p < p1; p += 4) {
+    const int64_t np = std::min<int64_t>(4, p1 - p);
+    const auto [wk, sc] = sets.get(a, p0, p1, p);
+    std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
+    for (int64_t k0 = 0; k0 < Kp; k0 += step) {
+      // the group of k0 (a chunk starts on a group, or inside one)
+      chunk(wk, sc, k0 / gs, k0, std::min(Kp, k0 + step), y);
+    }
+    store_k4_set(a, m0, m1, p, np, y, row_scale);
+  }
 }
 
 }  // namespace

@@ -419,27 +419,13 @@ void k4_tile(const MatmulArgs& a, const uint8_t* wk, const float* sc, const floa
 // while every row of the tile passes over them.
 template <int BITS>
 void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
   thread_local K4Sets<BITS> sets;
   thread_local std::vector<float> ns;
-  ns.resize(size_t(rows * G));
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      ns[size_t((m - m0) * G + g)] = -float(a.x.suma[m * G + g]) * (a.x.sg ? a.x.sg[m * G + g] : 1.f);
-  float (*y)[16] = k4_out_scratch(rows);
-  // whole groups where they are narrower than a chunk (G > 1: group sizes are multiples of 32)
-  const int64_t chunk = G > 1 && gs <= kK4ChunkK ? kK4ChunkK / gs * gs : kK4ChunkK;
-  for (int64_t p = p0; p < p1; p += 4) {
-    const int64_t np = std::min<int64_t>(4, p1 - p);
-    const auto [wk, sc] = sets.get(a, p0, p1, p);
-    std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
-    for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
-      const int64_t k1 = std::min(Kp, k0 + chunk);
-      const int64_t g0 = k0 / gs;  // the group of k0 (a chunk starts on a group, or inside one)
-      k4_tile<BITS>(a, wk, sc, ns.data(), m0, m1, g0, k0, k1, y);
-    }
-    store_k4_set(a, m0, m1, p, np, y, a.x.sa);
-  }
+  k4_neg_sums(a, m0, m1, true, ns);
+  k4_walk_sets(a, m0, m1, p0, p1, sets, kK4ChunkK, a.x.sa,
+               [&](const uint8_t* wk, const float* sc, int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
+                 k4_tile<BITS>(a, wk, sc, ns.data(), m0, m1, g0, k0, k1, y);
+               });
 }
 
 // int4 codes with float activations (not nf4), the decode path: a 32-bit lane j of a half-block

@@ -205,35 +205,18 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, con
 // narrower), so the chunk's scratch and activations stay in L1 while the rows pass over them.
 template <int BITS>
 void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
+  const int64_t G = a.w.h->G;
   thread_local K4Sets<BITS, BITS == 8> sets;
   thread_local std::vector<float> ns;
-  ns.resize(size_t(rows * G));
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      ns[size_t((m - m0) * G + g)] = -float(a.x.suma[m * G + g]) * (a.x.sg ? a.x.sg[m * G + g] : 1.f);
-  float (*y)[16] = k4_out_scratch(rows);
-  const int64_t ck = BITS == 8 ? kK4ChunkK8 : kK4ChunkK4;
-  const int64_t chunk = G > 1 && gs <= ck ? ck / gs * gs : ck;
-  for (int64_t p = p0; p < p1; p += 4) {
-    const int64_t np = std::min<int64_t>(4, p1 - p);
-    const auto [wk, sc] = sets.get(a, p0, p1, p);
-    std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
-    for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
-      const int64_t k1 = std::min(Kp, k0 + chunk), g0 = k0 / gs;
-      auto rows_at = [&](auto mr, int64_t i) {
-        constexpr int MR = decltype(mr)::value;
-        if (a.x.sg) k4_rows<MR, true>(a, wk, sc, ns.data() + i * G, m0 + i, g0, k0, k1, y + i);
-        else k4_rows<MR, false>(a, wk, sc, ns.data() + i * G, m0 + i, g0, k0, k1, y + i);
-      };
-      int64_t i = 0;
-      for (; rows - i >= 8; i += 8) rows_at(std::integral_constant<int, 8>(), i);
-      if (rows - i >= 4) rows_at(std::integral_constant<int, 4>(), i), i += 4;
-      if (rows - i >= 2) rows_at(std::integral_constant<int, 2>(), i), i += 2;
-      if (rows - i >= 1) rows_at(std::integral_constant<int, 1>(), i);
-    }
-    store_k4_set(a, m0, m1, p, np, y, a.x.sa);
-  }
+  k4_neg_sums(a, m0, m1, true, ns);
+  k4_walk_sets(a, m0, m1, p0, p1, sets, BITS == 8 ? kK4ChunkK8 : kK4ChunkK4, a.x.sa,
+               [&](const uint8_t* wk, const float* sc, int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
+                 row_passes(m1 - m0, [&](auto mr, int64_t i) {
+                   constexpr int MR = decltype(mr)::value;
+                   if (a.x.sg) k4_rows<MR, true>(a, wk, sc, ns.data() + i * G, m0 + i, g0, k0, k1, y + i);
+                   else k4_rows<MR, false>(a, wk, sc, ns.data() + i * G, m0 + i, g0, k0, k1, y + i);
+                 });
+               });
 }
 
 }  // namespace

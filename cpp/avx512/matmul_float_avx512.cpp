@@ -293,35 +293,27 @@ inline void f4_rows(const MatmulArgs& a, const uint8_t* wf, const float* sc, con
 // are narrower; 16 KiB decoded), the decode once, then every row of X over it.
 template <int BITS, bool NF4, bool BF16>
 void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
+  const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp;
   thread_local K4Sets<BITS> sets;
   thread_local std::vector<float> ns;
   thread_local std::vector<uint8_t> wfv;
-  const int64_t ck = BF16 ? 512 : 256;
+  const int64_t ck = BF16 ? 512 : 256;  // k per decoded chunk: 16 KiB either way
   const int64_t chunk = G > 1 && gs <= ck ? ck / gs * gs : ck;
-  wfv.resize(size_t(chunk / (BF16 ? 2 : 1) * 64 + 64));
+  wfv.resize(size_t(ck / (BF16 ? 2 : 1) * 64 + 64));
   uint8_t* wf = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wfv.data()) + 63) & ~uintptr_t(63));
-  ns.resize(size_t(rows * G));
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t g = 0; g < G; ++g) ns[size_t((m - m0) * G + g)] = -a.x.sumx[m * G + g];
-  float (*y)[16] = k4_out_scratch(rows);
+  k4_neg_sums(a, m0, m1, false, ns);
+  float (*y)[16] = k4_out_scratch(m1 - m0);
   for (int64_t p = p0; p < p1; p += 4) {
-    const int64_t np = std::min<int64_t>(4, p1 - p);
     const auto [wk, sc] = sets.get(a, p0, p1, p);
-    std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
+    std::fill(&y[0][0], &y[0][0] + (m1 - m0) * 16, 0.f);
     for (int64_t k0 = 0; k0 < Kp; k0 += chunk) {
       const int64_t k1 = std::min(Kp, k0 + chunk), g0 = k0 / gs;
       decode_chunk<BITS, NF4, BF16>(wk, k0, k1, wf);
-      auto rows_at = [&](auto mr, int64_t i) {
+      row_passes(m1 - m0, [&](auto mr, int64_t i) {
         f4_rows<decltype(mr)::value, BF16>(a, wf, sc, ns.data() + i * G, m0 + i, g0, k0, k1, y + i);
-      };
-      int64_t i = 0;
-      for (; rows - i >= 8; i += 8) rows_at(std::integral_constant<int, 8>(), i);
-      if (rows - i >= 4) rows_at(std::integral_constant<int, 4>(), i), i += 4;
-      if (rows - i >= 2) rows_at(std::integral_constant<int, 2>(), i), i += 2;
-      if (rows - i >= 1) rows_at(std::integral_constant<int, 1>(), i);
+      });
     }
-    store_k4_set(a, m0, m1, p, np, y, nullptr);
+    store_k4_set(a, m0, m1, p, std::min<int64_t>(4, p1 - p), y, nullptr);
   }
 }
 
