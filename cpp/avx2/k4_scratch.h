@@ -83,12 +83,18 @@ inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst
 // a call's prefill items that share panels (one per tile of rows of X) unpack each set once per
 // thread, not once per item (K = N = 4096, M = 512: 6 items per panel chunk). Up to 16 panels
 // (the dispatcher's prefill chunk); longer ranges (decode) unpack each set as they go.
-template <int BITS, bool U8 = false>
+// Decode (void, or a type with `static int64_t bytes(int64_t Kp)` and `static void run(const
+// uint8_t* k4, int64_t Kp, uint8_t* out)`): what is kept is the k4 scratch decoded once more
+// (the AVX-512 bf16 GEMM's code pairs), not the scratch itself.
+template <int BITS, bool U8 = false, class Decode = void>
 class K4Sets {
  public:
-  // The scratch and scales of the set at p (p0 <= p < p1, p - p0 a multiple of 4).
+  // The scratch (or its decoded form) and scales of the set at p (p0 <= p < p1, p - p0 a
+  // multiple of 4).
   std::pair<const uint8_t*, const float*> get(const MatmulArgs& a, int64_t p0, int64_t p1, int64_t p) {
-    const int64_t set_bytes = a.w.h->Kp / 4 * kK4Step, set_scales = a.w.h->G * 32;
+    const int64_t Kp = a.w.h->Kp, k4_bytes = Kp / 4 * kK4Step, set_scales = a.w.h->G * 32;
+    int64_t set_bytes = k4_bytes;
+    if constexpr (!std::is_void_v<Decode>) set_bytes = Decode::bytes(Kp);
     const bool keep = p1 - p0 <= 16;
     if (!keep || call_ != a.call || p0_ != p0 || p1_ != p1) {
       const int64_t sets = keep ? (p1 - p0 + 3) / 4 : 1;
@@ -101,7 +107,13 @@ class K4Sets {
     uint8_t* wk = wk_.data() + i * set_bytes;
     float* sc = sc_.data() + i * set_scales;
     if (!ready_[size_t(i)]) {
-      unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), wk, sc);
+      if constexpr (std::is_void_v<Decode>) {
+        unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), wk, sc);
+      } else {
+        raw_.resize(size_t(k4_bytes));
+        unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), raw_.data(), sc);
+        Decode::run(raw_.data(), Kp, wk);
+      }
       ready_[size_t(i)] = keep;
     }
     return {wk, sc};
@@ -110,7 +122,7 @@ class K4Sets {
  private:
   uint64_t call_ = 0;  // 0: nothing kept (call ids start at 1)
   int64_t p0_ = 0, p1_ = 0;
-  std::vector<uint8_t> wk_;
+  std::vector<uint8_t> wk_, raw_;
   std::vector<float> sc_;
   std::vector<bool> ready_;
 };
