@@ -334,8 +334,24 @@ def test_torch_requires_grad_and_strided():
     np.testing.assert_allclose(y.numpy(), _ref(x, qt), rtol=1e-5, atol=1e-4)
 
 
+def test_torch_views_read_in_place():
+    # torch tensors are read through their own attributes: a slice's storage offset counts, a
+    # negative-bit view (whose storage holds the un-negated values) is refused, not misread
+    torch = pytest.importorskip("torch")
+    x, w = _data(7, 12, 128, seed=9)
+    qt = lb.quantize(w, bits=4, group_size=64)
+    xt = torch.from_numpy(x)
+    for ab in (None, 8):
+        want = lb.matmul(np.ascontiguousarray(x[3:]), qt, act_bits=ab)
+        np.testing.assert_array_equal(lb.matmul(xt[3:], qt, act_bits=ab).numpy(), want)
+        out = lb.matmul(xt.bfloat16()[3:], qt, act_bits=ab).float().numpy()
+        np.testing.assert_array_equal(out, lb.matmul(xt.bfloat16()[3:].contiguous(), qt, act_bits=ab).float().numpy())
+    with pytest.raises(ValueError, match="resolve_neg"):
+        lb.matmul(torch._neg_view(xt), qt)
+
+
 def test_torch_float16_and_float32_with_bias():
-    # torch float32/float16 cross into the kernel as numpy views of the same memory
+    # torch float32/float16 are read in place by the C++ side
     torch = pytest.importorskip("torch")
     x, w = _data(5, 24, 128, seed=10)
     qt = lb.quantize(w, bits=4, group_size=64)

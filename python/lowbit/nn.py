@@ -201,7 +201,7 @@ class QuantLinear(nn.Module):
                 # (~20 µs of Python less per call than lowbit.matmul's checks of every argument)
                 x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
                 y = ops._matmul_packed(x2, packed, bias_view, self.out_features, self.act_bits or None,
-                                       self.act_granularity == "block", False)
+                                       self.act_granularity == "block")
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
             return ops.matmul(x, qt, bias=bias, act_bits=self.act_bits or None,
                               act_granularity=self.act_granularity)
