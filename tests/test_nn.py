@@ -108,6 +108,24 @@ def test_state_dict_round_trip_and_dtype_casts():
     assert yb.dtype == torch.bfloat16 and torch.allclose(yb.float(), q(x), atol=0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias_dtype", [None, "same", torch.float32])
+def test_eager_call_matches_lowbit_matmul(dtype, bias_dtype):
+    # the module's direct call to the packed kernel (x and bias in one dtype) and lowbit.matmul
+    # (every other case) give the same bits
+    q = QuantLinear.from_linear(_linear(), bits=4, group_size=32, act_bits=8)
+    if bias_dtype is None:
+        q.bias = None
+    else:
+        q.bias = nn.Parameter(torch.randn(q.out_features).to(dtype if bias_dtype == "same" else bias_dtype),
+                              requires_grad=False)
+    x = torch.randn(3, 5, q.in_features).to(dtype)
+    with torch.no_grad():
+        y = q(x)
+    want = lb.matmul(x, q.quantized_tensor(), bias=None if q.bias is None else q.bias.to(dtype), act_bits=8)
+    assert y.dtype == dtype and y.shape == (3, 5, q.out_features) and torch.equal(y, want)
+
+
 def test_packing_is_cached_per_buffer_set():
     q = QuantLinear.from_linear(_linear(), bits=4, group_size=32)
     x = torch.randn(2, 96, requires_grad=True)     # autograd: through torch.ops.lowbit.matmul
