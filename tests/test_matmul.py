@@ -150,6 +150,7 @@ def test_integer_paths_match_reference(fmt, shape, granularity):
     # match the scalar reference kernel to float rounding: 1e-5 of the output's scale.
     M, N, K = shape
     x, w = _data(M, N, K, seed=2)
+    w[: N // 2, :64] = 0.25  # constant groups: scale 0 or a code at the zero point
     qt = lb.quantize(w, **FORMATS[fmt])
     bias = np.arange(N, dtype=np.float32) / 7
     outs = {}
@@ -184,7 +185,8 @@ def _integer_weight(rng, fmt, N, K):
 
 @pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if not f.startswith("nf4")])
-@pytest.mark.parametrize("shape", [(1, 37, 576), (2, 64, 4096), (12, 37, 576), (17, 9, 576), (70, 40, 512)],
+@pytest.mark.parametrize("shape", [(1, 37, 576), (2, 64, 4096), (12, 37, 576), (17, 9, 576), (70, 40, 512),
+                                   (130, 37, 576), (129, 19, 300)],  # M >= 128: avx512's signed int4 GEMM
                          ids=lambda s: "x".join(map(str, s)))
 def test_integer_dots_exact(isa, fmt, shape, granularity):
     # Integer activations with max |x| = 127 (in every row, and per block in every group) give

@@ -11,7 +11,7 @@ void gram_tile(const float* panel, int64_t kc, int64_t i0, int64_t j0, float* c,
 namespace LOWBIT_ISA_NS {
 extern const KernelTable kTable;
 const KernelTable kTable = {LOWBIT_ISA_NAME, avx512::quantize_rows, avx512::dequantize_rows, matmul_int,
-                            matmul_float, 256, true, &avx512::kTable,
+                            matmul_float, 256, true, false, &avx512::kTable,
                             {avx512::gram_tile, 12, 32}};
 }  // namespace LOWBIT_ISA_NS
 }  // namespace lowbit

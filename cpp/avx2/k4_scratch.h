@@ -84,8 +84,9 @@ inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst
 // thread, not once per item (K = N = 4096, M = 512: 6 items per panel chunk). Up to 16 panels
 // (the dispatcher's prefill chunk); longer ranges (decode) unpack each set as they go.
 // Decode (void, or a type with `static int64_t bytes(int64_t Kp)` and `static void run(const
-// uint8_t* k4, int64_t Kp, uint8_t* out)`): what is kept is the k4 scratch decoded once more
-// (the AVX-512 bf16 GEMM's code pairs), not the scratch itself.
+// PackedLinear& w, const uint8_t* k4, float* sc, uint8_t* out)`): what is kept is the k4 scratch
+// decoded once more (the AVX-512 bf16 GEMM's code pairs, its signed int4 codes), not the scratch
+// itself; run may rewrite the set's scales too.
 template <int BITS, bool U8 = false, class Decode = void>
 class K4Sets {
  public:
@@ -112,7 +113,7 @@ class K4Sets {
       } else {
         raw_.resize(size_t(k4_bytes));
         unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), raw_.data(), sc);
-        Decode::run(raw_.data(), Kp, wk);
+        Decode::run(a.w, raw_.data(), sc, wk);
       }
       ready_[size_t(i)] = keep;
     }

@@ -158,22 +158,57 @@ void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   }
 }
 
-// Integer GEMM on the k4 scratch. A step (4 k) is one zmm: 16 rows of W × 4 codes, unsigned
-// (int4 u in [0, 15]; int8 u = w' + 128, see unpack_k4), vpdpbusd's u8 operand against 4 int8
-// activations broadcast to every lane. MR rows of X share each step's load (MR broadcasts and MR
+// Integer GEMM on the k4 scratch. A step (4 k) is one zmm: 16 rows of W × 4 codes. Per-token
+// int4 (SIGNED): the codes as s8 u − z (SignedInt4) against x + 128 (PreparedAct::xu) as the u8
+// operand, Σ(x + 128)(u − z) = Σx(u − z) + 128·Σ(u − z): the second sum does not depend on x, so
+// the zero point costs one constant per set, not an FMA per group and row of X (int4 g32, K = N
+// = 4096, M = 512, 1 thread, alternating builds: 55.5-56.0 -> 52.2-53.3 ms; from 128 rows and
+// for groups of up to 64, see kU8xMinRows). Else (int8, per-block x) the codes unsigned (int4 u in
+// [0, 15]; int8 u = w' + 128, see unpack_k4) against the int8 x, and the zero-point FMA where a
+// group ends inside the range. MR rows of X share each step's load (MR broadcasts and MR
 // vpdpbusd per load, MR independent dot chains); a group ends with a convert and an FMA per row
-// of X, plus the zero-point FMA where the group ends inside the range. A share's int32 dot stays
-// exact in float: chunks of 1024 k (int4, |d| <= 1024·15·127) or 512 (int8, 512·255·127) < 2^24.
+// of X. A share's int32 dot stays exact in float: chunks of 1024 k (int4, |d| <= 1024·15·255)
+// or 512 (int8, 512·255·127) < 2^24.
 constexpr int64_t kK4ChunkK4 = 1024, kK4ChunkK8 = 512;
 
-template <int MR, bool SG>
+// The k4 int4 set (codes u) as s8 u − z, z = swz / sw per row and group (an integer: the stored
+// offset), and the zero-point term 128·Σ_g sw·Σ(u − z), negated, into the set's first swz slot
+// (sc[16..31]; the other swz slots are not read).
+struct SignedInt4 {
+  static int64_t bytes(int64_t Kp) { return Kp / 4 * kK4Step; }
+  static void run(const PackedLinear& w, const uint8_t* k4, float* sc, uint8_t* out) {
+    const int64_t G = w.h->G, gs = w.h->group_size;
+    const __m512i ones = _mm512_set1_epi8(1), bytes4 = _mm512_set1_epi32(0x01010101);
+    __m512 comp = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 sw = _mm512_loadu_ps(sc + g * 32), swz = _mm512_loadu_ps(sc + g * 32 + 16);
+      const __mmask16 nz = _mm512_cmp_ps_mask(sw, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      __m512i z = _mm512_cvtps_epi32(_mm512_maskz_div_ps(nz, swz, sw));  // sw = 0: the group is 0, z too
+      z = _mm512_min_epi32(_mm512_max_epi32(z, _mm512_setzero_si512()), _mm512_set1_epi32(15));
+      const __m512i zv = _mm512_mullo_epi32(z, bytes4);  // z in each byte of its row's lane
+      __m512i c = _mm512_setzero_si512();
+      for (int64_t k = g * gs, e = w.group_end(g); k < e; k += 4) {
+        const __m512i v = _mm512_sub_epi8(_mm512_loadu_si512(k4 + k / 4 * kK4Step), zv);
+        _mm512_storeu_si512(out + k / 4 * kK4Step, v);
+        c = _mm512_dpbusd_epi32(c, ones, v);
+      }
+      comp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), sw, comp);
+    }
+    _mm512_storeu_ps(sc + 16, _mm512_mul_ps(comp, _mm512_set1_ps(-128.f)));
+  }
+};
+
+template <int MR, bool SG, bool SIGNED>
 inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, const float* ns, int64_t m,
                     int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
+  static_assert(!(SG && SIGNED), "per-block activations take the unsigned codes");
   const PackedLinear& w = a.w;
   const int64_t G = w.h->G, ld = a.x.ld;
-  const int8_t* x = a.x.xq + m * ld;
+  const int8_t* x = SIGNED ? reinterpret_cast<const int8_t*>(a.x.xu) + m * ld : a.x.xq + m * ld;
   __m512 f[MR];
   for (int i = 0; i < MR; ++i) f[i] = _mm512_loadu_ps(y[i]);
+  if (SIGNED && k0 == 0)
+    for (int i = 0; i < MR; ++i) f[i] = _mm512_add_ps(f[i], _mm512_loadu_ps(sc + 16));
   for (int64_t k = k0, g = g0; k < k1; ++g) {
     const int64_t e = std::min(w.group_end(g), k1);
     __m512i d[MR];
@@ -186,14 +221,14 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, con
         for (int i = 0; i < MR; ++i) {
           int32_t v;
           std::memcpy(&v, x + i * ld + k + 4 * j, 4);
-          d[i] = _mm512_dpbusd_epi32(d[i], wv, _mm512_set1_epi32(v));
+          d[i] = SIGNED ? _mm512_dpbusd_epi32(d[i], _mm512_set1_epi32(v), wv) : _mm512_dpbusd_epi32(d[i], wv, _mm512_set1_epi32(v));
         }
       }
     }
     const __m512 s = _mm512_loadu_ps(sc + g * 32);
     for (int i = 0; i < MR; ++i)
       f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), SG ? _mm512_mul_ps(s, _mm512_set1_ps(a.x.sg[(m + i) * G + g])) : s, f[i]);
-    if (e == w.group_end(g)) {
+    if (!SIGNED && e == w.group_end(g)) {
       const __m512 sz = _mm512_loadu_ps(sc + g * 32 + 16);
       for (int i = 0; i < MR; ++i) f[i] = _mm512_fmadd_ps(sz, _mm512_set1_ps(ns[i * G + g]), f[i]);
     }
@@ -203,18 +238,20 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* wk, const float* sc, con
 
 // W4A8 / W8A8 GEMM on the k4 scratch, per four panels: k in chunks (whole groups where they are
 // narrower), so the chunk's scratch and activations stay in L1 while the rows pass over them.
-template <int BITS>
+template <int BITS, bool SIGNED>
 void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G;
-  thread_local K4Sets<BITS, BITS == 8> sets;
+  thread_local std::conditional_t<SIGNED, K4Sets<4, false, SignedInt4>, K4Sets<BITS, BITS == 8>> sets;
   thread_local std::vector<float> ns;
-  k4_neg_sums(a, m0, m1, true, ns);
+  if (!SIGNED) k4_neg_sums(a, m0, m1, true, ns);
   k4_walk_sets(a, m0, m1, p0, p1, sets, BITS == 8 ? kK4ChunkK8 : kK4ChunkK4, a.x.sa,
                [&](const uint8_t* wk, const float* sc, int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
                  row_passes(m1 - m0, [&](auto mr, int64_t i) {
                    constexpr int MR = decltype(mr)::value;
-                   if (a.x.sg) k4_rows<MR, true>(a, wk, sc, ns.data() + i * G, m0 + i, g0, k0, k1, y + i);
-                   else k4_rows<MR, false>(a, wk, sc, ns.data() + i * G, m0 + i, g0, k0, k1, y + i);
+                   const float* nsi = SIGNED ? nullptr : ns.data() + i * G;
+                   if constexpr (SIGNED) k4_rows<MR, false, true>(a, wk, sc, nsi, m0 + i, g0, k0, k1, y + i);
+                   else if (a.x.sg) k4_rows<MR, true, false>(a, wk, sc, nsi, m0 + i, g0, k0, k1, y + i);
+                   else k4_rows<MR, false, false>(a, wk, sc, nsi, m0 + i, g0, k0, k1, y + i);
                  });
                });
 }
@@ -227,7 +264,12 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
   // k4 ms: M = 8: g128 0.98 -> 1.18, g32 1.89 -> 1.59, int8 1.95 -> 1.46; M = 12: g128 1.52 ->
   // 1.57; M = 16: g128 2.13 -> 1.91; M = 6 (k4 loses at every group size): int8 1.18-1.31 -> 1.51-1.79.
   const int64_t k4_rows = a.w.h->bits == 8 || a.w.h->group_size == kBlockK ? 8 : 12;
-  if (m1 - m0 >= k4_rows) return a.w.h->bits == 4 ? int_k4_walk<4>(a, m0, m1, p0, p1) : int_k4_walk<8>(a, m0, m1, p0, p1);
+  if (m1 - m0 >= k4_rows) {
+    if (a.w.h->bits == 8) return int_k4_walk<8, false>(a, m0, m1, p0, p1);
+    // x + 128 prepared (see PreparedAct::xu: calls on this table, not the amx one's tails)
+    if (a.x.xu) return int_k4_walk<4, true>(a, m0, m1, p0, p1);
+    return int_k4_walk<4, false>(a, m0, m1, p0, p1);
+  }
   if (a.w.h->bits == 4) walk<4>(a, m0, m1, p0, p1);
   else walk<8>(a, m0, m1, p0, p1);
 }

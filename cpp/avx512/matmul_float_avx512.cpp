@@ -297,7 +297,9 @@ inline void f4_rows(const MatmulArgs& a, const uint8_t* wf, const float* sc, con
 template <int BITS>
 struct Bf16Pairs {
   static int64_t bytes(int64_t Kp) { return Kp / 2 * 64; }
-  static void run(const uint8_t* k4, int64_t Kp, uint8_t* out) { decode_chunk<BITS, false, true>(k4, 0, Kp, out); }
+  static void run(const PackedLinear& w, const uint8_t* k4, float*, uint8_t* out) {
+    decode_chunk<BITS, false, true>(k4, 0, w.h->Kp, out);
+  }
 };
 
 template <int BITS, bool NF4, bool BF16>

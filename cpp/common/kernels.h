@@ -92,6 +92,8 @@ struct KernelTable {
   int64_t int_prefill_rows = 64;
   // matmul_float wants bfloat16 activations as such (PreparedAct::xb).
   bool float_wants_bf16_x = false;
+  // matmul_int wants the int8 activations also as unsigned bytes (PreparedAct::xu).
+  bool int_wants_u8_x = false;
   // The table whose matmul_int serves per-block activations (PreparedAct::sg) when this one's
   // does not take them; nullptr: matmul_int takes both.
   const KernelTable* per_block_int = nullptr;

@@ -60,15 +60,24 @@ struct PackedLinear {
 //                          has its own scale sg [M][G] = max|x_group| / 127 and sa [M] = 1;
 //                          per token, sg is nullptr. A kernel scales group g's integer dot
 //                          (and its zero-point term) by sg[m][g] when sg is set.
+//                          xu [M][Kp] uint8 = xq + 128 (padding 128) when the kernel table
+//                          asks for it (int_wants_u8_x) and it pays: int4 weights in groups of
+//                          up to kU8xMaxGroup, per-token x, M >= kU8xMinRows; else nullptr
 //   float mode            : xf [M][Kp] float (x widened; act_bits=8 with nf4: xq * sa), zero
 //                          padded; sumx [M][G] = Σ_group xf in float (8 interleaved partial
 //                          sums, a fixed order: matmul.cpp sum8); xb [M][Kp] the bfloat16 input's
 //                          own bits, zero padded, only when x is bfloat16 and the kernel table
 //                          asks for it (float_wants_bf16_x), else nullptr
+// avx512's signed-int4 GEMM (matmul_avx512vnni.cpp) repays its per-set pass from this many rows,
+// and saves enough only on narrow groups. K = N = 4096, 1 thread, ms, without -> with: g32 M =
+// 16: 3.0 -> 3.3, M = 48: 6.5-6.7 -> 6.7, M = 64: 8.2-8.4 -> 8.1-8.2, M = 512: 55.6-56.0 -> 51.7-52.3;
+// g128 M = 64: 6.8-6.9 -> 7.1, M = 512: 46.2-46.8 -> 46.8-47.6.
+constexpr int64_t kU8xMinRows = 128, kU8xMaxGroup = 64;
 struct PreparedAct {
   int64_t M, Kp, G;
   int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets
   const int8_t* xq; const float* sa; const int32_t* suma; const float* sg;
+  const uint8_t* xu;
   const float* xf; const float* sumx;
   const uint16_t* xb;
 };

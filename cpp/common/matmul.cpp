@@ -184,6 +184,7 @@ void matmul(const MatmulCall& c) {
   // Per-call activation preparation (portable code, O(M·K); written as simple loops the compiler
   // vectorizes at the baseline ISA, so M=1 decode spends ~1 µs here, not tens).
   std::vector<int8_t> xq;
+  std::vector<uint8_t> xu;
   std::vector<float> sa, sg, xf, sumx, bias;
   std::vector<int32_t> suma;
   std::vector<uint16_t> xb;
@@ -191,6 +192,9 @@ void matmul(const MatmulCall& c) {
   const bool keep_bf16 = !int_mode && c.x_dtype == DType::bf16 && c.act_bits == 0 && t.float_wants_bf16_x;
   if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
   if (int_mode && c.act_per_block) sg.resize(size_t(M * G));
+  if (int_mode && t.int_wants_u8_x && w.h->bits == 4 && w.h->group_size <= kU8xMaxGroup && !c.act_per_block &&
+      M >= kU8xMinRows)
+    xu.assign(size_t(M * ld), 128);
   if (!int_mode) { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
   if (keep_bf16) xb.assign(size_t(M * ld), 0);
   const int64_t gs = w.h->group_size;
@@ -224,6 +228,10 @@ void matmul(const MatmulCall& c) {
           }
         }
         if (int_mode) {
+          if (!xu.empty()) {
+            uint8_t* u = &xu[m * ld];
+            for (int64_t k = 0; k < K; ++k) u[k] = uint8_t(q[k] ^ 0x80);  // + 128 (mod 256)
+          }
           for (int64_t g = 0; g < G; ++g) {
             const int64_t k0 = g * gs;
             suma[m * G + g] = sum_int8(q + k0, std::min(K, k0 + gs) - k0);
@@ -246,6 +254,7 @@ void matmul(const MatmulCall& c) {
     for (int64_t n = 0; n < N; ++n) bias[n] = load_as_f32(c.bias, c.x_dtype, n);
   }
   MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), sg.empty() ? nullptr : sg.data(),
+                              xu.empty() ? nullptr : xu.data(),
                               xf.data(), sumx.data(), keep_bf16 ? xb.data() : nullptr},
                c.bias ? bias.data() : nullptr, c.y, c.x_dtype, next_call_id()};
   MatmulFn fn = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)
