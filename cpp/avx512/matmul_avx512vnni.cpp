@@ -162,7 +162,7 @@ void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
 // int4 (SIGNED): the codes as s8 u − z (SignedInt4) against x + 128 (PreparedAct::xu) as the u8
 // operand, Σ(x + 128)(u − z) = Σx(u − z) + 128·Σ(u − z): the second sum does not depend on x, so
 // the zero point costs one constant per set, not an FMA per group and row of X (int4 g32, K = N
-// = 4096, M = 512, 1 thread, alternating builds: 55.5-56.0 -> 52.2-53.3 ms; from 128 rows and
+// = 4096, M = 512, 1 thread, alternating builds: 55.5-56.1 -> 50.7-51.1 ms; from 48 rows and
 // for groups of up to 64, see kU8xMinRows). Else (int8, per-block x) the codes unsigned (int4 u in
 // [0, 15]; int8 u = w' + 128, see unpack_k4) against the int8 x, and the zero-point FMA where a
 // group ends inside the range. MR rows of X share each step's load (MR broadcasts and MR

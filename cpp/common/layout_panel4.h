@@ -69,10 +69,11 @@ struct PackedLinear {
 //                          own bits, zero padded, only when x is bfloat16 and the kernel table
 //                          asks for it (float_wants_bf16_x), else nullptr
 // avx512's signed-int4 GEMM (matmul_avx512vnni.cpp) repays its per-set pass from this many rows,
-// and saves enough only on narrow groups. K = N = 4096, 1 thread, ms, without -> with: g32 M =
-// 16: 3.0 -> 3.3, M = 48: 6.5-6.7 -> 6.7, M = 64: 8.2-8.4 -> 8.1-8.2, M = 512: 55.6-56.0 -> 51.7-52.3;
-// g128 M = 64: 6.8-6.9 -> 7.1, M = 512: 46.2-46.8 -> 46.8-47.6.
-constexpr int64_t kU8xMinRows = 128, kU8xMaxGroup = 64;
+// and saves enough only on narrow groups. K = N = 4096, 1 thread, alternating builds, ms, without
+// -> with: g32 M = 16: 3.0 -> 3.3, M = 32: 4.8-4.9 -> 5.0, M = 48: 6.5 -> 6.3-6.4, M = 64: 8.2 ->
+// 7.8-7.9, M = 128: 15.0 -> 14.0-14.1, M = 512: 55.5-56.1 -> 50.7-51.1; g64 M = 48: 5.7 -> 5.7,
+// M = 128: 13.4 -> 12.8-13.0; g128 M = 64: 6.8-6.9 -> 7.1, M = 512: 46.2-46.8 -> 46.8-47.6.
+constexpr int64_t kU8xMinRows = 48, kU8xMaxGroup = 64;
 struct PreparedAct {
   int64_t M, Kp, G;
   int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets

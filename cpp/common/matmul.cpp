@@ -64,6 +64,12 @@ LOWBIT_ROW_CLONES static int32_t sum_int8(const int8_t* q, int64_t n) {
   return t;
 }
 
+// q + 128 as unsigned bytes (PreparedAct::xu): the sign bit flipped. __restrict, so it vectorizes
+// (a uint8_t store may alias the source: as a plain loop it ran scalar, 1.2 ms for 512 × 4096).
+LOWBIT_ROW_CLONES static void offset_row_u8(const int8_t* __restrict q, int64_t n, uint8_t* __restrict u) {
+  for (int64_t k = 0; k < n; ++k) u[k] = uint8_t(q[k]) ^ 0x80u;
+}
+
 // A row of x in float: bfloat16 widens by a shift (vectorizes); float16 goes through the scalar rule.
 LOWBIT_ROW_CLONES static void widen_row(const void* x, DType t, int64_t i0, int64_t K, float* out) {
   if (t == DType::bf16) {
@@ -228,10 +234,7 @@ void matmul(const MatmulCall& c) {
           }
         }
         if (int_mode) {
-          if (!xu.empty()) {
-            uint8_t* u = &xu[m * ld];
-            for (int64_t k = 0; k < K; ++k) u[k] = uint8_t(q[k] ^ 0x80);  // + 128 (mod 256)
-          }
+          if (!xu.empty()) offset_row_u8(q, K, &xu[m * ld]);
           for (int64_t g = 0; g < G; ++g) {
             const int64_t k0 = g * gs;
             suma[m * G + g] = sum_int8(q + k0, std::min(K, k0 + gs) - k0);
