@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -98,13 +99,13 @@ class K4Sets {
     if constexpr (!std::is_void_v<Decode>) set_bytes = Decode::bytes(Kp);
     const bool keep = p1 - p0 <= 16;
     if (!keep || call_ != a.call || p0_ != p0 || p1_ != p1) {
-      const int64_t sets = keep ? (p1 - p0 + 3) / 4 : 1;
+      const int64_t sets = keep ? (p1 - p0 + 3) / 4 : 2;  // unkept: two in turn (k4_walk_sets' pairs)
       wk_.resize(size_t(sets * set_bytes));
       sc_.resize(size_t(sets * set_scales));
       ready_.assign(size_t(sets), false);
       call_ = keep ? a.call : 0, p0_ = p0, p1_ = p1;
     }
-    const int64_t i = keep ? (p - p0) / 4 : 0;
+    const int64_t i = keep ? (p - p0) / 4 : (p - p0) / 4 % 2;
     uint8_t* wk = wk_.data() + i * set_bytes;
     float* sc = sc_.data() + i * set_scales;
     if (!ready_[size_t(i)]) {
@@ -177,25 +178,32 @@ inline void row_passes(int64_t rows, Pass&& pass) {
   if (rows - i >= 1) pass(std::integral_constant<int, 1>(), i);
 }
 
-// The k4 GEMM driver: per set of four panels of [p0, p1) (its scratch and scales from `sets`),
-// k in chunks of `chunk_k` (whole groups where they are narrower), chunk(wk, sc, g0, k0, k1, y)
-// for each, then the set's 16 outputs of every row of X stored, times row_scale[m] (nullptr: 1).
-template <class Sets, class Chunk>
+// The k4 GEMM driver: NS sets of four panels of [p0, p1) at a time (NS <= 2; their scratch and
+// scales from `sets`, the last turn may hold fewer), k in chunks of `chunk_k` (whole groups where
+// they are narrower), chunk(n, wk, sc, g0, k0, k1, y) for each: n sets, set s's scratch wk[s],
+// scales sc[s] and outputs y[s][row of X][16]; then the sets' 16 outputs of every row of X
+// stored, times row_scale[m] (nullptr: 1).
+template <int NS, class Sets, class Chunk>
 inline void k4_walk_sets(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1, Sets& sets,
                          int64_t chunk_k, const float* row_scale, Chunk&& chunk) {
+  static_assert(NS == 1 || NS == 2, "K4Sets holds two sets at a time where it keeps none");
   const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
-  float (*y)[16] = k4_out_scratch(rows);
+  float (*y)[16] = k4_out_scratch(NS * rows);
   // whole groups where they are narrower than a chunk (G > 1: group sizes are multiples of 32)
   const int64_t step = G > 1 && gs <= chunk_k ? chunk_k / gs * gs : chunk_k;
-  for (int64_t p = p0; p < p1; p += 4) {
-    const int64_t np = std::min<int64_t>(4, p1 - p);
-    const auto [wk, sc] = sets.get(a, p0, p1, p);
-    std::fill(&y[0][0], &y[0][0] + rows * 16, 0.f);
-    for (int64_t k0 = 0; k0 < Kp; k0 += step) {
-      // the group of k0 (a chunk starts on a group, or inside one)
-      chunk(wk, sc, k0 / gs, k0, std::min(Kp, k0 + step), y);
+  for (int64_t p = p0; p < p1; p += 4 * NS) {
+    const int n = int(std::min<int64_t>(NS, (p1 - p + 3) / 4));
+    const uint8_t* wk[NS];
+    const float* sc[NS];
+    float (*ys[NS])[16];
+    for (int s = 0; s < n; ++s) {
+      std::tie(wk[s], sc[s]) = sets.get(a, p0, p1, p + 4 * s);
+      ys[s] = y + s * rows;
     }
-    store_k4_set(a, m0, m1, p, np, y, row_scale);
+    std::fill(&y[0][0], &y[0][0] + n * rows * 16, 0.f);
+    // a chunk starts on a group (g0 = k0 / gs), or inside one
+    for (int64_t k0 = 0; k0 < Kp; k0 += step) chunk(n, wk, sc, k0 / gs, k0, std::min(Kp, k0 + step), ys);
+    for (int s = 0; s < n; ++s) store_k4_set(a, m0, m1, p + 4 * s, std::min<int64_t>(4, p1 - p - 4 * s), ys[s], row_scale);
   }
 }
 

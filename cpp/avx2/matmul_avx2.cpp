@@ -422,10 +422,9 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
   thread_local K4Sets<BITS> sets;
   thread_local std::vector<float> ns;
   k4_neg_sums(a, m0, m1, true, ns);
-  k4_walk_sets(a, m0, m1, p0, p1, sets, kK4ChunkK, a.x.sa,
-               [&](const uint8_t* wk, const float* sc, int64_t g0, int64_t k0, int64_t k1, float (*y)[16]) {
-                 k4_tile<BITS>(a, wk, sc, ns.data(), m0, m1, g0, k0, k1, y);
-               });
+  k4_walk_sets<1>(a, m0, m1, p0, p1, sets, kK4ChunkK, a.x.sa,
+                  [&](int, const uint8_t* const* wk, const float* const* sc, int64_t g0, int64_t k0, int64_t k1,
+                      float (*const* y)[16]) { k4_tile<BITS>(a, wk[0], sc[0], ns.data(), m0, m1, g0, k0, k1, y[0]); });
 }
 
 // int4 codes with float activations (not nf4), the decode path: a 32-bit lane j of a half-block
