@@ -167,15 +167,22 @@ inline float (*k4_out_scratch(int64_t rows))[16] {
   return reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
 }
 
-// Rows [0, rows) of X in passes of 8, then 4, 2 and 1 (the AVX-512 GEMMs' register blocking):
-// pass(std::integral_constant<int, MR>(), first row of the pass).
+// Rows [0, rows) of X in passes against n (1 or 2) sets, the AVX-512 GEMMs' register blocking:
+// one set in passes of 8 rows, two in passes of 6 (12 dot chains, 2 weight loads and 6
+// broadcasts per 12 dots, where 8 rows against 2 sets spill), then 4, 2 and 1 rows.
+// pass(std::integral_constant<int, MR>(), std::integral_constant<int, NS>(), first row).
 template <class Pass>
-inline void row_passes(int64_t rows, Pass&& pass) {
-  int64_t i = 0;
-  for (; rows - i >= 8; i += 8) pass(std::integral_constant<int, 8>(), i);
-  if (rows - i >= 4) pass(std::integral_constant<int, 4>(), i), i += 4;
-  if (rows - i >= 2) pass(std::integral_constant<int, 2>(), i), i += 2;
-  if (rows - i >= 1) pass(std::integral_constant<int, 1>(), i);
+inline void row_passes(int64_t rows, int n, Pass&& pass) {
+  auto run = [&](auto ns) {
+    constexpr int wide = decltype(ns)::value == 1 ? 8 : 6;
+    int64_t i = 0;
+    for (; rows - i >= wide; i += wide) pass(std::integral_constant<int, wide>(), ns, i);
+    if (rows - i >= 4) pass(std::integral_constant<int, 4>(), ns, i), i += 4;
+    if (rows - i >= 2) pass(std::integral_constant<int, 2>(), ns, i), i += 2;
+    if (rows - i >= 1) pass(std::integral_constant<int, 1>(), ns, i);
+  };
+  if (n == 1) run(std::integral_constant<int, 1>());
+  else run(std::integral_constant<int, 2>());
 }
 
 // The k4 GEMM driver: NS sets of four panels of [p0, p1) at a time (NS <= 2; their scratch and

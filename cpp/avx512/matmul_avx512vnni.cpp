@@ -249,11 +249,10 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* const* wk, const float* 
 
 // W4A8 / W8A8 GEMM on the k4 scratch, two sets of four panels at a time: k in chunks (whole
 // groups where they are narrower), so the chunk's scratch and activations stay in L1 while the
-// rows pass over them. Six rows of X against two sets (12 dot chains, 2 weight loads and 6
-// broadcasts per 12 vpdpbusd) beat eight against one (8 chains, 1 load and 8 broadcasts per 8);
-// eight against two spill. K = N = 4096, M = 512, 1 thread, alternating builds, ms: int8 45.1-45.3
-// -> 42.7-43.1, int4 g128 46.5-46.8 -> 44.8-45.2, g32 50.3-50.7 -> 47.7-47.9 (with the prefetch
-// of the next pass's activations).
+// rows pass over them. Six rows of X against two sets (row_passes) instead of eight against one:
+// K = N = 4096, M = 512, 1 thread, alternating builds, ms: int8 45.1-45.3 -> 42.7-43.1, int4
+// g128 46.5-46.8 -> 44.8-45.2, g32 50.3-50.7 -> 47.7-47.9 (with the prefetch of the next pass's
+// activations).
 template <int BITS, bool SIGNED>
 void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G, Kp = a.w.h->Kp, rows = m1 - m0, ld = a.x.ld;
@@ -274,14 +273,7 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
       else if (a.x.sg) k4_rows<MR, NS, true, false>(a, wk, sc, nsi, m0 + i, g0, k0, k1, pf, yi);
       else k4_rows<MR, NS, false, false>(a, wk, sc, nsi, m0 + i, g0, k0, k1, pf, yi);
     };
-    using One = std::integral_constant<int, 1>;
-    using Two = std::integral_constant<int, 2>;
-    if (n == 1) return row_passes(rows, [&](auto mr, int64_t i) { pass(mr, One(), i); });
-    int64_t i = 0;
-    for (; rows - i >= 6; i += 6) pass(std::integral_constant<int, 6>(), Two(), i);
-    if (rows - i >= 4) pass(std::integral_constant<int, 4>(), Two(), i), i += 4;
-    if (rows - i >= 2) pass(std::integral_constant<int, 2>(), Two(), i), i += 2;
-    if (rows - i >= 1) pass(One(), Two(), i);
+    row_passes(rows, n, pass);
   });
 }
 
