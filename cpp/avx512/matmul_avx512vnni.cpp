@@ -280,11 +280,13 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
 }  // namespace
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  // The k4 scratch from 8 rows of X for int8 and 32-wide groups, from 12 for wider groups; fewer
-  // run the panel4 kernel (no scratch to build). K = N = 4096, 1 thread, weights in L3, panel4 ->
-  // k4 ms: M = 8: g128 0.98 -> 1.18, g32 1.89 -> 1.59, int8 1.95 -> 1.46; M = 12: g128 1.52 ->
-  // 1.57; M = 16: g128 2.13 -> 1.91; M = 6 (k4 loses at every group size): int8 1.18-1.31 -> 1.51-1.79.
-  const int64_t k4_rows = a.w.h->bits == 8 || a.w.h->group_size == kBlockK ? 8 : 12;
+  // The k4 scratch from 4 rows of X for int8, from 6 for int4; fewer run the panel4 kernel (no
+  // scratch to build; it takes rows in fours, then ones). K = N = 4096, 1 thread, alternating
+  // builds, weights rotated from DRAM, panel4 -> k4 ms: int8 M = 2: 1.1-1.3 -> 1.2-1.3, M = 4:
+  // 1.5-1.6 -> 1.3-1.4, M = 6: 1.9-2.0 -> 1.5; int4 g128 M = 4: 1.0-1.1 -> 1.2, M = 6: 1.4-1.5 ->
+  // 1.3-1.35, M = 8: 1.55 -> 1.6, M = 10: 1.9-2.0 -> 1.7; g32 M = 4: 1.5 -> 1.55, M = 6: 2.0-2.1 ->
+  // 1.7. Weights in L3 alike (int8 M = 4: 1.6-1.8 -> 1.2-1.3; g128 M = 4: 0.7-1.0 -> 0.8-1.0).
+  const int64_t k4_rows = a.w.h->bits == 8 ? 4 : 6;
   if (m1 - m0 >= k4_rows) {
     if (a.w.h->bits == 8) return int_k4_walk<8, false>(a, m0, m1, p0, p1);
     // x + 128 prepared (see PreparedAct::xu: calls on this table, not the amx one's tails)
