@@ -408,13 +408,21 @@ def test_pack_once_and_cached():
     x, w = _data(1, 8, 64)
     qt = lb.quantize(w, bits=4, group_size=32)
     lb.matmul(x, qt)
-    packed = qt._lowbit_packed[("panel4_k32", 1)]
+    packed = qt._lowbit_packed[("panel4_k32", 2)]
     lb.matmul(x, qt, act_bits=8)
-    assert qt._lowbit_packed[("panel4_k32", 1)] is packed
+    assert qt._lowbit_packed[("panel4_k32", 2)] is packed
     # 64-byte aligned, so the 64-byte int4 blocks after the 128-byte header are whole cache lines
     for n in (8, 37, 300):
         p = lb.ops._packed_weight(lb.quantize(_data(1, n, 64)[1], bits=4, group_size=32))
         assert p.ctypes.data % 64 == 0 and p.flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize("kw, scale_arrays", [(dict(symmetric=True), 1), (dict(codebook="nf4"), 1), ({}, 2)])
+def test_packed_bytes_store_zero_points_only_when_they_vary(kw, scale_arrays):
+    # 128-byte header, 8 rows x 64 codes of 4 bits, then per (row, group of 32) a float scale and,
+    # for asymmetric weights only, a float s*z (each array 64-byte aligned)
+    qt = lb.quantize(_data(1, 8, 64)[1], bits=4, group_size=32, **kw)
+    assert lb.ops._packed_weight(qt).nbytes == 128 + 8 * 64 // 2 + scale_arrays * 64
 
 
 @pytest.mark.parametrize("kw", [dict(bits=4, group_size=16), dict(bits=2, group_size=32),

@@ -157,11 +157,17 @@ void build_b(const PackedLinear& w, const Steps& st, int64_t p, int64_t np, uint
   }
 }
 
-// Per-group scales of the 16 rows of panels [p, p+np) as [G][16] (zero past the panels).
-void gather_scales(const float* s, int64_t G, int64_t p, int64_t np, float* out) {
+// Per-group scales (sw, or s·z with zero) of the 16 rows of panels [p, p+np) as [G][16] (zero
+// past the panels).
+void gather_scales(const PackedLinear& w, bool zero, int64_t p, int64_t np, float* out) {
+  const int64_t G = w.h->G;
   std::memset(out, 0, size_t(G * 16) * sizeof(float));
   for (int64_t q = 0; q < np; ++q)
-    for (int64_t g = 0; g < G; ++g) std::memcpy(out + g * 16 + q * 4, s + ((p + q) * G + g) * 4, 4 * sizeof(float));
+    for (int64_t g = 0; g < G; ++g)
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = ((p + q) * G + g) * 4 + r;
+        out[g * 16 + q * 4 + r] = zero ? w.swz_at(i) : w.sw[i];
+      }
 }
 
 struct NTile {
@@ -290,8 +296,8 @@ void walk(const MatmulArgs& a, int64_t m0, int64_t mfull, int64_t p0, int64_t p1
       t.sw.resize(size_t(G * 16));
       t.swz.resize(size_t(G * 16));
       build_b<OP>(w, st, t.p, t.np, t.b.data());
-      gather_scales(w.sw, G, t.p, t.np, t.sw.data());
-      gather_scales(w.swz, G, t.p, t.np, t.swz.data());
+      gather_scales(w, false, t.p, t.np, t.sw.data());
+      gather_scales(w, true, t.p, t.np, t.swz.data());
     }
     for (int64_t m = m0; m < mfull; m += 32) {
       if (m + 32 <= mfull) {

@@ -82,7 +82,7 @@ inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst
       for (int r = 0; r < 4; ++r) {
         const int64_t i = ((p + q) * G + g) * 4 + r;
         sc[g * 32 + 4 * q + r] = q < np ? w.sw[i] : 0.f;
-        sc[g * 32 + 16 + 4 * q + r] = q < np ? w.swz[i] + (U8 ? 128.f * w.sw[i] : 0.f) : 0.f;
+        sc[g * 32 + 16 + 4 * q + r] = q < np ? w.swz_at(i) + (U8 ? 128.f * w.sw[i] : 0.f) : 0.f;
       }
 }
 

@@ -77,7 +77,7 @@ inline void load_block(const uint8_t* panel, int64_t b, __m256i wv[4]) {
 // [sw | sw] in one FMA; one horizontal add per panel. int4 folds start in int16: a vpmaddubsw
 // lane is <= 2·15·127 = 3810, so a lane summed over <= 4 blocks and then pairwise (vphaddw) stays
 // <= 30480, and over <= 2 blocks even a second vphaddw fits. The zero-point term
-// Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] swz against −suma (float, exact below
+// Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] zero_scales() against −suma (float, exact below
 // 2^24). The same kernel serves decode (MR = 1, weights streamed from DRAM once) and GEMM (the
 // dispatcher's tile of X rows walked in passes of up to 3 while the panel stays in L1).
 constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
@@ -183,7 +183,9 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   const int64_t nb = std::min(gs, w.h->Kp) / kBlockK;
   const uint8_t* panel = w.panel(p);
   const float* sw = w.sw + p * G * 4;
-  const float* swz = w.swz + p * G * 4;
+  const float* swz = w.swz ? w.swz + p * G * 4 : nullptr;  // the zero-point dot's own stream, if stored
+  const float* zs = w.zero_scales(p);  // nsuma carries zero_act()
+  const int64_t gz = w.has_zero() ? G : 0;
   // decode: the scales stream from DRAM beside the codes; fetch their lines as far ahead as the
   // codes' prefetch (in groups: ahead / group bytes), swz too (the zero-point dot reads it last)
   const int64_t decode_ahead = BITS == 8 ? kPrefetchAhead8 : kPrefetchAhead;
@@ -191,7 +193,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   auto group = [&](int64_t g, __m256* f) {
     if (ahead == decode_ahead && (g & 3) == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(sw + g * 4 + sdist), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(swz + g * 4 + sdist), _MM_HINT_T0);
+      if (swz) _mm_prefetch(reinterpret_cast<const char*>(swz + g * 4 + sdist), _MM_HINT_T0);
     }
     const int64_t k0 = g * gs, n = NB > 0 ? NB : (g + 1 < G ? nb : (w.h->Kp - k0) / kBlockK);
     const int8_t* xg[MR];
@@ -215,14 +217,14 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     // dot is G/2 = K/64 FMAs per row and panel, as long as a chain as the dot products themselves
     __m256 z[4] = {_mm256_add_ps(f0[i], f1[i]), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t g = 0;
-    for (; g + 8 <= G; g += 8)
+    for (; g + 8 <= gz; g += 8)
       for (int j = 0; j < 4; ++j)
-        z[j] = _mm256_fmadd_ps(_mm256_loadu_ps(swz + (g + 2 * j) * 4), _mm256_loadu_ps(nsuma[i] + (g + 2 * j) * 4), z[j]);
-    for (; g + 2 <= G; g += 2)
-      z[0] = _mm256_fmadd_ps(_mm256_loadu_ps(swz + g * 4), _mm256_loadu_ps(nsuma[i] + g * 4), z[0]);
-    const __m256 zs = _mm256_add_ps(_mm256_add_ps(z[0], z[1]), _mm256_add_ps(z[2], z[3]));
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(zs), _mm256_extractf128_ps(zs, 1));
-    if (g < G) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
+        z[j] = _mm256_fmadd_ps(_mm256_loadu_ps(zs + (g + 2 * j) * 4), _mm256_loadu_ps(nsuma[i] + (g + 2 * j) * 4), z[j]);
+    for (; g + 2 <= gz; g += 2)
+      z[0] = _mm256_fmadd_ps(_mm256_loadu_ps(zs + g * 4), _mm256_loadu_ps(nsuma[i] + g * 4), z[0]);
+    const __m256 zsum = _mm256_add_ps(_mm256_add_ps(z[0], z[1]), _mm256_add_ps(z[2], z[3]));
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(zsum), _mm256_extractf128_ps(zsum, 1));
+    if (g < gz) t = _mm_fmadd_ps(_mm_loadu_ps(zs + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
     out[i] = t;
   }
 }
@@ -589,7 +591,7 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
       }
     }
     const float* sg = w.sw + (p * G + g) * 4;
-    const __m128 swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
+    const __m128 swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(_mm_loadu_ps(sg), _mm_set1_ps(w.h->zero));
     for (int i = 0; i < MR; ++i) {
       for (int r = 0; r < 4; ++r) {
         const __m256 f = NA == 2 ? _mm256_add_ps(facc[i][r][0], facc[i][r][NA - 1]) : facc[i][r][0];

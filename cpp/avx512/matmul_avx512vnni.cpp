@@ -9,7 +9,7 @@
 // MR (1 or 4) rows of X per panel; per group each row's pair of accumulators is folded (unpack +
 // add) to int4: [r0 r1 r0 r1 ×2 | r2 r3 r2 r3 ×2], int8: [r0 r2 .. | r1 r3 ..], converted and
 // scaled by sw permuted to the same lane order in one FMA; one horizontal sum per panel. The
-// zero-point term Σ_g swz·suma is a dot over the panel's [G][4] swz against −suma ×4.
+// zero-point term Σ_g swz·suma is a dot over the panel's [G][4] zero_scales() against −suma ×4.
 // Decode (M = 1) streams the panels from DRAM with a T0 software prefetch 2 KiB ahead on Intel,
 // none on AMD, where the hardware prefetcher alone does better. K = N = 4096, 1 thread, GB/s
 // with -> without: Zen 4 (weights from DRAM) int4 g128 22-26 -> 26-27, int8 24-26 -> 28-29
@@ -100,7 +100,8 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     group(g2 + 1, f1);
   }
   for (; g2 < G; ++g2) group(g2, f);
-  const float* swz = w.swz + p * G * 4;
+  const float* swz = w.zero_scales(p);  // nsuma carries zero_act()
+  const int64_t gz = w.has_zero() ? G : 0;
   for (int i = 0; i < MR; ++i) {
     f[i] = _mm512_add_ps(f[i], f1[i]);
     // lanes: int4 [a b a b ..| c d c d ..] = rows (0 1 | 2 3), int8 rows (0 2 | 1 3)
@@ -110,13 +111,13 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     __m128 t = BITS == 4 ? _mm_movelh_ps(lo2, hi2) : _mm_unpacklo_ps(lo2, hi2);
     __m512 z = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();  // two chains (G/4 FMAs is long for 32-wide groups)
     int64_t g = 0;
-    for (; g + 8 <= G; g += 8) {
+    for (; g + 8 <= gz; g += 8) {
       z = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4), _mm512_loadu_ps(nsuma[i] + g * 4), z);
       z1 = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4 + 16), _mm512_loadu_ps(nsuma[i] + g * 4 + 16), z1);
     }
     z = _mm512_add_ps(z, z1);
-    for (; g + 4 <= G; g += 4) z = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4), _mm512_loadu_ps(nsuma[i] + g * 4), z);
-    for (; g < G; ++g) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
+    for (; g + 4 <= gz; g += 4) z = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4), _mm512_loadu_ps(nsuma[i] + g * 4), z);
+    for (; g < gz; ++g) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
     const __m256 z8 = _mm256_add_ps(_mm512_castps512_ps256(z), _mm512_extractf32x8_ps(z, 1));
     out[i] = _mm_add_ps(t, _mm_add_ps(_mm256_castps256_ps128(z8), _mm256_extractf128_ps(z8, 1)));
   }

@@ -83,7 +83,8 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
         }
       }
     }
-    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
+    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4);
+    const __m128 swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(sw, _mm_set1_ps(w.h->zero));
     if constexpr (MR == 1) {  // decode: no horizontal sum per group
       for (int r = 0; r < 4; ++r) rows1[r] = _mm512_fmadd_ps(f[0][r], _mm512_set1_ps(w.sw[(p * G + g) * 4 + r]), rows1[r]);
       acc[0] = _mm_fnmadd_ps(swz, _mm_set1_ps(a.x.sumx[m * G + g]), acc[0]);
@@ -173,7 +174,8 @@ void bf16_tile(const MatmulArgs& a, int64_t m, int64_t p, const uint16_t* const*
         d[i][3] = lb_dpbf16_ps(d[i][3], wq[3], xh);
       }
     }
-    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4), swz = _mm_loadu_ps(w.swz + (p * G + g) * 4);
+    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4);
+    const __m128 swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(sw, _mm_set1_ps(w.h->zero));
     const __m512 s4 = _mm512_castps128_ps512(sw);
     const __m512 s02 = _mm512_permutexvar_ps(i02, s4), s13 = _mm512_permutexvar_ps(i13, s4);
     const __m128 off = _mm_fmadd_ps(sw, _mm_set1_ps(128.f), swz);

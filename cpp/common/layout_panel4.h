@@ -9,7 +9,11 @@
 //           bits=8: W8Block (128 B), row r = 32 signed int8 w' (symmetric q, asymmetric q - 128).
 //   sw    : float [Np/4][G][4]   the group scale s
 //   swz   : float [Np/4][G][4]   s * z, z the integer offset to subtract from the stored code
-//                               (asym int4: zero, sym int4: 8, asym int8: zero - 128, else 0)
+//                               (asym int4: zero, asym int8: zero - 128); asymmetric formats
+//                               only: elsewhere z is one constant, header.zero (sym int4: 8,
+//                               sym int8 and nf4: 0), swz_offset is 0 and kernels take s·z as
+//                               sw · zero (v1 stored it: 4 bytes more per group and row, 17% of
+//                               a g32 int4 weight's bytes, which decode streams from DRAM)
 // so that  w[n, k] = s · (d(code) − z)   with d(u) = u (int formats) or NF4[u] (nf4, z = 0).
 // Np = N rounded up to 4 (extra rows: codes 0, s = s·z = 0). Kp = K rounded up to 32; codes past
 // K are 0 and every kernel multiplies them by zero-padded activations. Groups must start on a
@@ -21,7 +25,7 @@
 namespace lowbit {
 
 constexpr uint32_t kPanel4Magic = 0x3450424Cu;  // "LBP4"
-constexpr uint32_t kPanel4Version = 1;
+constexpr uint32_t kPanel4Version = 2;
 constexpr int kPanelRows = 4;   // NR: rows of W per panel
 constexpr int kBlockK = 32;     // KB: k per block (one AVX2 register of int8)
 
@@ -29,8 +33,10 @@ struct PackedLinearHeader {
   uint32_t magic, version;
   int32_t bits, scheme;          // Scheme as int (0 asym, 1 sym, 2 nf4)
   int64_t N, K, Np, Kp, G, group_size;
-  int64_t codes_offset, sw_offset, swz_offset, total_bytes;
-  int64_t reserved[4];
+  int64_t codes_offset, sw_offset, swz_offset, total_bytes;  // swz_offset 0: not stored
+  float zero;                    // z of every row and group when swz is not stored
+  int32_t reserved0;
+  int64_t reserved[3];
 };
 static_assert(sizeof(PackedLinearHeader) == 128, "PackedLinearHeader is 128 bytes");
 
@@ -44,9 +50,17 @@ struct PackedLinear {
   const PackedLinearHeader* h;
   const uint8_t* codes;  // W4Block or W8Block array
   const float* sw;
-  const float* swz;
+  const float* swz;  // nullptr: z is h->zero everywhere
   int64_t panel_bytes() const { return (h->Kp / kBlockK) * (h->bits == 4 ? 64 : 128); }
   const uint8_t* panel(int64_t p) const { return codes + p * panel_bytes(); }
+  // s·z of scale index i ([panel][group][row]), the value v1 stored: one float product either way
+  float swz_at(int64_t i) const { return swz ? swz[i] : sw[i] * h->zero; }
+  // The zero-point term Σ_g s·z·Σx as Σ_g zs·(zx·Σx): zs the panel's [G][4] swz, or its sw when z
+  // is one constant, and zx = 1 or that constant. zx·Σx is exact (zx is 1, 8 or 0), so
+  // zs·(zx·Σx) rounds exactly as swz·Σx does. No term at all when z is 0 everywhere.
+  const float* zero_scales(int64_t p) const { return (swz ? swz : sw) + p * h->G * 4; }
+  float zero_act() const { return swz ? 1.f : h->zero; }
+  bool has_zero() const { return swz || h->zero != 0.f; }
   int64_t group_end(int64_t g) const {  // exclusive k end of group g, rounded up to a block
     int64_t e = (g + 1) * h->group_size;
     return e >= h->K ? h->Kp : e;

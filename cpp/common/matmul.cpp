@@ -83,7 +83,8 @@ LOWBIT_ROW_CLONES static void widen_row(const void* x, DType t, int64_t i0, int6
 int64_t packed_linear_bytes(int64_t N, int64_t K, const QuantFormat& f) {
   const int64_t Np = round_up(N, kPanelRows), Kp = round_up(K, kBlockK), G = num_groups(K, f.group_size);
   const int64_t codes = Np * Kp * (f.bits == 4 ? 1 : 2) / 2;
-  return int64_t(sizeof(PackedLinearHeader)) + round_up(codes, 64) + 2 * round_up(Np * G * 4, 64);
+  const int64_t scale_arrays = f.scheme == Scheme::asymmetric ? 2 : 1;  // sw (+ swz)
+  return int64_t(sizeof(PackedLinearHeader)) + round_up(codes, 64) + scale_arrays * round_up(Np * G * 4, 64);
 }
 
 void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t N,
@@ -105,14 +106,15 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
   h.group_size = f.group_size;
   h.codes_offset = sizeof(PackedLinearHeader);
   h.sw_offset = h.codes_offset + round_up(h.Np * h.Kp * (f.bits == 4 ? 1 : 2) / 2, 64);
-  h.swz_offset = h.sw_offset + round_up(h.Np * G * 4, 64);
+  const bool asym = f.scheme == Scheme::asymmetric, sym = f.scheme == Scheme::symmetric;
+  h.swz_offset = asym ? h.sw_offset + round_up(h.Np * G * 4, 64) : 0;
+  h.zero = f.bits == 4 && sym ? 8.f : 0.f;
   h.total_bytes = out_bytes;
   std::memcpy(out, &h, sizeof h);
   uint8_t* cbase = out + h.codes_offset;
   float* sw = reinterpret_cast<float*>(out + h.sw_offset);
-  float* swz = reinterpret_cast<float*>(out + h.swz_offset);
+  float* swz = asym ? reinterpret_cast<float*>(out + h.swz_offset) : nullptr;
   const int64_t nb = h.Kp / kBlockK, row_bytes = packed_row_bytes(K, f.bits);
-  const bool sym = f.scheme == Scheme::symmetric, asym = f.scheme == Scheme::asymmetric;
   parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t p = n / kPanelRows;
@@ -132,11 +134,8 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
       }
       for (int64_t g = 0; g < G; ++g) {
         const float s = scales[n * G + g];
-        float z = 0.f;
-        if (f.bits == 4 && sym) z = 8.f;
-        else if (asym) z = float(zeros[n * G + g]) - (f.bits == 8 ? 128.f : 0.f);
         sw[(p * G + g) * kPanelRows + r] = s;
-        swz[(p * G + g) * kPanelRows + r] = s * z;
+        if (asym) swz[(p * G + g) * kPanelRows + r] = s * (float(zeros[n * G + g]) - (f.bits == 8 ? 128.f : 0.f));
       }
     }
   });
@@ -149,7 +148,7 @@ static PackedLinear view_packed(const uint8_t* packed) {
                                             std::to_string(h->version) + ", expected " +
                                             std::to_string(kPanel4Version) + "; repack it");
   return PackedLinear{h, packed + h->codes_offset, reinterpret_cast<const float*>(packed + h->sw_offset),
-                      reinterpret_cast<const float*>(packed + h->swz_offset)};
+                      h->swz_offset ? reinterpret_cast<const float*>(packed + h->swz_offset) : nullptr};
 }
 
 static bool use_int(const PackedLinear& w, int act_bits) {

@@ -42,7 +42,7 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
           int32_t dot = 0;
           for (int64_t e = w.group_end(g); k < e; ++k) dot += code_at(w, p, r, k) * int32_t(xq[k]);
           const int64_t s = (p * G + g) * kPanelRows + r;
-          float t1 = w.sw[s] * float(dot), t2 = w.swz[s] * float(a.x.suma[m * G + g]);
+          float t1 = w.sw[s] * float(dot), t2 = w.swz_at(s) * float(a.x.suma[m * G + g]);
           acc = acc + (a.x.sg ? (t1 - t2) * a.x.sg[m * G + g] : t1 - t2);
         }
         store_matmul_out(a, m, n, acc, a.x.sa[m]);
@@ -68,7 +68,7 @@ void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64
             dot = dot + (nf4 ? kNF4Values[c] : float(c)) * xf[k];
           }
           const int64_t s = (p * G + g) * kPanelRows + r;
-          acc = acc + (w.sw[s] * dot - w.swz[s] * a.x.sumx[m * G + g]);
+          acc = acc + (w.sw[s] * dot - w.swz_at(s) * a.x.sumx[m * G + g]);
         }
         store_matmul_out(a, m, n, acc, 1.0f);
       }
