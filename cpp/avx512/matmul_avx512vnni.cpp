@@ -42,14 +42,15 @@ inline __m512i broadcast32(const int8_t* p) {
 
 // Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats, already times sg when per block;
 // sg: each row's per-block activation scales [G], or nullptr per token) against panel p:
-// [y_r0..y_r3] per row, before the per-token activation scale.
-template <int BITS, int MR>
+// [y_r0..y_r3] per row, before the per-token activation scale. NB > 0: every group is exactly NB
+// int4 blocks (unrolled at compile time).
+template <int BITS, int MR, int NB>
 inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float* const* nsuma,
                       const float* const* sg, int64_t p, __m128* out) {
   const int64_t G = w.h->G;
   const uint8_t* wp = w.panel(p);
   const float* sw = w.sw + p * G * 4;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(int8_t(0xF0)), zero = _mm512_setzero_si512();
   const __m512i sidx = BITS == 4 ? _mm512_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)
                                  : _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 1, 3, 1, 3, 1, 3, 1, 3);
   const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
@@ -58,14 +59,18 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   for (int i = 0; i < MR; ++i) f[i] = f1[i] = _mm512_setzero_ps();
   int64_t k = 0;
   auto group = [&](int64_t g, __m512* acc) {
-    const int64_t n = g + 1 < G ? nb : (w.h->Kp - k) / kBlockK;
+    const int64_t n = NB > 0 ? NB : g + 1 < G ? nb : (w.h->Kp - k) / kBlockK;
     __m512i d0[MR], d1[MR];
     for (int i = 0; i < MR; ++i) d0[i] = d1[i] = _mm512_setzero_si512();
+#pragma GCC unroll 4
     for (int64_t b = 0; b < n; ++b, k += kBlockK) {
       if constexpr (BITS == 4) {
         if (MR == 1 && prefetch) _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(wp);
-        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        // one row of X: the high nibbles in place, 16·u, and the dot 16 times too (<= 4·240·128 a
+        // lane), one shift per group instead of one per block (per row of X and group with more)
+        const __m512i lo = _mm512_and_si512(v, low4),
+                      hi = MR == 1 ? _mm512_and_si512(v, high4) : _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         for (int i = 0; i < MR; ++i) {
           const __m512i xv = broadcast32(x[i] + k);
           d0[i] = _mm512_dpbusd_epi32(d0[i], lo, xv);
@@ -90,6 +95,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     }
     const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sw + g * 4)));
     for (int i = 0; i < MR; ++i) {
+      if constexpr (BITS == 4 && MR == 1) d1[i] = _mm512_srai_epi32(d1[i], 4);  // exact: 16 × an integer
       const __m512i d = _mm512_add_epi32(_mm512_unpacklo_epi32(d0[i], d1[i]), _mm512_unpackhi_epi32(d0[i], d1[i]));
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sg ? _mm512_mul_ps(s, _mm512_set1_ps(sg[i][g])) : s, acc[i]);
     }
@@ -123,7 +129,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   }
 }
 
-template <int BITS, int MR>
+template <int BITS, int MR, int NB>
 inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vector<float>& nsuma, int64_t p) {
   const int64_t G = a.w.h->G;
   const int8_t* x[MR];
@@ -135,7 +141,7 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
     sg[i] = a.x.sg + (m + i) * G;
   }
   __m128 out[MR];
-  int_panel<BITS, MR>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
+  int_panel<BITS, MR, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
   for (int i = 0; i < MR; ++i) {
     alignas(16) float y[4];
     _mm_store_ps(y, out[i]);
@@ -148,14 +154,14 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
 
 // Rows [m0, m1) × panels [p0, p1): per panel, the rows in fours (the panel stays in L1; for
 // decode it is read from DRAM once).
-template <int BITS>
+template <int BITS, int NB>
 void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t G = a.w.h->G;
   const std::vector<float> nsuma = neg_suma(a, m0, m1);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) int_rows<BITS, 4>(a, m, m0, nsuma, p);
-    for (; m < m1; ++m) int_rows<BITS, 1>(a, m, m0, nsuma, p);
+    for (; m + 4 <= m1; m += 4) int_rows<BITS, 4, NB>(a, m, m0, nsuma, p);
+    for (; m < m1; ++m) int_rows<BITS, 1, NB>(a, m, m0, nsuma, p);
   }
 }
 
@@ -294,8 +300,14 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
     if (a.x.xu) return int_k4_walk<4, true>(a, m0, m1, p0, p1);
     return int_k4_walk<4, false>(a, m0, m1, p0, p1);
   }
-  if (a.w.h->bits == 4) walk<4>(a, m0, m1, p0, p1);
-  else walk<8>(a, m0, m1, p0, p1);
+  if (a.w.h->bits == 8) return walk<8, 0>(a, m0, m1, p0, p1);
+  const int64_t gs = a.w.h->group_size, G = a.w.h->G;
+  if (G > 1 && a.w.h->K == G * gs) {  // every group whole: unrolled group bodies
+    if (gs == 32) return walk<4, 1>(a, m0, m1, p0, p1);
+    if (gs == 64) return walk<4, 2>(a, m0, m1, p0, p1);
+    if (gs == 128) return walk<4, 4>(a, m0, m1, p0, p1);
+  }
+  walk<4, 0>(a, m0, m1, p0, p1);
 }
 
 }  // namespace LOWBIT_ISA_NS
