@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "avx2/k4_scratch.h"
+#include "avx2/store_tile.h"
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
 
@@ -35,22 +36,6 @@ namespace {
 inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
   __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-inline void store_tile(const MatmulArgs& a, int64_t m, int64_t p, __m128 acc, float row_scale) {
-  const int64_t n0 = p * kPanelRows, N = a.w.h->N;
-  if (a.y_dtype == DType::f32 && n0 + kPanelRows <= N) {  // the common case, as store_matmul_out
-    __m128 y = _mm_mul_ps(acc, _mm_set1_ps(row_scale));
-    if (a.bias) y = _mm_add_ps(y, _mm_loadu_ps(a.bias + n0));
-    _mm_storeu_ps(static_cast<float*>(a.y) + m * N + n0, y);
-    return;
-  }
-  alignas(16) float out[4];
-  _mm_store_ps(out, acc);
-  for (int r = 0; r < kPanelRows; ++r) {
-    const int64_t n = p * kPanelRows + r;
-    if (n < a.w.h->N) store_matmul_out(a, m, n, out[r], row_scale);
-  }
 }
 
 // The 4 rows' 32 codes of block b as u8 (int4) or s8 (int8) registers.

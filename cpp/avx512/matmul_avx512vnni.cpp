@@ -27,6 +27,7 @@
 
 #include "avx512/intrin.h"
 #include "avx2/k4_scratch.h"
+#include "avx2/store_tile.h"
 #include "common/dispatch.h"
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
@@ -142,14 +143,7 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
   }
   __m128 out[MR];
   int_panel<BITS, MR, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
-  for (int i = 0; i < MR; ++i) {
-    alignas(16) float y[4];
-    _mm_store_ps(y, out[i]);
-    for (int r = 0; r < kPanelRows; ++r) {
-      const int64_t n = p * kPanelRows + r;
-      if (n < a.w.h->N) store_matmul_out(a, m + i, n, y[r], a.x.sa[m + i]);
-    }
-  }
+  for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
 }
 
 // Rows [m0, m1) × panels [p0, p1): per panel, the rows in fours (the panel stays in L1; for

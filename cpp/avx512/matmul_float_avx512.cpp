@@ -17,6 +17,7 @@
 
 #include "avx512/intrin.h"
 #include "avx2/k4_scratch.h"
+#include "avx2/store_tile.h"
 #include "common/dispatch.h"
 #include "common/format.h"
 #include "common/matmul_epilogue.h"
@@ -97,14 +98,7 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
     }
   }
   if constexpr (MR == 1) acc[0] = _mm_add_ps(acc[0], hsum4(rows1[0], rows1[1], rows1[2], rows1[3]));
-  for (int i = 0; i < MR; ++i) {
-    alignas(16) float out[4];
-    _mm_store_ps(out, acc[i]);
-    for (int r = 0; r < kPanelRows; ++r) {
-      const int64_t n = p * kPanelRows + r;
-      if (n < w.h->N) store_matmul_out(a, m + i, n, out[r], 1.0f);
-    }
-  }
+  for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
 
 template <int BITS, bool NF4>
@@ -191,12 +185,7 @@ void bf16_tile(const MatmulArgs& a, int64_t m, int64_t p, const uint16_t* const*
     const __m512 u = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));  // per 128: (ra, rb) ×2
     const __m128 r01 = _mm_add_ps(_mm512_castps512_ps128(u), _mm512_extractf32x4_ps(u, 1));
     const __m128 r23 = _mm_add_ps(_mm512_extractf32x4_ps(u, 2), _mm512_extractf32x4_ps(u, 3));
-    alignas(16) float out[4];
-    _mm_store_ps(out, _mm_add_ps(z[i], _mm_movelh_ps(r01, r23)));
-    for (int r = 0; r < kPanelRows; ++r) {
-      const int64_t n = p * kPanelRows + r;
-      if (n < w.h->N) store_matmul_out(a, m + i, n, out[r], 1.0f);
-    }
+    store_tile(a, m + i, p, _mm_add_ps(z[i], _mm_movelh_ps(r01, r23)), 1.0f);
   }
 }
 
