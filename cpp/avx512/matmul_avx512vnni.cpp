@@ -52,8 +52,13 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   const uint8_t* wp = w.panel(p);
   const float* sw = w.sw + p * G * 4;
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(int8_t(0xF0)), zero = _mm512_setzero_si512();
-  const __m512i sidx = BITS == 4 ? _mm512_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)
-                                 : _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 1, 3, 1, 3, 1, 3, 1, 3);
+  // whole int4 groups of up to 4 blocks: a lane's dot fits int16 (<= 4·4·15·127), so a group's
+  // two accumulators fold by a saturating pack and vpmaddwd (2 ops) instead of 2 unpacks and an add
+  constexpr bool PACK = BITS == 4 && NB > 0;
+  const __m512i sidx = PACK        ? _mm512_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3)
+                       : BITS == 4 ? _mm512_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)
+                                   : _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 1, 3, 1, 3, 1, 3, 1, 3);
+  const __m512i ones16 = _mm512_set1_epi16(1);
   const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
   static const bool prefetch = !cpu_features().amd;
   __m512 f[MR], f1[MR];
@@ -97,7 +102,8 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sw + g * 4)));
     for (int i = 0; i < MR; ++i) {
       if constexpr (BITS == 4 && MR == 1) d1[i] = _mm512_srai_epi32(d1[i], 4);  // exact: 16 × an integer
-      const __m512i d = _mm512_add_epi32(_mm512_unpacklo_epi32(d0[i], d1[i]), _mm512_unpackhi_epi32(d0[i], d1[i]));
+      const __m512i d = PACK ? _mm512_madd_epi16(_mm512_packs_epi32(d0[i], d1[i]), ones16)
+                             : _mm512_add_epi32(_mm512_unpacklo_epi32(d0[i], d1[i]), _mm512_unpackhi_epi32(d0[i], d1[i]));
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sg ? _mm512_mul_ps(s, _mm512_set1_ps(sg[i][g])) : s, acc[i]);
     }
   };
@@ -111,11 +117,12 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   const int64_t gz = w.has_zero() ? G : 0;
   for (int i = 0; i < MR; ++i) {
     f[i] = _mm512_add_ps(f[i], f1[i]);
-    // lanes: int4 [a b a b ..| c d c d ..] = rows (0 1 | 2 3), int8 rows (0 2 | 1 3)
+    // lanes: int4 [a b a b ..| c d c d ..] = rows (0 1 | 2 3) (PACK: [a a b b ..| c c d d ..]),
+    // int8 rows (0 2 | 1 3)
     const __m128 lo = _mm_add_ps(_mm512_castps512_ps128(f[i]), _mm512_extractf32x4_ps(f[i], 1));
     const __m128 hi = _mm_add_ps(_mm512_extractf32x4_ps(f[i], 2), _mm512_extractf32x4_ps(f[i], 3));
     const __m128 lo2 = _mm_add_ps(lo, _mm_movehl_ps(lo, lo)), hi2 = _mm_add_ps(hi, _mm_movehl_ps(hi, hi));
-    __m128 t = BITS == 4 ? _mm_movelh_ps(lo2, hi2) : _mm_unpacklo_ps(lo2, hi2);
+    __m128 t = PACK ? _mm_hadd_ps(lo, hi) : BITS == 4 ? _mm_movelh_ps(lo2, hi2) : _mm_unpacklo_ps(lo2, hi2);
     __m512 z = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();  // two chains (G/4 FMAs is long for 32-wide groups)
     int64_t g = 0;
     for (; g + 8 <= gz; g += 8) {
