@@ -425,6 +425,22 @@ def test_packed_bytes_store_zero_points_only_when_they_vary(kw, scale_arrays):
     assert lb.ops._packed_weight(qt).nbytes == 128 + 8 * 64 // 2 + scale_arrays * 64
 
 
+@pytest.mark.parametrize("field, value", [(8, 3), (12, 7), (16, 1 << 20), (24, 1 << 40), (64, 64), (80, 0),
+                                          (96, 8.0), (104, 1)])
+def test_packed_header_is_checked(field, value):
+    # a packed buffer whose header disagrees with its own sizes (bits, scheme, N, K, group size,
+    # an offset, the zero point, a reserved word) is refused before any kernel reads it
+    x, w = _data(2, 8, 64)
+    packed = lb.ops._packed_weight(lb.quantize(w, bits=4, group_size=32)).copy()
+    if isinstance(value, float):
+        packed[field:field + 4] = np.frombuffer(np.float32(value).tobytes(), np.uint8)
+    else:
+        packed[field:field + 8] = np.frombuffer(np.int64(value).tobytes(), np.uint8) if field >= 16 else \
+            np.concatenate([np.frombuffer(np.int32(value).tobytes(), np.uint8), packed[field + 4:field + 8]])
+    with pytest.raises(ValueError, match="packed weight|out must have shape"):  # N: the output's shape
+        _ext.core().matmul(x, packed, None, np.empty((2, 8), np.float32), 0, False)
+
+
 @pytest.mark.parametrize("kw", [dict(bits=4, group_size=16), dict(bits=2, group_size=32),
                                 dict(bits=4, group_size=48, symmetric=True)])
 def test_unpacked_formats_fall_back(kw):

@@ -2,6 +2,7 @@
 // that tiles the work over threads and calls the active variant's kernel (null entry: reference).
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -14,6 +15,9 @@
 namespace lowbit {
 
 static void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+static void require(bool ok, const char* msg) {  // no string built per call where it holds
   if (!ok) throw std::invalid_argument(msg);
 }
 
@@ -80,36 +84,44 @@ LOWBIT_ROW_CLONES static void widen_row(const void* x, DType t, int64_t i0, int6
   }
 }
 
-int64_t packed_linear_bytes(int64_t N, int64_t K, const QuantFormat& f) {
-  const int64_t Np = round_up(N, kPanelRows), Kp = round_up(K, kBlockK), G = num_groups(K, f.group_size);
-  const int64_t codes = Np * Kp * (f.bits == 4 ? 1 : 2) / 2;
-  const int64_t scale_arrays = f.scheme == Scheme::asymmetric ? 2 : 1;  // sw (+ swz)
-  return int64_t(sizeof(PackedLinearHeader)) + round_up(codes, 64) + scale_arrays * round_up(Np * G * 4, 64);
-}
-
-void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t N,
-                 int64_t K, const QuantFormat& f, uint8_t* out, int64_t out_bytes) {
+// The whole header of an [N, K] weight in format f: pack_linear writes it, and a buffer handed
+// to matmul must carry exactly it (so no offset or size in it can send a kernel out of bounds).
+static PackedLinearHeader layout_header(int64_t N, int64_t K, const QuantFormat& f) {
   require(N > 0 && K > 0, "cannot pack an empty weight");
-  require(f.bits == 4 || f.bits == 8, "matmul kernels take 4- or 8-bit weights, got bits=" +
-                                          std::to_string(f.bits));
+  require(N <= INT32_MAX && K <= INT32_MAX, "weight too large for layout panel4_k32");
+  if (f.bits != 4 && f.bits != 8)  // (messages built only on failure: every matmul checks its header)
+    require(false, "matmul kernels take 4- or 8-bit weights, got bits=" + std::to_string(f.bits));
   require(f.scheme != Scheme::nf4 || f.bits == 4, "nf4 needs bits=4");
+  require(f.group_size > 0, "group_size must be positive");
   const int64_t G = num_groups(K, f.group_size);
-  require(G == 1 || f.group_size % kBlockK == 0,
-          "layout panel4_k32 needs group_size % 32 == 0 or one group per row, got " +
-              std::to_string(f.group_size));
-  require(out_bytes == packed_linear_bytes(N, K, f), "packed buffer has the wrong size");
-  require(f.scheme != Scheme::asymmetric || zeros, "asymmetric weights need zeros");
-  std::memset(out, 0, size_t(out_bytes));
+  if (G != 1 && f.group_size % kBlockK != 0)
+    require(false, "layout panel4_k32 needs group_size % 32 == 0 or one group per row, got " +
+                       std::to_string(f.group_size));
   PackedLinearHeader h{};
   h.magic = kPanel4Magic; h.version = kPanel4Version; h.bits = f.bits; h.scheme = int(f.scheme);
   h.N = N; h.K = K; h.Np = round_up(N, kPanelRows); h.Kp = round_up(K, kBlockK); h.G = G;
   h.group_size = f.group_size;
   h.codes_offset = sizeof(PackedLinearHeader);
   h.sw_offset = h.codes_offset + round_up(h.Np * h.Kp * (f.bits == 4 ? 1 : 2) / 2, 64);
-  const bool asym = f.scheme == Scheme::asymmetric, sym = f.scheme == Scheme::symmetric;
+  const bool asym = f.scheme == Scheme::asymmetric;
   h.swz_offset = asym ? h.sw_offset + round_up(h.Np * G * 4, 64) : 0;
-  h.zero = f.bits == 4 && sym ? 8.f : 0.f;
-  h.total_bytes = out_bytes;
+  h.zero = f.bits == 4 && f.scheme == Scheme::symmetric ? 8.f : 0.f;
+  h.total_bytes = (asym ? h.swz_offset : h.sw_offset) + round_up(h.Np * G * 4, 64);
+  return h;
+}
+
+int64_t packed_linear_bytes(int64_t N, int64_t K, const QuantFormat& f) {
+  return layout_header(N, K, f).total_bytes;
+}
+
+void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t N,
+                 int64_t K, const QuantFormat& f, uint8_t* out, int64_t out_bytes) {
+  const PackedLinearHeader h = layout_header(N, K, f);
+  require(out_bytes == h.total_bytes, "packed buffer has the wrong size");
+  require(f.scheme != Scheme::asymmetric || zeros, "asymmetric weights need zeros");
+  const int64_t G = h.G;
+  const bool asym = f.scheme == Scheme::asymmetric, sym = f.scheme == Scheme::symmetric;
+  std::memset(out, 0, size_t(out_bytes));
   std::memcpy(out, &h, sizeof h);
   uint8_t* cbase = out + h.codes_offset;
   float* sw = reinterpret_cast<float*>(out + h.sw_offset);
@@ -144,9 +156,19 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
 static PackedLinear view_packed(const uint8_t* packed) {
   const auto* h = reinterpret_cast<const PackedLinearHeader*>(packed);
   require(h->magic == kPanel4Magic, "packed weight is not in layout panel4_k32 (bad magic)");
-  require(h->version == kPanel4Version, "packed weight has layout panel4_k32 version " +
-                                            std::to_string(h->version) + ", expected " +
-                                            std::to_string(kPanel4Version) + "; repack it");
+  if (h->version != kPanel4Version)
+    require(false, "packed weight has layout panel4_k32 version " + std::to_string(h->version) + ", expected " +
+                       std::to_string(kPanel4Version) + "; repack it");
+  require(h->scheme >= 0 && h->scheme <= int(Scheme::nf4), "packed weight has a bad header (scheme)");
+  QuantFormat f{};
+  f.bits = h->bits; f.scheme = Scheme(h->scheme); f.group_size = h->group_size;
+  PackedLinearHeader want;
+  try {
+    want = layout_header(h->N, h->K, f);
+  } catch (const std::invalid_argument& e) {
+    require(false, std::string("packed weight has a bad header: ") + e.what());
+  }
+  require(std::memcmp(h, &want, sizeof want) == 0, "packed weight has a bad header (inconsistent sizes or offsets)");
   return PackedLinear{h, packed + h->codes_offset, reinterpret_cast<const float*>(packed + h->sw_offset),
                       h->swz_offset ? reinterpret_cast<const float*>(packed + h->swz_offset) : nullptr};
 }
@@ -178,9 +200,9 @@ void matmul(const MatmulCall& c) {
   require(c.packed && c.packed_bytes >= int64_t(sizeof(PackedLinearHeader)), "packed weight is missing");
   PackedLinear w = view_packed(c.packed);
   require(w.h->total_bytes == c.packed_bytes, "packed weight buffer is truncated");
-  require(c.K == w.h->K, "x has K=" + std::to_string(c.K) + " but the weight has K=" + std::to_string(w.h->K));
+  if (c.K != w.h->K) require(false, "x has K=" + std::to_string(c.K) + " but the weight has K=" + std::to_string(w.h->K));
   require(c.M > 0, "x is empty");
-  require(c.act_bits == 0 || c.act_bits == 8, "act_bits must be None or 8, got " + std::to_string(c.act_bits));
+  if (c.act_bits != 0 && c.act_bits != 8) require(false, "act_bits must be None or 8, got " + std::to_string(c.act_bits));
   require(c.act_bits == 8 || !c.act_per_block, "per-block activation scales need act_bits=8");
   const int64_t M = c.M, K = c.K, Kp = w.h->Kp, G = w.h->G, N = w.h->N;
   const int64_t ld = Kp + 64;  // a 4 KiB-multiple row stride would map every row to the same L1 sets
@@ -250,7 +272,7 @@ void matmul(const MatmulCall& c) {
       }
     }
   });
-  require(bad.load() < 0, "x contains NaN or Inf (row " + std::to_string(bad.load()) + ")");
+  if (bad.load() >= 0) require(false, "x contains NaN or Inf (row " + std::to_string(bad.load()) + ")");
   if (c.bias) {
     bias.resize(size_t(N));
     for (int64_t n = 0; n < N; ++n) bias[n] = load_as_f32(c.bias, c.x_dtype, n);
