@@ -472,6 +472,14 @@ def test_non_native_byte_order():
         lowbit.matmul(np.ones((1, 64), ">f4"), _qt())
 
 
+@pytest.mark.parametrize("act_bits", [8.0, True, 4, "8"])
+def test_matmul_act_bits_must_be_the_int_8(act_bits):
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(ValueError, match=r"act_bits must be None or 8, got"):
+        lowbit.matmul(x, _qt(), act_bits=act_bits)
+    np.testing.assert_array_equal(lowbit.matmul(x, _qt(), act_bits=np.int64(8)), lowbit.matmul(x, _qt(), act_bits=8))
+
+
 def test_tensors_that_require_grad():
     torch = pytest.importorskip("torch")
     w = torch.nn.Linear(64, 8).weight            # requires grad, as every model parameter
