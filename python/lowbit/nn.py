@@ -31,8 +31,6 @@ from torch import nn
 from . import ops, torch_ops  # noqa: F401  (torch_ops registers torch.ops.lowbit.*)
 from .tensor import SCHEMES, QuantFormat, QuantizedTensor
 
-_PACKED_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the packed CPU kernels take
-
 __all__ = ["QuantLinear", "quantize_dynamic", "quantized_state_dict", "save_quantized_model",
            "load_quantized_model", "replace_module"]
 
@@ -197,11 +195,11 @@ class QuantLinear(nn.Module):
         bias = self.bias
         if torch_ops.skips_dispatch(x, bias):
             qt, packed, bias_in = self._eager_plan()
-            if (packed is not None and x.dtype in _PACKED_X_DTYPES and x.is_cpu and x.is_contiguous() and x.numel()
-                    and not x.requires_grad and (bias is None or (bias_in is not None and bias_in.dtype is x.dtype))):
+            x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            if (packed is not None and ops._plain_cpu_x(x2, self.in_features)
+                    and (bias is None or (bias_in is not None and bias_in.dtype is x.dtype))):
                 # a float32 / bfloat16 / float16 x on the CPU, the common inference call: straight to the
                 # packed kernel (~5 µs of Python less per call than lowbit.matmul's checks of every argument)
-                x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
                 y = ops._matmul_packed(x2, packed, bias_in, self.out_features, self.act_bits or None,
                                        self.act_granularity == "block")
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
