@@ -1,4 +1,4 @@
-// Layout "panel4_k32" v1: a QuantizedTensor W[N, K] (int4 / int8 / nf4 codes) prepacked once for
+// Layout "panel4_k32" v2: a QuantizedTensor W[N, K] (int4 / int8 / nf4 codes) prepacked once for
 // the CPU matmul kernels (Y = X · dequantize(W)ᵀ). One contiguous byte buffer:
 //   PackedLinearHeader (128 B)
 //   codes : [Np/4 panels][Kp/32 k-blocks] blocks, one block = 4 rows × 32 k
