@@ -157,7 +157,6 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
 // decode it is read from DRAM once).
 template <int BITS, int NB>
 void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t G = a.w.h->G;
   const std::vector<float> nsuma = neg_suma(a, m0, m1);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
