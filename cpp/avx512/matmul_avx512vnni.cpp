@@ -4,8 +4,9 @@
 //   int4: v & 15 = [row0 k0..31 | row2 k0..31], v >> 4 & 15 = [row1 | row3], unsigned u in
 //         [0, 15] — exactly vpdpbusd's u8 operand; the 32 int8 activations are broadcast to both
 //         256-bit halves as the s8 operand. 2 vpdpbusd per block and activation row.
-//   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8, so feed |w'| (<= 128) and
-//         x negated where w' < 0 (mask from vpmovb2m) — the AVX-512 form of the vpsignb trick.
+//   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8, so feed u = w' + 128 (the
+//         sign bit flipped, 1 op per 64 bytes) against x and take the exact 128·Σx back out of each
+//         group's int32 dot (the sign trick before: |w'| and x negated per row of X, 3 ops).
 // MR (1 or 4) rows of X per panel; per group each row's pair of accumulators is folded (unpack +
 // add) to int4: [r0 r1 r0 r1 ×2 | r2 r3 r2 r3 ×2], int8: [r0 r2 .. | r1 r3 ..], converted and
 // scaled by sw permuted to the same lane order in one FMA; one horizontal sum per panel. The
@@ -41,17 +42,18 @@ inline __m512i broadcast32(const int8_t* p) {
 }
 
 
-// Rows x[0..MR) of X (nsuma: −suma of each row, [G][4] floats, already times sg when per block;
-// sg: each row's per-block activation scales [G], or nullptr per token) against panel p:
+// Rows x[0..MR) of X (suma: each row's Σ_group x [G]; nsuma: −suma, [G][4] floats, already times
+// sg when per block; sg: each row's per-block activation scales [G], or nullptr per token) against
+// panel p:
 // [y_r0..y_r3] per row, before the per-token activation scale. NB > 0: every group is exactly NB
 // int4 blocks (unrolled at compile time).
 template <int BITS, int MR, int NB>
-inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float* const* nsuma,
-                      const float* const* sg, int64_t p, __m128* out) {
+inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32_t* const* suma,
+                      const float* const* nsuma, const float* const* sg, int64_t p, __m128* out) {
   const int64_t G = w.h->G;
   const uint8_t* wp = w.panel(p);
   const float* sw = w.sw + p * G * 4;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(int8_t(0xF0)), zero = _mm512_setzero_si512();
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(int8_t(0xF0)), c80 = _mm512_set1_epi8(int8_t(0x80));
   // whole int4 groups of up to 4 blocks: a lane's dot fits int16 (<= 4·4·15·127), so a group's
   // two accumulators fold by a saturating pack and vpmaddwd (2 ops) instead of 2 unpacks and an add
   constexpr bool PACK = BITS == 4 && NB > 0;
@@ -88,13 +90,13 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
           _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(wp + 2048 + 64), _MM_HINT_T0);
         }
-        const __m512i v0 = _mm512_loadu_si512(wp), v1 = _mm512_loadu_si512(wp + 64);
-        const __mmask64 n0 = _mm512_movepi8_mask(v0), n1 = _mm512_movepi8_mask(v1);  // w' < 0
-        const __m512i a0 = _mm512_abs_epi8(v0), a1 = _mm512_abs_epi8(v1);
+        // u = w' + 128 (the sign bit flipped) is vpdpbusd's u8 operand; Σ u·x = Σ w'·x + 128·Σx,
+        // taken back out per group below
+        const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(wp), c80), u1 = _mm512_xor_si512(_mm512_loadu_si512(wp + 64), c80);
         for (int i = 0; i < MR; ++i) {
           const __m512i xv = broadcast32(x[i] + k);
-          d0[i] = _mm512_dpbusd_epi32(d0[i], a0, _mm512_mask_sub_epi8(xv, n0, zero, xv));
-          d1[i] = _mm512_dpbusd_epi32(d1[i], a1, _mm512_mask_sub_epi8(xv, n1, zero, xv));
+          d0[i] = _mm512_dpbusd_epi32(d0[i], u0, xv);
+          d1[i] = _mm512_dpbusd_epi32(d1[i], u1, xv);
         }
         wp += sizeof(W8Block);
       }
@@ -102,6 +104,11 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sw + g * 4)));
     for (int i = 0; i < MR; ++i) {
       if constexpr (BITS == 4 && MR == 1) d1[i] = _mm512_srai_epi32(d1[i], 4);  // exact: 16 × an integer
+      if constexpr (BITS == 8) {  // 128·Σx out of one lane of each row of W (lanes 0, 8: rows 0, 1 | 2, 3)
+        const __m512i off = _mm512_set1_epi32(128 * suma[i][g]);
+        d0[i] = _mm512_mask_sub_epi32(d0[i], 0x0101, d0[i], off);
+        d1[i] = _mm512_mask_sub_epi32(d1[i], 0x0101, d1[i], off);
+      }
       const __m512i d = PACK ? _mm512_madd_epi16(_mm512_packs_epi32(d0[i], d1[i]), ones16)
                              : _mm512_add_epi32(_mm512_unpacklo_epi32(d0[i], d1[i]), _mm512_unpackhi_epi32(d0[i], d1[i]));
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sg ? _mm512_mul_ps(s, _mm512_set1_ps(sg[i][g])) : s, acc[i]);
@@ -141,15 +148,17 @@ template <int BITS, int MR, int NB>
 inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vector<float>& nsuma, int64_t p) {
   const int64_t G = a.w.h->G;
   const int8_t* x[MR];
+  const int32_t* sa[MR];
   const float* ns[MR];
   const float* sg[MR];
   for (int i = 0; i < MR; ++i) {
     x[i] = a.x.xq + (m + i) * a.x.ld;
+    sa[i] = a.x.suma + (m + i) * G;
     ns[i] = &nsuma[(m + i - m0) * G * 4];
     sg[i] = a.x.sg + (m + i) * G;
   }
   __m128 out[MR];
-  int_panel<BITS, MR, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, out);
+  int_panel<BITS, MR, NB>(a.w, x, sa, ns, a.x.sg ? sg : nullptr, p, out);
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
 }
 
