@@ -296,13 +296,14 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
 }  // namespace
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  // The k4 scratch from 4 rows of X for int8, from 6 for int4; fewer run the panel4 kernel (no
-  // scratch to build; it takes rows in fours, then ones). K = N = 4096, 1 thread, alternating
-  // builds, weights rotated from DRAM, panel4 -> k4 ms: int8 M = 2: 1.1-1.3 -> 1.2-1.3, M = 4:
-  // 1.5-1.6 -> 1.3-1.4, M = 6: 1.9-2.0 -> 1.5; int4 g128 M = 4: 1.0-1.1 -> 1.2, M = 6: 1.4-1.5 ->
-  // 1.3-1.35, M = 8: 1.55 -> 1.6, M = 10: 1.9-2.0 -> 1.7; g32 M = 4: 1.5 -> 1.55, M = 6: 2.0-2.1 ->
-  // 1.7. Weights in L3 alike (int8 M = 4: 1.6-1.8 -> 1.2-1.3; g128 M = 4: 0.7-1.0 -> 0.8-1.0).
-  const int64_t k4_rows = a.w.h->bits == 8 ? 4 : 6;
+  // The k4 scratch from 6 rows of X; fewer run the panel4 kernel (no scratch to build; it takes
+  // rows in fours, then ones). K = N = 4096, 1 thread, alternating builds, weights rotated from
+  // DRAM, panel4 -> k4 ms: int4 g128 M = 4: 1.0-1.1 -> 1.2, M = 6: 1.4-1.5 -> 1.3-1.35, M = 8:
+  // 1.55 -> 1.6, M = 10: 1.9-2.0 -> 1.7; g32 M = 4: 1.5 -> 1.55, M = 6: 2.0-2.1 -> 1.7. int8 (its
+  // panel kernel on u = w' + 128): M = 4: 1.35-1.65 -> 1.4-1.8, M = 5: 1.62-1.74 -> 1.61-1.85,
+  // M = 6: 1.68-1.78 -> 1.50-1.57; weights in L3 (N = 1024) the panel kernel is faster at every M
+  // up to 16 (M = 4: 0.10-0.14 -> 0.19-0.20 ms, M = 6: 0.18-0.19 -> 0.23), decode from DRAM decides.
+  constexpr int64_t k4_rows = 6;
   if (m1 - m0 >= k4_rows) {
     if (a.w.h->bits == 8) return int_k4_walk<8, false>(a, m0, m1, p0, p1);
     // x + 128 prepared (see PreparedAct::xu: calls on this table, not the amx one's tails)
