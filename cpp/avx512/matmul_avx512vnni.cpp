@@ -7,7 +7,7 @@
 //   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8, so feed u = w' + 128 (the
 //         sign bit flipped, 1 op per 64 bytes) against x and take the exact 128·Σx back out of each
 //         group's int32 dot (the sign trick before: |w'| and x negated per row of X, 3 ops).
-// MR (1 or 4) rows of X per panel; per group each row's pair of accumulators is folded (unpack +
+// MR (1 to 4) rows of X per panel; per group each row's pair of accumulators is folded (unpack +
 // add) to int4: [r0 r1 r0 r1 ×2 | r2 r3 r2 r3 ×2], int8: [r0 r2 .. | r1 r3 ..], converted and
 // scaled by sw permuted to the same lane order in one FMA; one horizontal sum per panel. The
 // zero-point term Σ_g swz·suma is a dot over the panel's [G][4] zero_scales() against −suma ×4.
@@ -16,6 +16,11 @@
 // with -> without: Zen 4 (weights from DRAM) int4 g128 22-26 -> 26-27, int8 24-26 -> 28-29
 // (4-12 KiB ahead, T0 or T1, no better); the Xeon (AMX) VM, 134 MB of rotated weights: int4
 // g128 9.0-11.0 -> 7.0-7.7, int8 11.3-12.4 -> 9.7-10.6.
+// Two to four rows of X (MR > 1) read a panel once, and consume it slowly enough that without
+// help DRAM and compute take turns: a T1 prefetch (into L2, so it does not evict X's rows from
+// L1) 8 KiB ahead, on every CPU (measured on Zen 4 only). K = N = 4096, weights from DRAM, 1
+// thread, ms, none -> T0 2 KiB -> T1 8 KiB: int4 g128 M = 4 1.03 -> 0.71 -> 0.52, int8 M = 4
+// 1.62 -> 1.57 -> 0.74 (T0 4-32 KiB ahead: 1.41-1.47).
 // Many rows of X (int_k4_walk): the k4 scratch of avx2/k4_scratch.h instead, one zmm per 4-k step
 // of 16 rows of W, so vpdpbusd leaves each row of W's dot in its own lane and a group ends with a
 // convert and an FMA per row of X, not a fold (the fold was ~40% of the g128 GEMM, ~70% at g32).
@@ -62,7 +67,11 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
                                    : _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 1, 3, 1, 3, 1, 3, 1, 3);
   const __m512i ones16 = _mm512_set1_epi16(1);
   const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
-  static const bool prefetch = !cpu_features().amd;
+  static const bool decode_prefetch = !cpu_features().amd;
+  auto prefetch = [&](const uint8_t* line) {
+    if (MR > 1) _mm_prefetch(reinterpret_cast<const char*>(line + 8192), _MM_HINT_T1);
+    else if (decode_prefetch) _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
+  };
   __m512 f[MR], f1[MR];
   for (int i = 0; i < MR; ++i) f[i] = f1[i] = _mm512_setzero_ps();
   int64_t k = 0;
@@ -73,7 +82,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
 #pragma GCC unroll 4
     for (int64_t b = 0; b < n; ++b, k += kBlockK) {
       if constexpr (BITS == 4) {
-        if (MR == 1 && prefetch) _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
+        prefetch(wp);
         const __m512i v = _mm512_loadu_si512(wp);
         // one row of X: the high nibbles in place, 16·u, and the dot 16 times too (<= 4·240·128 a
         // lane), one shift per group instead of one per block (per row of X and group with more)
@@ -86,10 +95,8 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
         }
         wp += sizeof(W4Block);
       } else {
-        if (MR == 1 && prefetch) {
-          _mm_prefetch(reinterpret_cast<const char*>(wp + 2048), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(wp + 2048 + 64), _MM_HINT_T0);
-        }
+        prefetch(wp);
+        prefetch(wp + 64);
         // u = w' + 128 (the sign bit flipped) is vpdpbusd's u8 operand; Σ u·x = Σ w'·x + 128·Σx,
         // taken back out per group below
         const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(wp), c80), u1 = _mm512_xor_si512(_mm512_loadu_si512(wp + 64), c80);
@@ -162,15 +169,19 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
 }
 
-// Rows [m0, m1) × panels [p0, p1): per panel, the rows in fours (the panel stays in L1; for
-// decode it is read from DRAM once).
+// Rows [m0, m1) × panels [p0, p1): per panel, the rows in fours, then the rest in one pass (the
+// panel stays in L1 after the first; for decode it is read from DRAM once).
 template <int BITS, int NB>
 void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const std::vector<float> nsuma = neg_suma(a, m0, m1);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
     for (; m + 4 <= m1; m += 4) int_rows<BITS, 4, NB>(a, m, m0, nsuma, p);
-    for (; m < m1; ++m) int_rows<BITS, 1, NB>(a, m, m0, nsuma, p);
+    switch (m1 - m) {
+      case 3: int_rows<BITS, 3, NB>(a, m, m0, nsuma, p); break;
+      case 2: int_rows<BITS, 2, NB>(a, m, m0, nsuma, p); break;
+      case 1: int_rows<BITS, 1, NB>(a, m, m0, nsuma, p); break;
+    }
   }
 }
 
@@ -296,14 +307,15 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
 }  // namespace
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  // The k4 scratch from 6 rows of X; fewer run the panel4 kernel (no scratch to build; it takes
-  // rows in fours, then ones). K = N = 4096, 1 thread, alternating builds, weights rotated from
-  // DRAM, panel4 -> k4 ms: int4 g128 M = 4: 1.0-1.1 -> 1.2, M = 6: 1.4-1.5 -> 1.3-1.35, M = 8:
-  // 1.55 -> 1.6, M = 10: 1.9-2.0 -> 1.7; g32 M = 4: 1.5 -> 1.55, M = 6: 2.0-2.1 -> 1.7. int8 (its
-  // panel kernel on u = w' + 128): M = 4: 1.35-1.65 -> 1.4-1.8, M = 5: 1.62-1.74 -> 1.61-1.85,
-  // M = 6: 1.68-1.78 -> 1.50-1.57; weights in L3 (N = 1024) the panel kernel is faster at every M
-  // up to 16 (M = 4: 0.10-0.14 -> 0.19-0.20 ms, M = 6: 0.18-0.19 -> 0.23), decode from DRAM decides.
-  constexpr int64_t k4_rows = 6;
+  // The k4 scratch from 16 rows of X (8 for int4 in groups of 32, whose panel kernel folds the
+  // most); fewer run the panel kernel (no scratch to build; it takes rows in fours, then the rest
+  // in one pass, and prefetches the weights). K = N = 4096, 1 thread, weights rotated from DRAM,
+  // ms, panel -> k4: int4 g128 M = 6 0.77-0.82 -> 1.23-1.25, M = 16 2.01-2.13 -> 2.14-2.18, M =
+  // 24 3.06-3.24 -> 2.86; g64 M = 12 1.90-1.92 -> 2.02-2.04, M = 16 2.50-2.59 -> 2.38-2.45; g32
+  // M = 8 1.93-2.07 -> 1.87-2.00, M = 10 2.45-2.78 -> 2.13; int8 M = 8 1.22-1.25 -> 1.85-1.87,
+  // M = 12 1.72-1.79 -> 2.13-2.15, M = 16 2.32-2.63 -> 2.49-2.66. In L3 (N = 1024) the panel
+  // kernel is the faster up to 16 rows.
+  const int64_t k4_rows = a.w.h->bits == 4 && a.w.h->group_size <= 32 ? 8 : 16;
   if (m1 - m0 >= k4_rows) {
     if (a.w.h->bits == 8) return int_k4_walk<8, false>(a, m0, m1, p0, p1);
     // x + 128 prepared (see PreparedAct::xu: calls on this table, not the amx one's tails)
