@@ -72,9 +72,11 @@ constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 // int8 decode streams best from 1 KiB ahead (K = N = 4096, 1 thread, % of the read probe in
 // alternating runs: 512 B 78-80, 768 B 83-85, 1 KiB 83-87, 2 KiB 78-81, 3 KiB 75-78; int4 with
 // 1 / 1.5 KiB: 80-81 / 84-86 against 86-91 at 2 KiB; 2 threads: no difference).
-constexpr int64_t kPrefetchAhead = 2048, kPrefetchAhead8 = 1024;
-inline void prefetch_weights(const uint8_t* line, int64_t ahead = kPrefetchAhead) {
-  _mm_prefetch(reinterpret_cast<const char*>(line + ahead), _MM_HINT_T0);
+// int8 with more rows of X (int_walk) prefetches farther, into L2: see w8_group.
+constexpr int64_t kPrefetchAhead = 2048, kPrefetchAhead8 = 1024, kPrefetchFar8 = 8192;
+inline void prefetch_weights(const uint8_t* line, int64_t ahead = kPrefetchAhead, bool to_l2 = false) {
+  if (to_l2) _mm_prefetch(reinterpret_cast<const char*>(line + ahead), _MM_HINT_T1);
+  else _mm_prefetch(reinterpret_cast<const char*>(line + ahead), _MM_HINT_T0);
 }
 
 // int4: blocks [0, nb) (nb <= 4; NB > 0 fixes it at compile time) of a panel against MR rows of
@@ -109,7 +111,12 @@ inline void w4_batch(const uint8_t* wp, const int8_t* const* x, int64_t nb, int6
   }
 }
 
-// int8: nb blocks, widened every block (its pairs reach 32512), folded per row of X.
+// int8: nb blocks, widened every block (its pairs reach 32512), folded per row of X. A prefetch
+// farther ahead than decode's goes to L2 (T1), where it does not evict X's rows from L1: M = 2-5
+// rows consume a panel slowly, and its T0 prefetch 1 KiB ahead left DRAM and compute taking
+// turns (K = N = 4096, weights from DRAM, 1 thread, 4 alternations, min / median ms, T0 -> T1:
+// M = 2 0.95 / 1.04 -> 0.73 / 0.84, M = 3 1.49 / 1.53 -> 1.05 / 1.11, M = 4 1.74 / 1.76 -> 1.33
+// / 1.52, M = 5 1.96 / 2.03 -> 1.65 / 1.68; int4 took T1 no faster, g32 slower: M = 2 0.76 -> 0.93).
 template <int MR>
 inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, int64_t ahead, __m256i* out) {
   const __m256i ones16 = _mm256_set1_epi16(1);
@@ -120,8 +127,8 @@ inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, int6
   // every block: a memory round trip on each sum's dependency chain).
   for (int64_t b = 0; b < nb; ++b, wp += kW8Bytes) {
     if (ahead) {
-      prefetch_weights(wp, ahead);
-      prefetch_weights(wp + 64, ahead);
+      prefetch_weights(wp, ahead, ahead > kPrefetchAhead8);
+      prefetch_weights(wp + 64, ahead, ahead > kPrefetchAhead8);
     }
     __m256i xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kBlockK));
@@ -217,7 +224,8 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
 // Rows [m0, m1) × panels [p0, p1): per panel, the rows in passes of 3 (int4, unless 4 rows are
 // left: 2 + 2 beats 3 + 1), then 2, then 1 (the panel, <= Kp bytes, stays in L1 while the rows
 // stream from L1/L2; for decode the panel is read from DRAM once). The first pass prefetches the
-// panel 2 KiB ahead (int8: 1 KiB); the second prefetches the next panel, so DRAM keeps streaming while the
+// panel 2 KiB ahead (int8: 1 KiB, 8 KiB into L2 for 2+ rows, see w8_group); the second prefetches
+// the next panel (int8: into L2), so DRAM keeps streaming while the
 // later passes work from L1 (K = N = 4096, 1 thread, M = 2 / 4 / 7: int4 g128 0.86 / 1.40 /
 // 2.23-2.87 -> 0.68 / 1.08 / 1.92-2.68 ms, int8 1.67 / 2.49 / (M = 8) 3.42 -> 1.37 / 2.02 /
 // 3.00 ms; M = 1 unchanged). Passes of 3 unpack each int4 block once for 3 rows (weights in L3,
@@ -240,7 +248,8 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
         ns[i] = &nsuma[(m + i - m0) * G * 4];
         sg[i] = a.x.sg + (m + i) * G;
       }
-      const int64_t ahead = pass == 0 ? (BITS == 8 ? kPrefetchAhead8 : kPrefetchAhead) : pass == 1 ? panel_bytes : 0;
+      const int64_t ahead = pass == 0 ? (BITS == 4 ? kPrefetchAhead : MR > 1 ? kPrefetchFar8 : kPrefetchAhead8)
+                                      : pass == 1 ? panel_bytes : 0;
       int_panel<BITS, MR, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, ahead, out);
       ++pass;
       for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
