@@ -1,11 +1,15 @@
 // AVX-512 weight-only matmul (float activations × int4 / nf4 / int8 codes) on layout panel4_k32.
 // Codes are widened straight from memory (16 bytes -> 16 int32 lanes): for int4 one load holds
 // two rows' codes (lo | hi << 4): each nibble is one vpermps over a 16-entry float table held in a
-// zmm (0..15 for int4, the NF4 codebook; AVX2 needs two permutes and a blend). MR = 4 activation
-// rows share each decoded weight register; 16 zmm accumulators per tile. Per group the 4 rows'
+// zmm (0..15 for int4, the NF4 codebook; AVX2 needs two permutes and a blend). MR (up to 4) activation
+// rows share each decoded weight register; 4·MR zmm accumulators per tile. Per group the 4 rows'
 // sums are scaled by the reference's float steps (acc += sw·dot − swz·sumx); decode (MR = 1)
-// scales each row's vector of sums per group instead and sums horizontally once per panel, and
-// prefetches the panel 2 KiB ahead as the integer kernel does.
+// scales each row's vector of sums per group instead and sums horizontally once per panel.
+// Every pass prefetches the panel 8 KiB ahead into L2 (T1; T0 would evict X's rows from L1):
+// the decode of codes is slow enough that the hardware prefetcher alone leaves DRAM and compute
+// taking turns. K = N = 4096, weights from DRAM, 1 thread, Zen 4, 3 alternations, min ms, fp32
+// x, before (MR = 1 T0 2 KiB ahead, MR = 4 none) -> T1 8 KiB: int4 g128 M = 1 0.69 -> 0.67,
+// M = 4 1.89 -> 1.65; int8 M = 1 0.92 -> 0.69, M = 4 2.48 -> 1.66.
 // Many rows of X (float_k4_walk): the k4 scratch of avx2/k4_scratch.h, decoded per chunk of k
 // into an L1 tile with one zmm per k of 16 rows of W (fp32 codebook values; int8 w'), or, for
 // bfloat16 x, one zmm per 2 k of the codes as bf16 pairs (small integers: exact) for vdpbf16ps.
@@ -60,7 +64,7 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
         for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_ps(a.x.xf + (m + i) * a.x.ld + k + 16 * q);
         if constexpr (BITS == 4) {
           const uint8_t* src = panel + b * sizeof(W4Block);
-          if (MR == 1 && q == 0) _mm_prefetch(reinterpret_cast<const char*>(src + 2048), _MM_HINT_T0);
+          if (q == 0) _mm_prefetch(reinterpret_cast<const char*>(src + 8192), _MM_HINT_T1);
           for (int h = 0; h < 2; ++h) {
             __m512i v = lb_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32 * h + 16 * q)));
             __m512 wa = _mm512_permutexvar_ps(v, lut);
@@ -72,9 +76,9 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
           }
         } else {
           const uint8_t* src = panel + b * sizeof(W8Block);
-          if (MR == 1 && q == 0) {
-            _mm_prefetch(reinterpret_cast<const char*>(src + 2048), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(src + 2048 + 64), _MM_HINT_T0);
+          if (q == 0) {
+            _mm_prefetch(reinterpret_cast<const char*>(src + 8192), _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(src + 8192 + 64), _MM_HINT_T1);
           }
           for (int r = 0; r < 4; ++r) {
             __m512 wr = _mm512_cvtepi32_ps(
@@ -101,12 +105,17 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
 
+// Per panel, the rows in fours, then the rest in one pass.
 template <int BITS, bool NF4>
 void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
     for (; m + 4 <= m1; m += 4) float_tile<4, BITS, NF4>(a, m, p);
-    for (; m < m1; ++m) float_tile<1, BITS, NF4>(a, m, p);
+    switch (m1 - m) {
+      case 3: float_tile<3, BITS, NF4>(a, m, p); break;
+      case 2: float_tile<2, BITS, NF4>(a, m, p); break;
+      case 1: float_tile<1, BITS, NF4>(a, m, p); break;
+    }
   }
 }
 
@@ -118,9 +127,10 @@ void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
 // makes the fp32 sums ~10x larger than the result, so they carry ~1e-5 relative rounding
 // (bf16 output rounds at 4e-3). 4 vdpbf16ps and ~8 other ops per 128 codes, against ~3x that for
 // the fp32 decode (float_tile); the 4 byte unpacks bound it (Zen 4 shuffles one zmm a cycle).
-// The first rows over a panel prefetch it 4 KiB ahead, on Zen 4 too (one row of x): K = N = 4096, 1 thread, 134 MB of
-// rotated weights: 0.70-0.73 -> 0.53-0.57 ms (fp32 decode of bf16 x before: 0.71-0.72 ms; in L3
-// 0.63 -> 0.32 ms).
+// The first rows over a panel prefetch it 8 KiB ahead into L2 (T1), on Zen 4 too: K = N = 4096,
+// 1 thread, 134 MB of rotated weights, M = 1: none 0.70-0.73 -> T0 4 KiB ahead 0.53-0.57 ms (fp32
+// decode of bf16 x before: 0.71-0.72 ms; in L3 0.63 -> 0.32 ms); T0 4 KiB -> T1 8 KiB, 3
+// alternations, min ms: M = 1 0.59 -> 0.37, M = 2 0.86 -> 0.57, M = 4 1.36 -> 1.06.
 struct BF16X {
   std::vector<uint16_t> v;  // [row][block][xl 32 | xh 32]
   void prepare(const PreparedAct& x, int64_t m0, int64_t m1) {
@@ -155,7 +165,7 @@ void bf16_tile(const MatmulArgs& a, int64_t m, int64_t p, const uint16_t* const*
     for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
       const int64_t b = k / kBlockK;
       const uint8_t* src = panel + b * sizeof(W4Block);
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + 4096), _MM_HINT_T0);
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + 8192), _MM_HINT_T1);
       const __m512i v = _mm512_loadu_si512(src);
       const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
       const __m512i wq[4] = {_mm512_unpacklo_epi8(lo, c43), _mm512_unpackhi_epi8(lo, c43),
