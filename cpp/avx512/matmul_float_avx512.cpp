@@ -346,16 +346,18 @@ void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int6
 }
 
 // The GEMM from this many rows of X; fewer run the panel kernel (no scratch to build, the panel
-// decoded on the fly). K = N = 4096, 1 thread, Zen 4, panel -> k4 ms: bf16 x int4 g128 M = 8:
-// 3.30 -> 2.45; int8 M = 8 / 16: 2.59 -> 3.41 / 5.86 -> 4.83; fp32 x int4 g128 M = 16 / 32: 6.47 ->
-// 7.03 / 13.2 -> 11.6; int8 M = 32 / 64: 10.9 -> 11.7 / 21.1 -> 21.4; nf4 g64 M = 8 / 16: 4.01 ->
-// 3.96 / 8.17 -> 6.77.
+// decoded on the fly). K = N = 4096, 1 thread, Zen 4, weights from DRAM, min ms, panel -> k4
+// (with the panel kernels' prefetch into L2): bf16 x int4 g128 M = 16 / 24: 3.78 -> 4.27 / 6.18
+// -> 5.74; int8 M = 12 / 16: 4.91 -> 4.44 / 6.68 -> 5.08; fp32 x int4 g128 M = 24 / 32 / 64:
+// 9.85 -> 11.2 / 13.0 -> 14.2 / 26.5 -> 27.1 (N = 1024, in L3: 2.5 -> 3.3 / 3.4 -> 4.4 / 6.8 ->
+// 8.1; equal from 96 rows); nf4 g64 M = 12 / 16: 6.02 -> 6.45 / 8.12 -> 7.91. (Before that
+// prefetch, int8 fp32 x M = 32 / 64: 10.9 -> 11.7 / 21.1 -> 21.4.)
 template <int BITS, bool NF4>
 void float_matmul(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   // bf16 x with exact bf16 codes (not nf4's) on a CPU with vdpbf16ps: the bf16 dot
   static const bool has_bf16_dot = !kNativeBf16 || cpu_features().avx512bf16;
   const bool bf16 = !NF4 && a.x.xb && has_bf16_dot;
-  const int64_t gemm_rows = bf16 ? (BITS == 8 ? 12 : 8) : NF4 ? 8 : BITS == 8 ? 64 : 24;
+  const int64_t gemm_rows = bf16 ? (BITS == 8 ? 12 : 20) : NF4 ? 16 : 64;
   if (m1 - m0 < gemm_rows) return bf16 && BITS == 4 ? bf16_walk(a, m0, m1, p0, p1) : walk<BITS, NF4>(a, m0, m1, p0, p1);
   if (bf16) return float_k4_walk<BITS, NF4, true>(a, m0, m1, p0, p1);
   float_k4_walk<BITS, NF4, false>(a, m0, m1, p0, p1);
