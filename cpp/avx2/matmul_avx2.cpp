@@ -72,8 +72,9 @@ constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 // int8 decode streams best from 1 KiB ahead (K = N = 4096, 1 thread, % of the read probe in
 // alternating runs: 512 B 78-80, 768 B 83-85, 1 KiB 83-87, 2 KiB 78-81, 3 KiB 75-78; int4 with
 // 1 / 1.5 KiB: 80-81 / 84-86 against 86-91 at 2 KiB; 2 threads: no difference).
-// int8 with more rows of X (int_walk) prefetches farther, into L2: see w8_group.
-constexpr int64_t kPrefetchAhead = 2048, kPrefetchAhead8 = 1024, kPrefetchFar8 = 8192;
+// int8 with more rows of X (int_walk) and the weight-only kernel (float_tile) prefetch farther,
+// into L2: see w8_group and float_tile.
+constexpr int64_t kPrefetchAhead = 2048, kPrefetchAhead8 = 1024, kPrefetchFar = 8192;
 inline void prefetch_weights(const uint8_t* line, int64_t ahead = kPrefetchAhead, bool to_l2 = false) {
   if (to_l2) _mm_prefetch(reinterpret_cast<const char*>(line + ahead), _MM_HINT_T1);
   else _mm_prefetch(reinterpret_cast<const char*>(line + ahead), _MM_HINT_T0);
@@ -248,7 +249,7 @@ void int_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p
         ns[i] = &nsuma[(m + i - m0) * G * 4];
         sg[i] = a.x.sg + (m + i) * G;
       }
-      const int64_t ahead = pass == 0 ? (BITS == 4 ? kPrefetchAhead : MR > 1 ? kPrefetchFar8 : kPrefetchAhead8)
+      const int64_t ahead = pass == 0 ? (BITS == 4 ? kPrefetchAhead : MR > 1 ? kPrefetchFar : kPrefetchAhead8)
                                       : pass == 1 ? panel_bytes : 0;
       int_panel<BITS, MR, NB>(a.w, x, ns, a.x.sg ? sg : nullptr, p, ahead, out);
       ++pass;
@@ -498,7 +499,10 @@ struct NF4Planes {
 // int4 and nf4) against one panel. One row of X: two accumulators per panel row, alternating by
 // k slice, so the 4 FMAs per block and row do not form one 16-cycle dependency chain. Group results
 // stay in vector sums (one FMA by the broadcast scale per panel row and group, one horizontal
-// sum per panel): M = 1 above, 1.10 -> 0.87 ms over a horizontal sum per group.
+// sum per panel): M = 1 above, 1.10 -> 0.87 ms over a horizontal sum per group. Every pass
+// prefetches the weights 8 KiB ahead into L2 (T1), as int8's int_walk does for 2+ rows (K = N =
+// 4096, weights from DRAM, 1 thread, 3 alternations, min ms, T0 2 KiB -> T1 8 KiB: int8 M = 1
+// 0.96 -> 0.84, M = 2 1.46 -> 1.07, M = 4 2.43 -> 2.09; int4 g128, decode-bound, unchanged).
 template <int MR, int BITS, bool NF4>
 void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x, const float* unscale) {
   constexpr bool NIB = BITS == 4 && !NF4;
@@ -521,8 +525,8 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
         for (int j = 0; j < NA; ++j) facc[i][r][j] = _mm256_setzero_ps();
     for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
       const uint8_t* src = panel + (k / kBlockK) * (BITS == 4 ? sizeof(W4Block) : sizeof(W8Block));
-      prefetch_weights(src);
-      if (BITS == 8) prefetch_weights(src + 64);
+      prefetch_weights(src, kPrefetchFar, true);
+      if (BITS == 8) prefetch_weights(src + 64, kPrefetchFar, true);
       if constexpr (NIB) {
         // One row of X: both halves' codes in registers, x loaded once per slice c; two rows:
         // one half at a time, which leaves registers for 2 · 4 sums (M = 1 / 2: 0.77 / 1.17 ms;
