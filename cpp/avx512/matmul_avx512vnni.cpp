@@ -20,7 +20,12 @@
 // help DRAM and compute take turns: a T1 prefetch (into L2, so it does not evict X's rows from
 // L1) 8 KiB ahead, on every CPU (measured on Zen 4 only). K = N = 4096, weights from DRAM, 1
 // thread, ms, none -> T0 2 KiB -> T1 8 KiB: int4 g128 M = 4 1.03 -> 0.71 -> 0.52, int8 M = 4
-// 1.62 -> 1.57 -> 0.74 (T0 4-32 KiB ahead: 1.41-1.47).
+// 1.62 -> 1.57 -> 0.74 (T0 4-32 KiB ahead: 1.41-1.47). So does int4 decode on AMD when panels
+// are short (K < 1536), where the per-panel epilogue comes often: 1 thread, weights from DRAM,
+// min µs over 5 alternating builds, none -> T1 8 KiB: g64 K = 576, N = 1536 35.7 -> 31.0, N =
+// 576 12.7 -> 11.9; g32 36.5 -> 35.6; g128 K = 1024, N = 2048 66.1 -> 65.3 (earlier, slower
+// hours: 45 -> 37, 17.6 -> 14.0, 41 -> 39, 90 -> 73). int8 went either way (K = 576: 49 -> 55,
+// and 64 -> 50 in another hour); K = 1536 no better, K = 4096 g32 slower (640 -> 780).
 // Many rows of X (int_k4_walk): the k4 scratch of avx2/k4_scratch.h instead, one zmm per 4-k step
 // of 16 rows of W, so vpdpbusd leaves each row of W's dot in its own lane and a group ends with a
 // convert and an FMA per row of X, not a fold (the fold was ~40% of the g128 GEMM, ~70% at g32).
@@ -67,10 +72,11 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
                                    : _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 1, 3, 1, 3, 1, 3, 1, 3);
   const __m512i ones16 = _mm512_set1_epi16(1);
   const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
-  static const bool decode_prefetch = !cpu_features().amd;
+  static const bool intel = !cpu_features().amd;
+  const bool to_l2 = MR > 1 || (BITS == 4 && !intel && w.panel_bytes() < 3072);
   auto prefetch = [&](const uint8_t* line) {
-    if (MR > 1) _mm_prefetch(reinterpret_cast<const char*>(line + 8192), _MM_HINT_T1);
-    else if (decode_prefetch) _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
+    if (to_l2) _mm_prefetch(reinterpret_cast<const char*>(line + 8192), _MM_HINT_T1);
+    else if (intel) _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
   };
   __m512 f[MR], f1[MR];
   for (int i = 0; i < MR; ++i) f[i] = f1[i] = _mm512_setzero_ps();
