@@ -20,7 +20,10 @@
 // help DRAM and compute take turns: a T1 prefetch (into L2, so it does not evict X's rows from
 // L1) 8 KiB ahead, on every CPU (measured on Zen 4 only). K = N = 4096, weights from DRAM, 1
 // thread, ms, none -> T0 2 KiB -> T1 8 KiB: int4 g128 M = 4 1.03 -> 0.71 -> 0.52, int8 M = 4
-// 1.62 -> 1.57 -> 0.74 (T0 4-32 KiB ahead: 1.41-1.47). So does int4 decode on AMD when panels
+// 1.62 -> 1.57 -> 0.74 (T0 4-32 KiB ahead: 1.41-1.47). Not per-channel int8 with 2 rows: its
+// work per byte is light enough to stream like decode (M = 2, 4 alternating builds, min / median
+// ms: with 0.87 / 0.94, without 0.61 / 0.63; from 3 rows the prefetch wins: M = 4 0.87-0.89
+// against 1.25-1.27). So does int4 decode on AMD when panels
 // are short (K < 1536), where the per-panel epilogue comes often: 1 thread, weights from DRAM,
 // min µs over 5 alternating builds, none -> T1 8 KiB: g64 K = 576, N = 1536 35.7 -> 31.0, N =
 // 576 12.7 -> 11.9; g32 36.5 -> 35.6; g128 K = 1024, N = 2048 66.1 -> 65.3 (earlier, slower
@@ -73,7 +76,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
   const __m512i ones16 = _mm512_set1_epi16(1);
   const int64_t nb = std::min(w.h->group_size, w.h->Kp) / kBlockK;
   static const bool intel = !cpu_features().amd;
-  const bool to_l2 = MR > 1 || (BITS == 4 && !intel && w.panel_bytes() < 3072);
+  const bool to_l2 = (MR > 1 && !(MR == 2 && BITS == 8 && w.h->G == 1)) || (BITS == 4 && !intel && w.panel_bytes() < 3072);
   auto prefetch = [&](const uint8_t* line) {
     if (to_l2) _mm_prefetch(reinterpret_cast<const char*>(line + 8192), _MM_HINT_T1);
     else if (intel) _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
