@@ -286,18 +286,19 @@ void matmul(const MatmulCall& c) {
   const int64_t P = w.h->Np / kPanelRows;
   if (M <= kDecodeRows) {
     // decode: split N (panels) into contiguous streams, one per thread, each at least
-    // kMinDecodeShare bytes of weights. Waking a pool thread that has gone to sleep (between
-    // the layers of a model, other work runs) costs tens of µs in a VM, as much as streaming a
-    // small layer. M=1 on the EPYC VM, 2 threads against 1 with the pool asleep: int4 g128
-    // 576² 79 vs 47 µs, 2048×640 99 vs 83, 2048² 156 vs 183, 4096² 347 vs 475; int8 per
-    // channel 2048×640 146 vs 123, 2048×1024 174 vs 165, 2048² 213 vs 321.
+    // kMinDecodeShare bytes of weights; below two shares, one thread: waking a worker that has
+    // gone to sleep (no call for the pool's 1 ms of spin) costs 20-60 µs in a VM, more than a
+    // second thread saves on a small layer. M = 1 on the EPYC VM, 2 threads (awake: calls 300
+    // µs apart) against 1, min / median µs: int4 g128 576² 10 / 11 vs 12 / 13, 2048×640 26 / 32
+    // vs 37 / 43, 1024×2048 40 / 41 vs 61 / 61; int8 per channel 576² 21 / 22 vs 17 / 17,
+    // 2048×640 56 / 59 vs 58 / 59, 1024×2048 65 / 73 vs 86 / 132.
     // Pieces (claimed by whichever thread runs, see parallel_for) stay long DRAM streams, one a
     // thread, unless they would exceed kDecodePiece: then up to four a thread, so a thread that
     // starts late (Gemma3's 168 MB int8 lm_head beside torch's threads) leaves less undone. More
     // pieces than threads: a multiple of them, so threads that run alike finish together (3
     // pieces on 2 threads took as long as 4: K = N = 4096 int4 g32, 12.6 MB, M=1, 81-84% -> 95-100%
     // of the 2-thread DRAM read rate).
-    constexpr int64_t kMinDecodeShare = int64_t(1) << 20, kDecodePiece = int64_t(4) << 20;
+    constexpr int64_t kMinDecodeShare = int64_t(512) << 10, kDecodePiece = int64_t(4) << 20;
     const int64_t bytes = w.h->total_bytes, threads = get_num_threads();
     int64_t pieces = bytes < 2 * kMinDecodeShare ? 1
                      : std::max(std::min(threads, bytes / kMinDecodeShare), std::min(4 * threads, bytes / kDecodePiece));
