@@ -439,7 +439,8 @@ int get_num_threads() {
 // a thread will not start, where lowbit's pool reports it (an absurd count, say) as an error
 static const Gomp* usable_gomp(int threads) {
   const Gomp* gomp = loaded_gomp();
-  return gomp && threads <= std::max(gomp->max_threads(), default_threads()) && !gomp->in_parallel()
+  // the CPU count (a sched_getaffinity call) only when OpenMP's own count is exceeded
+  return gomp && (threads <= gomp->max_threads() || threads <= default_threads()) && !gomp->in_parallel()
              ? gomp : nullptr;
 }
 
