@@ -291,7 +291,10 @@ void matmul(const MatmulCall& c) {
     // second thread saves on a small layer. M = 1 on the EPYC VM, 2 threads (awake: calls 300
     // µs apart) against 1, min / median µs: int4 g128 576² 10 / 11 vs 12 / 13, 2048×640 26 / 32
     // vs 37 / 43, 1024×2048 40 / 41 vs 61 / 61; int8 per channel 576² 21 / 22 vs 17 / 17,
-    // 2048×640 56 / 59 vs 58 / 59, 1024×2048 65 / 73 vs 86 / 132.
+    // 2048×640 56 / 59 vs 58 / 59, 1024×2048 65 / 73 vs 86 / 132. More rows of X count as more
+    // bytes (work, below): 576×1536 (0.5 MB as int4 g64) M = 8 / 16, 2 threads, µs median,
+    // one thread -> split: int4 g64 82 / 120 -> 50 / 90, int8 per channel 65 / 122 -> 44 / 70,
+    // float x (int4) 222 / 444 -> 118 / 231.
     // Pieces (claimed by whichever thread runs, see parallel_for) stay long DRAM streams, one a
     // thread, unless they would exceed kDecodePiece: then up to four a thread, so a thread that
     // starts late (Gemma3's 168 MB int8 lm_head beside torch's threads) leaves less undone. More
@@ -300,8 +303,11 @@ void matmul(const MatmulCall& c) {
     // of the 2-thread DRAM read rate).
     constexpr int64_t kMinDecodeShare = int64_t(512) << 10, kDecodePiece = int64_t(4) << 20;
     const int64_t bytes = w.h->total_bytes, threads = get_num_threads();
-    int64_t pieces = bytes < 2 * kMinDecodeShare ? 1
-                     : std::max(std::min(threads, bytes / kMinDecodeShare), std::min(4 * threads, bytes / kDecodePiece));
+    // several rows of X: more work per byte (µs on one thread, int4 g64 576×1536, M = 1 / 4 /
+    // 16: 18 / 42 / 120; float x 40 / 111 / 440), counted as bytes streamed at M = 1
+    const int64_t work = bytes + bytes * (M - 1) * (int_mode ? 1 : 4) / 4;
+    int64_t pieces = work < 2 * kMinDecodeShare ? 1
+                     : std::max(std::min(threads, work / kMinDecodeShare), std::min(4 * threads, bytes / kDecodePiece));
     if (pieces > threads) pieces = (pieces + threads - 1) / threads * threads;
     parallel_for(P, std::max<int64_t>(8, (P + pieces - 1) / pieces), [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
     return;
