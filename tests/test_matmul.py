@@ -409,9 +409,10 @@ def test_pack_once_and_cached():
     x, w = _data(1, 8, 64)
     qt = lb.quantize(w, bits=4, group_size=32)
     lb.matmul(x, qt)
-    packed = qt._lowbit_packed[("panel4_k32", 2)]
+    layout = _ext.core().packed_layout()
+    packed = qt._lowbit_packed[layout]
     lb.matmul(x, qt, act_bits=8)
-    assert qt._lowbit_packed[("panel4_k32", 2)] is packed
+    assert qt._lowbit_packed[layout] is packed
     # 64-byte aligned, so the 64-byte int4 blocks after the 128-byte header are whole cache lines
     for n in (8, 37, 300):
         p = lb.ops._packed_weight(lb.quantize(_data(1, n, 64)[1], bits=4, group_size=32))
@@ -424,6 +425,24 @@ def test_packed_bytes_store_zero_points_only_when_they_vary(kw, scale_arrays):
     # for asymmetric weights only, a float s*z (each array 64-byte aligned)
     qt = lb.quantize(_data(1, 8, 64)[1], bits=4, group_size=32, **kw)
     assert lb.ops._packed_weight(qt).nbytes == 128 + 8 * 64 // 2 + scale_arrays * 64
+
+
+@pytest.mark.parametrize("kw", [dict(symmetric=True), {}])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_packed_int8_weight_sums(kw, group_size):
+    # int8 weights carry Σ w' per (row, group), w' the stored signed code (symmetric q, asymmetric
+    # q - 128), as int32 [N/4][G][4] at the header's wsum_offset (bytes 104..111): the AVX-512
+    # kernel takes 128·Σw' back out of its dots against x + 128
+    N, K = 10, 96
+    qt = lb.quantize(_data(1, N, K, seed=3)[1], bits=8, group_size=group_size, **kw)
+    packed = lb.ops._packed_weight(qt)
+    G = 1 if group_size is None else K // group_size
+    off = int(packed[104:112].view(np.int64)[0])
+    wsum = packed[off:off + 12 * G * 4].view(np.int32).reshape(3, G, 4).transpose(0, 2, 1).reshape(12, G)
+    q = qt.codes.view(np.int8).astype(np.int64) if kw else qt.codes.astype(np.int64) - 128
+    want = q.reshape(N, G, K // G).sum(-1)
+    assert np.array_equal(wsum[:N], want) and not wsum[N:].any()
+    assert packed.nbytes == off + -(-12 * G * 4 // 64) * 64  # the last array, 64-byte aligned
 
 
 @pytest.mark.parametrize("field, value", [(8, 3), (12, 7), (16, 1 << 20), (24, 1 << 40), (64, 64), (80, 0),

@@ -4,9 +4,15 @@
 //   int4: v & 15 = [row0 k0..31 | row2 k0..31], v >> 4 & 15 = [row1 | row3], unsigned u in
 //         [0, 15] — exactly vpdpbusd's u8 operand; the 32 int8 activations are broadcast to both
 //         256-bit halves as the s8 operand. 2 vpdpbusd per block and activation row.
-//   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8, so feed u = w' + 128 (the
-//         sign bit flipped, 1 op per 64 bytes) against x and take the exact 128·Σx back out of each
-//         group's int32 dot (the sign trick before: |w'| and x negated per row of X, 3 ops).
+//   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8. Passes of 3-4 rows of X
+//         feed x + 128 (PreparedAct::xu) as the unsigned operand against the stored w' and take
+//         the exact 128·Σw' (the layout's wsum) back out of each group's int32 dot. Fewer rows flip
+//         the sign bit of w' instead (u = w' + 128, 1 op per 64 bytes and pass) against x and take
+//         128·Σx back out: they read no wsum, one stream less from DRAM, which decode felt (per
+//         channel, K = N = 4096, M = 1: 572-594 -> 607-628 µs with wsum). Per channel, 1 thread,
+//         weights in L3, alternating builds, min ms, the flip -> x + 128: M = 4 / 8 / 16 / 32 / 48
+//         0.39 / 0.78 / 1.50 / 2.97 / 4.38 -> 0.38 / 0.73 / 1.41 / 2.80 / 4.13; weights from DRAM
+//         M = 12 1.25 -> 1.16, int8 g128 M = 8 / 12 1.18-1.20 / 1.69 -> 1.09 / 1.57-1.59.
 // MR (1 to 4) rows of X per panel; per group each row's pair of accumulators is folded (unpack +
 // add) to int4: [r0 r1 r0 r1 ×2 | r2 r3 r2 r3 ×2], int8: [r0 r2 .. | r1 r3 ..], converted and
 // scaled by sw permuted to the same lane order in one FMA; one horizontal sum per panel. The
@@ -55,17 +61,20 @@ inline __m512i broadcast32(const int8_t* p) {
 }
 
 
-// Rows x[0..MR) of X (suma: each row's Σ_group x [G]; nsuma: −suma, [G][4] floats, already times
-// sg when per block; sg: each row's per-block activation scales [G], or nullptr per token) against
+// Rows x[0..MR) of X (int8 weights and MR > 2: x + 128; suma: each row's Σ_group x [G]; nsuma:
+// −suma, [G][4] floats, already times sg when per block; sg: each row's per-block activation
+// scales [G], or nullptr per token) against
 // panel p:
 // [y_r0..y_r3] per row, before the per-token activation scale. NB > 0: every group is exactly NB
 // int4 blocks (unrolled at compile time).
 template <int BITS, int MR, int NB>
 inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32_t* const* suma,
                       const float* const* nsuma, const float* const* sg, int64_t p, bool passes, __m128* out) {
+  constexpr bool U8X = BITS == 8 && MR > 2;  // x + 128 against w' (else int8: w' + 128 against x)
   const int64_t G = w.h->G;
   const uint8_t* wp = w.panel(p);
   const float* sw = w.sw + p * G * 4;
+  const int32_t* wsum = U8X ? w.wsum + p * G * 4 : nullptr;
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(int8_t(0xF0)), c80 = _mm512_set1_epi8(int8_t(0x80));
   // whole int4 groups of up to 4 blocks: a lane's dot fits int16 (<= 4·4·15·127), so a group's
   // two accumulators fold by a saturating pack and vpmaddwd (2 ops) instead of 2 unpacks and an add
@@ -107,21 +116,32 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
       } else {
         prefetch(wp);
         prefetch(wp + 64);
-        // u = w' + 128 (the sign bit flipped) is vpdpbusd's u8 operand; Σ u·x = Σ w'·x + 128·Σx,
-        // taken back out per group below
-        const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(wp), c80), u1 = _mm512_xor_si512(_mm512_loadu_si512(wp + 64), c80);
+        // Σ (x + 128)·w' = Σ x·w' + 128·Σw', or Σ (w' + 128)·x = Σ x·w' + 128·Σx: the 128·Σ taken
+        // back out per group below
+        const __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 64);
+        const __m512i u0 = U8X ? w0 : _mm512_xor_si512(w0, c80), u1 = U8X ? w1 : _mm512_xor_si512(w1, c80);
         for (int i = 0; i < MR; ++i) {
           const __m512i xv = broadcast32(x[i] + k);
-          d0[i] = _mm512_dpbusd_epi32(d0[i], u0, xv);
-          d1[i] = _mm512_dpbusd_epi32(d1[i], u1, xv);
+          d0[i] = U8X ? _mm512_dpbusd_epi32(d0[i], xv, u0) : _mm512_dpbusd_epi32(d0[i], u0, xv);
+          d1[i] = U8X ? _mm512_dpbusd_epi32(d1[i], xv, u1) : _mm512_dpbusd_epi32(d1[i], u1, xv);
         }
         wp += sizeof(W8Block);
       }
     }
     const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sw + g * 4)));
+    // int8: the 128·Σ out of one lane of each row of W (lanes 0, 8: rows 0, 1 | 2, 3)
+    __m512i off0, off1;  // U8X: 128·Σw' of those rows, for every row of X
+    if constexpr (U8X) {
+      const __m512i ws = _mm512_castsi128_si512(_mm_slli_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wsum + g * 4)), 7));
+      off0 = _mm512_maskz_permutexvar_epi32(0x0101, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0), ws);
+      off1 = _mm512_maskz_permutexvar_epi32(0x0101, _mm512_setr_epi32(2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0), ws);
+    }
     for (int i = 0; i < MR; ++i) {
       if constexpr (BITS == 4 && MR == 1) d1[i] = _mm512_srai_epi32(d1[i], 4);  // exact: 16 × an integer
-      if constexpr (BITS == 8) {  // 128·Σx out of one lane of each row of W (lanes 0, 8: rows 0, 1 | 2, 3)
+      if constexpr (U8X) {
+        d0[i] = _mm512_sub_epi32(d0[i], off0);
+        d1[i] = _mm512_sub_epi32(d1[i], off1);
+      } else if constexpr (BITS == 8) {  // 128·Σx
         const __m512i off = _mm512_set1_epi32(128 * suma[i][g]);
         d0[i] = _mm512_mask_sub_epi32(d0[i], 0x0101, d0[i], off);
         d1[i] = _mm512_mask_sub_epi32(d1[i], 0x0101, d1[i], off);
@@ -168,8 +188,10 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
   const int32_t* sa[MR];
   const float* ns[MR];
   const float* sg[MR];
+  // int8 with 3 or 4 rows: x + 128 (see int_panel)
+  const int8_t* xs = BITS == 8 && MR > 2 ? reinterpret_cast<const int8_t*>(a.x.xu) : a.x.xq;
   for (int i = 0; i < MR; ++i) {
-    x[i] = a.x.xq + (m + i) * a.x.ld;
+    x[i] = xs + (m + i) * a.x.ld;
     sa[i] = a.x.suma + (m + i) * G;
     ns[i] = &nsuma[(m + i - m0) * G * 4];
     sg[i] = a.x.sg + (m + i) * G;
@@ -336,7 +358,7 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
   const int64_t k4_rows = a.w.h->bits == 8 && a.w.h->G == 1 ? 64 : a.w.h->bits == 4 && a.w.h->group_size <= 32 ? 8 : 16;
   if (m1 - m0 >= k4_rows || (a.x.M >= k4_rows && m1 - m0 >= 16)) {
     if (a.w.h->bits == 8) return int_k4_walk<8, false>(a, m0, m1, p0, p1);
-    // x + 128 prepared (see PreparedAct::xu: calls on this table, not the amx one's tails)
+    // x + 128 prepared (see PreparedAct::xu)
     if (a.x.xu) return int_k4_walk<4, true>(a, m0, m1, p0, p1);
     return int_k4_walk<4, false>(a, m0, m1, p0, p1);
   }

@@ -107,6 +107,10 @@ static PackedLinearHeader layout_header(int64_t N, int64_t K, const QuantFormat&
   h.swz_offset = asym ? h.sw_offset + round_up(h.Np * G * 4, 64) : 0;
   h.zero = f.bits == 4 && f.scheme == Scheme::symmetric ? 8.f : 0.f;
   h.total_bytes = (asym ? h.swz_offset : h.sw_offset) + round_up(h.Np * G * 4, 64);
+  if (f.bits == 8) {
+    h.wsum_offset = h.total_bytes;
+    h.total_bytes += round_up(h.Np * G * 4, 64);
+  }
   return h;
 }
 
@@ -126,6 +130,7 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
   uint8_t* cbase = out + h.codes_offset;
   float* sw = reinterpret_cast<float*>(out + h.sw_offset);
   float* swz = asym ? reinterpret_cast<float*>(out + h.swz_offset) : nullptr;
+  int32_t* wsum = h.wsum_offset ? reinterpret_cast<int32_t*>(out + h.wsum_offset) : nullptr;
   const int64_t nb = h.Kp / kBlockK, row_bytes = packed_row_bytes(K, f.bits);
   parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -141,7 +146,9 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
           blk->half[r / 2][j] |= uint8_t((r & 1) ? u << 4 : u);
         } else {
           W8Block* blk = reinterpret_cast<W8Block*>(cbase + p * nb * sizeof(W8Block)) + b;
-          blk->row[r][j] = int8_t(sym ? int(int8_t(src[k])) : int(src[k]) - 128);
+          const int v = sym ? int(int8_t(src[k])) : int(src[k]) - 128;
+          blk->row[r][j] = int8_t(v);
+          wsum[(p * G + k / f.group_size) * kPanelRows + r] += v;
         }
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -170,7 +177,8 @@ static PackedLinear view_packed(const uint8_t* packed) {
   }
   require(std::memcmp(h, &want, sizeof want) == 0, "packed weight has a bad header (inconsistent sizes or offsets)");
   return PackedLinear{h, packed + h->codes_offset, reinterpret_cast<const float*>(packed + h->sw_offset),
-                      h->swz_offset ? reinterpret_cast<const float*>(packed + h->swz_offset) : nullptr};
+                      h->swz_offset ? reinterpret_cast<const float*>(packed + h->swz_offset) : nullptr,
+                      h->wsum_offset ? reinterpret_cast<const int32_t*>(packed + h->wsum_offset) : nullptr};
 }
 
 static bool use_int(const PackedLinear& w, int act_bits) {
@@ -219,8 +227,8 @@ void matmul(const MatmulCall& c) {
   const bool keep_bf16 = !int_mode && c.x_dtype == DType::bf16 && c.act_bits == 0 && t.float_wants_bf16_x;
   if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
   if (int_mode && c.act_per_block) sg.resize(size_t(M * G));
-  if (int_mode && t.int_wants_u8_x && w.h->bits == 4 && w.h->group_size <= kU8xMaxGroup && !c.act_per_block &&
-      M >= kU8xMinRows)
+  if (int_mode && t.int_wants_u8_x &&
+      ((w.wsum && M > 2) || (w.h->group_size <= kU8xMaxGroup && !c.act_per_block && M >= kU8xMinRows)))
     xu.assign(size_t(M * ld), 128);
   if (!int_mode) { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
   if (keep_bf16) xb.assign(size_t(M * ld), 0);
