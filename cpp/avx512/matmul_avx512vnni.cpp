@@ -345,17 +345,17 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
 
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   // The k4 scratch from 16 rows of X (8 for int4 in groups of 32, whose panel kernel folds the
-  // most; 64 for per-channel int8, whose panel kernel folds once per panel: M = 16 / 32 / 48 1.60
-  // / 3.05 / 4.49 ms against 2.20 / 3.56 / 4.80 on the k4 scratch, M = 64 5.89 against 6.17, equal
-  // at 96; 64 so that the prefill tiles of 64 rows keep the GEMM, and from 16 rows the tail tile
-  // of a larger call, which finds the sets its first tile unpacked); fewer run the panel kernel (no scratch to build; it takes rows in fours, then the rest
-  // in one pass, and prefetches the weights). K = N = 4096, 1 thread, weights rotated from DRAM,
-  // ms, panel -> k4: int4 g128 M = 6 0.77-0.82 -> 1.23-1.25, M = 16 2.01-2.13 -> 2.14-2.18, M =
-  // 24 3.06-3.24 -> 2.86; g64 M = 12 1.90-1.92 -> 2.02-2.04, M = 16 2.50-2.59 -> 2.38-2.45; g32
-  // M = 8 1.93-2.07 -> 1.87-2.00, M = 10 2.45-2.78 -> 2.13; int8 M = 8 1.22-1.25 -> 1.85-1.87,
-  // M = 12 1.72-1.79 -> 2.13-2.15, M = 16 2.32-2.63 -> 2.49-2.66. In L3 (N = 1024) the panel
-  // kernel is the faster up to 16 rows.
-  const int64_t k4_rows = a.w.h->bits == 8 && a.w.h->G == 1 ? 64 : a.w.h->bits == 4 && a.w.h->group_size <= 32 ? 8 : 16;
+  // most; int8, whose panel kernel takes x + 128 and so does no per-pass work on the weights: 32
+  // in groups, 256 per channel, whose panel kernel folds once per panel), for a range or a whole
+  // call of that many rows (a tail of 16 rows or more then finds the sets its first tile
+  // unpacked); fewer run the panel kernel (no scratch to build; it takes rows in fours, then the
+  // rest in one pass, and prefetches the weights). K = N = 4096, 1 thread, weights rotated from
+  // DRAM, ms, panel -> k4: int4 g128 M = 6 0.77-0.82 -> 1.23-1.25, M = 16 2.01-2.13 -> 2.14-2.18,
+  // M = 24 3.06-3.24 -> 2.86; g64 M = 12 1.90-1.92 -> 2.02-2.04, M = 16 2.50-2.59 -> 2.38-2.45;
+  // g32 M = 8 1.93-2.07 -> 1.87-2.00, M = 10 2.45-2.78 -> 2.13; int8 g128 M = 16 / 24 / 32 / 48
+  // 1.99 / 2.95 / 3.93 / 5.89 -> 2.46 / 3.22 / 3.96 / 5.30; int8 per channel M = 64 / 128 / 192 /
+  // 256 5.55 / 11.05 / 16.37 / 21.79 -> 6.17 / 11.38 / 16.52 / 21.62 (2 threads alike).
+  const int64_t k4_rows = a.w.h->bits == 8 ? (a.w.h->G == 1 ? 256 : 32) : a.w.h->group_size <= 32 ? 8 : 16;
   if (m1 - m0 >= k4_rows || (a.x.M >= k4_rows && m1 - m0 >= 16)) {
     if (a.w.h->bits == 8) return int_k4_walk<8, false>(a, m0, m1, p0, p1);
     // x + 128 prepared (see PreparedAct::xu)
