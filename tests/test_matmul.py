@@ -209,11 +209,12 @@ def test_integer_dots_exact(isa, fmt, shape, granularity):
 def test_gemm_row_remainders_exact(isa, fmt):
     # The panel kernels take up to 15 rows of X in fours and then the rest in one pass; the GEMMs
     # walk a tile's rows in fours, threes, pairs and ones (32-wide groups: threes and the rest):
-    # every count of 1-31 rows (one prefill tile), 97 (a full tile plus one row) and 257 (per-channel
-    # int8 takes the k4 scratch from 256 rows) must give each row its own exact dots.
+    # every count of 1-31 rows (one prefill tile), 97 (a full tile plus one row) and 257 / 259
+    # (per-channel int8 takes the k4 scratch from 256 rows, its tail the panel kernel without
+    # x + 128) must give each row its own exact dots.
     rng = np.random.default_rng(13)
     qt, wint = _integer_weight(rng, fmt, 20, 576)
-    for M in list(range(1, 32)) + [97, 257]:
+    for M in list(range(1, 32)) + [97, 257, 259]:
         xi = rng.integers(-127, 128, (M, 576))
         xi[:, 0] = 127
         y = lb.matmul(xi.astype(np.float32), qt, act_bits=8)

@@ -5,7 +5,8 @@
 //         [0, 15] — exactly vpdpbusd's u8 operand; the 32 int8 activations are broadcast to both
 //         256-bit halves as the s8 operand. 2 vpdpbusd per block and activation row.
 //   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8. Passes of 3-4 rows of X
-//         feed x + 128 (PreparedAct::xu) as the unsigned operand against the stored w' and take
+//         (in calls of 3 to kInt8PanelRows - 1 rows, which prepare PreparedAct::xu) feed x + 128
+//         as the unsigned operand against the stored w' and take
 //         the exact 128·Σw' (the layout's wsum) back out of each group's int32 dot. Fewer rows flip
 //         the sign bit of w' instead (u = w' + 128, 1 op per 64 bytes and pass) against x and take
 //         128·Σx back out: they read no wsum, one stream less from DRAM, which decode felt (per
@@ -61,16 +62,15 @@ inline __m512i broadcast32(const int8_t* p) {
 }
 
 
-// Rows x[0..MR) of X (int8 weights and MR > 2: x + 128; suma: each row's Σ_group x [G]; nsuma:
+// Rows x[0..MR) of X (U8X: x + 128; suma: each row's Σ_group x [G]; nsuma:
 // −suma, [G][4] floats, already times sg when per block; sg: each row's per-block activation
 // scales [G], or nullptr per token) against
 // panel p:
 // [y_r0..y_r3] per row, before the per-token activation scale. NB > 0: every group is exactly NB
 // int4 blocks (unrolled at compile time).
-template <int BITS, int MR, int NB>
+template <int BITS, int MR, int NB, bool U8X>  // U8X (int8): x + 128 against w', else w' + 128 against x
 inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32_t* const* suma,
                       const float* const* nsuma, const float* const* sg, int64_t p, bool passes, __m128* out) {
-  constexpr bool U8X = BITS == 8 && MR > 2;  // x + 128 against w' (else int8: w' + 128 against x)
   const int64_t G = w.h->G;
   const uint8_t* wp = w.panel(p);
   const float* sw = w.sw + p * G * 4;
@@ -188,8 +188,9 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
   const int32_t* sa[MR];
   const float* ns[MR];
   const float* sg[MR];
-  // int8 with 3 or 4 rows: x + 128 (see int_panel)
-  const int8_t* xs = BITS == 8 && MR > 2 ? reinterpret_cast<const int8_t*>(a.x.xu) : a.x.xq;
+  // int8, 3 or 4 rows: x + 128 where the call prepared it (see int_panel)
+  const bool u8x = BITS == 8 && MR > 2 && a.x.xu;
+  const int8_t* xs = u8x ? reinterpret_cast<const int8_t*>(a.x.xu) : a.x.xq;
   for (int i = 0; i < MR; ++i) {
     x[i] = xs + (m + i) * a.x.ld;
     sa[i] = a.x.suma + (m + i) * G;
@@ -197,7 +198,8 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
     sg[i] = a.x.sg + (m + i) * G;
   }
   __m128 out[MR];
-  int_panel<BITS, MR, NB>(a.w, x, sa, ns, a.x.sg ? sg : nullptr, p, passes, out);
+  if (u8x) int_panel<BITS, MR, NB, (BITS == 8 && MR > 2)>(a.w, x, sa, ns, a.x.sg ? sg : nullptr, p, passes, out);
+  else int_panel<BITS, MR, NB, false>(a.w, x, sa, ns, a.x.sg ? sg : nullptr, p, passes, out);
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, out[i], a.x.sa[m + i]);
 }
 
@@ -355,7 +357,7 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
   // g32 M = 8 1.93-2.07 -> 1.87-2.00, M = 10 2.45-2.78 -> 2.13; int8 g128 M = 16 / 24 / 32 / 48
   // 1.99 / 2.95 / 3.93 / 5.89 -> 2.46 / 3.22 / 3.96 / 5.30; int8 per channel M = 64 / 128 / 192 /
   // 256 5.55 / 11.05 / 16.37 / 21.79 -> 6.17 / 11.38 / 16.52 / 21.62 (2 threads alike).
-  const int64_t k4_rows = a.w.h->bits == 8 ? (a.w.h->G == 1 ? 256 : 32) : a.w.h->group_size <= 32 ? 8 : 16;
+  const int64_t k4_rows = a.w.h->bits == 8 ? (a.w.h->G == 1 ? kInt8PanelRows : 32) : a.w.h->group_size <= 32 ? 8 : 16;
   if (m1 - m0 >= k4_rows || (a.x.M >= k4_rows && m1 - m0 >= 16)) {
     if (a.w.h->bits == 8) return int_k4_walk<8, false>(a, m0, m1, p0, p1);
     // x + 128 prepared (see PreparedAct::xu)

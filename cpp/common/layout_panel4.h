@@ -81,9 +81,9 @@ struct PackedLinear {
 //                          per token, sg is nullptr. A kernel scales group g's integer dot
 //                          (and its zero-point term) by sg[m][g] when sg is set.
 //                          xu [M][Kp] uint8 = xq + 128 (padding 128) when the kernel table
-//                          asks for it (int_wants_u8_x) and it pays: int8 weights and M > 2
-//                          (the AVX-512 int8 panel kernel takes it for 3-4 rows, also for
-//                          the amx table's tails), int4 weights in groups of up to kU8xMaxGroup with per-token x
+//                          asks for it (int_wants_u8_x) and it pays: int8 weights and 2 < M <
+//                          kInt8PanelRows (the AVX-512 int8 panel kernel takes it for 3-4 rows,
+//                          also for the amx table's tails), int4 weights in groups of up to kU8xMaxGroup with per-token x
 //                          and M >= kU8xMinRows; else nullptr
 //   float mode            : xf [M][Kp] float (x widened; act_bits=8 with nf4: xq * sa), zero
 //                          padded; sumx [M][G] = Σ_group xf in float (8 interleaved partial
@@ -96,6 +96,9 @@ struct PackedLinear {
 // 7.8-7.9, M = 128: 15.0 -> 14.0-14.1, M = 512: 55.5-56.1 -> 50.7-51.1; g64 M = 48: 5.7 -> 5.7,
 // M = 128: 13.4 -> 12.8-13.0; g128 M = 64: 6.8-6.9 -> 7.1, M = 512: 46.2-46.8 -> 46.8-47.6.
 constexpr int64_t kU8xMinRows = 48, kU8xMaxGroup = 64;
+// Per-channel int8 calls of fewer rows than this run avx512's panel kernel, larger ones its k4
+// GEMM, which takes xq (their tails run the panel kernel on xq too).
+constexpr int64_t kInt8PanelRows = 256;
 struct PreparedAct {
   int64_t M, Kp, G;
   int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets
