@@ -247,6 +247,13 @@ inline void decode_chunk(const uint8_t* wk, int64_t k0, int64_t k1, uint8_t* out
 // Rows m .. m+MR-1 of X against NS sets' decoded chunks [k0, k1) (wf[s]): y[s][i][0..15] += each
 // group's share s_g · Σ d·x, plus −swz_g · Σ_g x where the group ends in the chunk (ns: −sumx,
 // [row][G]).
+// fp32 x: k per chunk. The two sets' decoded chunks lie 16 KiB apart, and f4_rows addresses the
+// second from the first: with a pointer of its own, GCC spilled a weight vector of the int8 GEMM's
+// inner loop to the stack and read it back for every FMA (K = N = 4096 per channel, 1 thread,
+// alternating builds, ms: M = 64 / 128 / 512 26.4 / 52.1 / 207 -> 21.3 / 41.5 / 166, now the int4
+// GEMM's speed; int4 unchanged).
+constexpr int64_t kF32ChunkK = 256;
+
 template <int MR, int NS, bool BF16>
 inline void f4_rows(const MatmulArgs& a, const uint8_t* const* wf, const float* const* sc, const float* ns, int64_t m,
                     int64_t g0, int64_t k0, int64_t k1, float (*const* y)[16]) {
@@ -279,7 +286,7 @@ inline void f4_rows(const MatmulArgs& a, const uint8_t* const* wf, const float* 
 #pragma GCC unroll 8
         for (int j = 0; j < kBlockK; ++j) {
           __m512 wv[NS];
-          for (int s = 0; s < NS; ++s) wv[s] = _mm512_loadu_ps(reinterpret_cast<const float*>(wf[s] + (k - k0 + j) * 64));
+          for (int s = 0; s < NS; ++s) wv[s] = _mm512_loadu_ps(reinterpret_cast<const float*>(wf[0] + s * kF32ChunkK * 64 + (k - k0 + j) * 64));
           for (int i = 0; i < MR; ++i) {
             const __m512 xv = _mm512_set1_ps(x[i * ld + j]);
             for (int s = 0; s < NS; ++s) d[i][s] = _mm512_fmadd_ps(wv[s], xv, d[i][s]);
@@ -322,7 +329,7 @@ void float_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int6
   thread_local std::conditional_t<BF16, K4Sets<BITS, false, Bf16Pairs<BITS>>, K4Sets<BITS>> sets;
   thread_local std::vector<float> ns;
   thread_local std::vector<uint8_t> wfv;
-  const int64_t ck = BF16 ? 512 : 256;  // k per chunk: 16 KiB of decoded codes per set either way
+  const int64_t ck = BF16 ? 512 : kF32ChunkK;  // k per chunk: 16 KiB of decoded codes per set either way
   if constexpr (!BF16) wfv.resize(size_t(2 * ck * 64 + 64));  // two sets' chunks (bf16: decoded with the set)
   uint8_t* wf = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wfv.data()) + 63) & ~uintptr_t(63));
   k4_neg_sums(a, m0, m1, false, ns);
