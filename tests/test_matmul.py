@@ -1,6 +1,9 @@
 """lowbit.matmul against a float64 numpy reference of x @ dequantize(qt).T (+ bias), on every
 runnable CPU variant; the integer (act_bits=8) paths also against the reference kernel (to float
 rounding) and, with integer data and unit scales, exactly."""
+import gc
+import sys
+
 import numpy as np
 import pytest
 
@@ -418,6 +421,31 @@ def test_pack_once_and_cached():
     for n in (8, 37, 300):
         p = lb.ops._packed_weight(lb.quantize(_data(1, n, 64)[1], bits=4, group_size=32))
         assert p.ctypes.data % 64 == 0 and p.flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="own huge-page mappings are Linux only")
+def test_large_packed_weight_has_its_own_mapping():
+    # 2 MiB or more: a mapping of its own, 2 MiB aligned and advised into transparent huge pages
+    # (decode streams it from DRAM); it computes what the same bytes in a numpy buffer compute, and
+    # is unmapped with its last reference
+    x, w = _data(3, 1024, 4096, seed=9)
+    qt = lb.quantize(w, bits=4, group_size=128)
+    packed = lb.ops._packed_weight(qt)
+    addr = packed.ctypes.data
+    assert packed.nbytes >= 2 << 20 and addr % (2 << 20) == 0
+    y_mapped, y_numpy = np.empty((3, 1024), np.float32), np.empty((3, 1024), np.float32)
+    _ext.core().matmul(x, packed, None, y_mapped, 0, False)
+    _ext.core().matmul(x, np.array(packed), None, y_numpy, 0, False)
+    np.testing.assert_array_equal(y_mapped, y_numpy)
+
+    def mapped():
+        with open("/proc/self/maps") as f:
+            return any(int(line.split("-")[0], 16) == addr for line in f)
+
+    assert mapped()
+    del packed, qt
+    gc.collect()
+    assert not mapped()
 
 
 @pytest.mark.parametrize("kw, scale_arrays", [(dict(symmetric=True), 1), (dict(codebook="nf4"), 1), ({}, 2)])

@@ -10,6 +10,10 @@
 #include "common/peak.h"
 #include "dlpack_view.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace py = pybind11;
 using namespace lowbit;
 
@@ -191,6 +195,42 @@ void unpack_int4_py(py::handle packed, py::handle codes) {
                       static_cast<uint8_t*>(cv.data));
 }
 
+// The buffer of a packed weight, 64-byte aligned (numpy only promises 16): the header is 128
+// bytes, so each 64-byte W4Block is then exactly one cache line, as the layout intends. Decode
+// streams the whole weight from DRAM once per token, so on Linux a weight of 2 MiB or more gets a
+// mapping of its own, 2 MiB aligned and advised into transparent huge pages (MADV_HUGEPAGE; the
+// advice is ignored where THP is off). A numpy buffer got huge pages only inside its unaligned
+// ends (14 of 16 MiB), or none where malloc reused freed memory, and its last pages hold the
+// scales and zeros, streams of their own. K = N = 4096, 1 thread, Zen 4 VM, weights from DRAM, 5
+// alternating builds, median GB/s, numpy buffer -> own mapping: int4 g128 27.6 -> 31.8, int8 per
+// channel 28.0 -> 31.9, int4 g32 29.3 -> 30.1; int8 M = 2 / 4, min ms: 0.594 / 0.668 -> 0.540 / 0.636.
+py::array_t<uint8_t> packed_buffer(int64_t bytes) {
+#if defined(__linux__)
+  constexpr size_t kHugePage = size_t(2) << 20;
+  if (bytes >= int64_t(kHugePage)) {
+    const size_t len = (size_t(bytes) + 4095) & ~size_t(4095);
+    void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw != MAP_FAILED) {
+      const uintptr_t lo = reinterpret_cast<uintptr_t>(raw), hi = lo + len + kHugePage;
+      const uintptr_t start = (lo + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+      if (start > lo) munmap(raw, start - lo);  // keep exactly [start, start + len)
+      if (hi > start + len) munmap(reinterpret_cast<void*>(start + len), hi - start - len);
+      madvise(reinterpret_cast<void*>(start), len, MADV_HUGEPAGE);
+      struct Mapping { void* p; size_t len; };
+      py::capsule owner(new Mapping{reinterpret_cast<void*>(start), len}, [](void* m) {
+        munmap(static_cast<Mapping*>(m)->p, static_cast<Mapping*>(m)->len);
+        delete static_cast<Mapping*>(m);
+      });
+      return py::array_t<uint8_t>({py::ssize_t(bytes)}, {py::ssize_t(1)}, reinterpret_cast<uint8_t*>(start), owner);
+    }
+  }
+#endif
+  py::array_t<uint8_t> base(bytes + 63);
+  const auto addr = reinterpret_cast<uintptr_t>(base.mutable_data());
+  const py::ssize_t off = py::ssize_t((64 - addr % 64) % 64);
+  return base[py::slice(off, off + bytes, 1)].cast<py::array_t<uint8_t>>();
+}
+
 py::array_t<uint8_t> pack_linear_py(py::handle codes, py::handle scales, py::handle zeros, int64_t N,
                                     int64_t K, int bits, int scheme, int64_t group_size) {
   QuantFormat f = make_format(bits, scheme, group_size, 1.0f);
@@ -206,12 +246,7 @@ py::array_t<uint8_t> pack_linear_py(py::handle codes, py::handle scales, py::han
     if (bits != 4 && bits != 8) fail("matmul kernels take 4- or 8-bit weights");
     bytes = packed_linear_bytes(N, K, f);
   } catch (const std::invalid_argument& e) { fail(e.what()); }
-  // start on a 64-byte boundary (numpy only promises 16): the header is 128 bytes, so each 64-byte
-  // W4Block is then exactly one cache line, as the layout intends
-  py::array_t<uint8_t> base(bytes + 63);
-  const auto addr = reinterpret_cast<uintptr_t>(base.mutable_data());
-  const py::ssize_t off = py::ssize_t((64 - addr % 64) % 64);
-  py::array_t<uint8_t> out = base[py::slice(off, off + bytes, 1)].cast<py::array_t<uint8_t>>();
+  py::array_t<uint8_t> out = packed_buffer(bytes);
   uint8_t* o = out.mutable_data();
   {
     py::gil_scoped_release nogil;

@@ -1,6 +1,7 @@
 """This machine's limits, measured by lowbit's own microbenchmarks, and whether it is idle."""
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from typing import Callable, Dict, List, Optional
@@ -25,8 +26,18 @@ def l3_bytes(override_mib: Optional[float] = None) -> int:
 
 
 def read_buffer(l3: int) -> np.ndarray:
-    """The DRAM read microbenchmark's buffer: 8x the L3, so a pass over it streams from DRAM."""
-    return np.ones(8 * l3, np.uint8)
+    """The DRAM read microbenchmark's buffer: 8x the L3, so a pass over it streams from DRAM. In
+    transparent huge pages where Linux allows them, as lowbit's packed weights are (numpy advises
+    them for big arrays too, but only for memory it maps fresh): the limit is the faster of the two
+    page sizes (1 thread, Zen 4 VM: 67-68 GB/s with 2 MiB pages, 58-60 with 4 KiB)."""
+    try:
+        pages = mmap.mmap(-1, 8 * l3, flags=mmap.MAP_PRIVATE)
+        pages.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError, ValueError):  # not Linux, or THP unknown to this kernel
+        return np.ones(8 * l3, np.uint8)
+    buf = np.frombuffer(pages, np.uint8)  # keeps the mapping alive
+    buf[:] = 1
+    return buf
 
 
 def dram_probe(buf: np.ndarray) -> Callable[[], float]:
