@@ -1,7 +1,9 @@
 """lowbit.matmul against a float64 numpy reference of x @ dequantize(qt).T (+ bias), on every
 runnable CPU variant; the integer (act_bits=8) paths also against the reference kernel (to float
 rounding) and, with integer data and unit scales, exactly."""
+import copy
 import gc
+import pickle
 import sys
 
 import numpy as np
@@ -421,6 +423,16 @@ def test_pack_once_and_cached():
     for n in (8, 37, 300):
         p = lb.ops._packed_weight(lb.quantize(_data(1, n, 64)[1], bits=4, group_size=32))
         assert p.ctypes.data % 64 == 0 and p.flags["C_CONTIGUOUS"]
+
+
+def test_pickle_and_copy_drop_the_packed_cache():
+    x, w = _data(2, 40, 256, seed=4)
+    qt = lb.quantize(w, bits=4, group_size=64)
+    y = lb.matmul(x, qt)
+    for clone in (pickle.loads(pickle.dumps(qt)), copy.deepcopy(qt), copy.copy(qt)):
+        assert "_lowbit_packed" not in clone.__dict__ and clone.shape == qt.shape
+        np.testing.assert_array_equal(lb.matmul(x, clone), y)
+        assert lb.ops._packed_weight(clone).ctypes.data % 64 == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="own huge-page mappings are Linux only")

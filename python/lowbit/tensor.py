@@ -102,6 +102,11 @@ class QuantizedTensor:
                 del self.__dict__[k]
         object.__setattr__(self, name, value)
 
+    def __getstate__(self):
+        # pickle and copy take the fields only: the caches (a CPU weight's packed layout in a
+        # mapping of its own, GPU buffers) are rebuilt on first use
+        return {k: v for k, v in self.__dict__.items() if k in FIELD_NAMES}
+
     @property
     def bits(self) -> int:
         return self.format.bits
