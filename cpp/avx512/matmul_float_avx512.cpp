@@ -5,6 +5,8 @@
 // rows share each decoded weight register; 4·MR zmm accumulators per tile. Per group the 4 rows'
 // sums are scaled by the reference's float steps (acc += sw·dot − swz·sumx); decode (MR = 1)
 // scales each row's vector of sums per group instead and sums horizontally once per panel.
+// One or two rows against 4-bit codes in groups of 64 or more: int4_tile, which decodes each
+// dword lane's codes in place (no widening) against x permuted to match.
 // Every pass prefetches the panel 8 KiB ahead into L2 (T1; T0 would evict X's rows from L1):
 // the decode of codes is slow enough that the hardware prefetcher alone leaves DRAM and compute
 // taking turns. K = N = 4096, weights from DRAM, 1 thread, Zen 4, 3 alternations, min ms, fp32
@@ -41,6 +43,94 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // The codebook of 4-bit codes, as floats: NF4's values, or 0..15 for int4 — one vpermps decodes
 // a lane from its low 4 bits, so neither the low-nibble mask nor an int->float conversion is needed.
 alignas(64) constexpr float kInt4Values[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// The horizontal end of a panel's row-scaled sums in lanes [r0 ×8 | r2 ×8] and [r1 ×8 | r3 ×8]:
+// (r0, r1, r2, r3).
+inline __m128 rows_0213(__m512 f02, __m512 f13) {
+  const __m512 t = _mm512_add_ps(_mm512_unpacklo_ps(f02, f13), _mm512_unpackhi_ps(f02, f13));
+  const __m512 u = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));  // per 128: (ra, rb) ×2
+  const __m128 r01 = _mm_add_ps(_mm512_castps512_ps128(u), _mm512_extractf32x4_ps(u, 1));
+  const __m128 r23 = _mm_add_ps(_mm512_extractf32x4_ps(u, 2), _mm512_extractf32x4_ps(u, 3));
+  return _mm_movelh_ps(r01, r23);
+}
+
+// A group's scales as [s0 ×8 | s2 ×8] and [s1 ×8 | s3 ×8], and s·z for its zero term.
+struct GroupScales {
+  __m512 s02, s13;
+  __m128 sw, swz;
+  GroupScales(const PackedLinear& w, int64_t p, int64_t g) {
+    const int64_t G = w.h->G;
+    sw = _mm_loadu_ps(w.sw + (p * G + g) * 4);
+    swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(sw, _mm_set1_ps(w.h->zero));
+    const __m512 s4 = _mm512_castps128_ps512(sw);
+    s02 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), s4);
+    s13 = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3), s4);
+  }
+};
+
+// Decode (one or two rows of fp32 x) against 4-bit codes, straight from the panel. A W4Block's
+// dword lane i holds codes k = 4i..4i+3 (lanes 0-7: rows 0 | 1, lanes 8-15: rows 2 | 3, low |
+// high nibble); vpermps reads only an index's low 4 bits, so v >> 8t decodes rows 0 | 2 at
+// k = 4i + t and v >> (8t + 4) rows 1 | 3: one shift and one permute over the codebook table per
+// 16 codes, 8 permutes and 7 shifts per 128 (float_tile widens 16 bytes to dwords first: 12
+// shuffles). x is permuted to that k order once per call (F32X), and each row of W's sums stay in
+// their 8 lanes until the panel ends.
+struct F32X {
+  std::vector<float> v;  // [row][block][t 4][x_t, x_4+t, .., x_28+t ×2]
+  void prepare(const PreparedAct& x, int64_t m0, int64_t m1) {
+    const int64_t nb = x.Kp / kBlockK;
+    v.resize(size_t((m1 - m0) * nb * 64));
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* src = x.xf + m * x.ld + b * kBlockK;
+        const __m512 x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
+        for (int t = 0; t < 4; ++t) {
+          const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
+                                               _mm512_set1_epi32(t));
+          _mm512_storeu_ps(v.data() + ((m - m0) * nb + b) * 64 + 16 * t, _mm512_permutex2var_ps(x0, idx, x1));
+        }
+      }
+  }
+};
+
+template <int MR, bool NF4>
+void int4_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* xp) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G;
+  const uint8_t* panel = w.panel(p);
+  const __m512 lut = _mm512_loadu_ps(NF4 ? kNF4Values : kInt4Values);
+  __m512 f[MR][2];  // row-scaled sums, lanes [row 0 | row 2] and [row 1 | row 3]
+  __m128 z[MR];     // −s·z·Σx per row of W
+  for (int i = 0; i < MR; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps(), z[i] = _mm_setzero_ps();
+  int64_t k = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 d[MR][4];  // rows 0 | 2 and 1 | 3, even and odd t: two chains each
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) d[i][j] = _mm512_setzero_ps();
+    for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
+      const int64_t b = k / kBlockK;
+      const uint8_t* src = panel + b * sizeof(W4Block);
+      _mm_prefetch(reinterpret_cast<const char*>(src + 8192), _MM_HINT_T1);
+      const __m512i v = _mm512_loadu_si512(src);
+      for (int t = 0; t < 4; ++t) {
+        const __m512 w02 = _mm512_permutexvar_ps(t ? _mm512_srli_epi32(v, 8 * t) : v, lut);
+        const __m512 w13 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * t + 4), lut);
+        for (int i = 0; i < MR; ++i) {
+          const __m512 xv = _mm512_loadu_ps(xp[i] + b * 64 + 16 * t);
+          d[i][2 * (t & 1)] = _mm512_fmadd_ps(w02, xv, d[i][2 * (t & 1)]);
+          d[i][2 * (t & 1) + 1] = _mm512_fmadd_ps(w13, xv, d[i][2 * (t & 1) + 1]);
+        }
+      }
+    }
+    const GroupScales s(w, p, g);
+    for (int i = 0; i < MR; ++i) {
+      f[i][0] = _mm512_fmadd_ps(_mm512_add_ps(d[i][0], d[i][2]), s.s02, f[i][0]);
+      f[i][1] = _mm512_fmadd_ps(_mm512_add_ps(d[i][1], d[i][3]), s.s13, f[i][1]);
+      z[i] = _mm_fnmadd_ps(s.swz, _mm_set1_ps(a.x.sumx[(m + i) * G + g]), z[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, _mm_add_ps(z[i], rows_0213(f[i][0], f[i][1])), 1.0f);
+}
 
 template <int MR, int BITS, bool NF4>
 void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
@@ -105,9 +195,25 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
 
-// Per panel, the rows in fours, then the rest in one pass.
+// Per panel, the rows in fours, then the rest in one pass; one or two rows of 4-bit codes in
+// groups of 64 or more int4_tile instead (its x, 256 bytes per row and block, outgrows L1 with
+// more rows: M = 4 as 2 + 2 was slower; in groups of 32 its per-group scaling costs what its
+// decode saves). K = N = 4096, weights from DRAM (huge pages), 5 alternating builds, min µs,
+// float_tile -> int4_tile: 1 thread int4 g128 M = 1 / 2 631 / 1030 -> 590 / 993 (in L3, K = 4096,
+// N = 1024: 156 / 257 -> 138 / 192), g32 M = 1 758 -> 797; 2 threads g128 M = 1 / 2 319 / 523 ->
+// 295 / 500, nf4 g64 M = 1 342 -> 321.
 template <int BITS, bool NF4>
 void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (BITS == 4 && m1 - m0 <= 2 && a.w.h->group_size >= 64) {
+    thread_local F32X px;
+    px.prepare(a.x, m0, m1);
+    const float* xp[2] = {px.v.data(), px.v.data() + (m1 - m0 - 1) * (a.x.Kp / kBlockK) * 64};
+    for (int64_t p = p0; p < p1; ++p) {
+      if (m1 - m0 == 2) int4_tile<2, NF4>(a, m0, p, xp);
+      else int4_tile<1, NF4>(a, m0, p, xp);
+    }
+    return;
+  }
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
     for (; m + 4 <= m1; m += 4) float_tile<4, BITS, NF4>(a, m, p);
@@ -152,8 +258,6 @@ void bf16_tile(const MatmulArgs& a, int64_t m, int64_t p, const uint16_t* const*
   const int64_t G = w.h->G;
   const uint8_t* panel = w.panel(p);
   const __m512i low4 = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43);
-  const __m512i i02 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-  const __m512i i13 = _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);
   __m512 f[MR][2];  // row-scaled sums, lanes [row 0 | row 2] and [row 1 | row 3]
   __m128 z[MR];     // −(128·s + s·z)·Σx per row of W
   for (int i = 0; i < MR; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps(), z[i] = _mm_setzero_ps();
@@ -178,25 +282,15 @@ void bf16_tile(const MatmulArgs& a, int64_t m, int64_t p, const uint16_t* const*
         d[i][3] = lb_dpbf16_ps(d[i][3], wq[3], xh);
       }
     }
-    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4);
-    const __m128 swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(sw, _mm_set1_ps(w.h->zero));
-    const __m512 s4 = _mm512_castps128_ps512(sw);
-    const __m512 s02 = _mm512_permutexvar_ps(i02, s4), s13 = _mm512_permutexvar_ps(i13, s4);
-    const __m128 off = _mm_fmadd_ps(sw, _mm_set1_ps(128.f), swz);
+    const GroupScales s(w, p, g);
+    const __m128 off = _mm_fmadd_ps(s.sw, _mm_set1_ps(128.f), s.swz);
     for (int i = 0; i < MR; ++i) {
-      f[i][0] = _mm512_fmadd_ps(_mm512_add_ps(d[i][0], d[i][1]), s02, f[i][0]);
-      f[i][1] = _mm512_fmadd_ps(_mm512_add_ps(d[i][2], d[i][3]), s13, f[i][1]);
+      f[i][0] = _mm512_fmadd_ps(_mm512_add_ps(d[i][0], d[i][1]), s.s02, f[i][0]);
+      f[i][1] = _mm512_fmadd_ps(_mm512_add_ps(d[i][2], d[i][3]), s.s13, f[i][1]);
       z[i] = _mm_fnmadd_ps(off, _mm_set1_ps(a.x.sumx[(m + i) * G + g]), z[i]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    // lanes [r0 ×8 | r2 ×8] and [r1 ×8 | r3 ×8] -> (r0, r1, r2, r3)
-    const __m512 t = _mm512_add_ps(_mm512_unpacklo_ps(f[i][0], f[i][1]), _mm512_unpackhi_ps(f[i][0], f[i][1]));
-    const __m512 u = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));  // per 128: (ra, rb) ×2
-    const __m128 r01 = _mm_add_ps(_mm512_castps512_ps128(u), _mm512_extractf32x4_ps(u, 1));
-    const __m128 r23 = _mm_add_ps(_mm512_extractf32x4_ps(u, 2), _mm512_extractf32x4_ps(u, 3));
-    store_tile(a, m + i, p, _mm_add_ps(z[i], _mm_movelh_ps(r01, r23)), 1.0f);
-  }
+  for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, _mm_add_ps(z[i], rows_0213(f[i][0], f[i][1])), 1.0f);
 }
 
 template <int BITS, bool NF4>
