@@ -5,7 +5,7 @@
 //         [0, 15] — exactly vpdpbusd's u8 operand; the 32 int8 activations are broadcast to both
 //         256-bit halves as the s8 operand. 2 vpdpbusd per block and activation row.
 //   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8. Passes of 3-4 rows of X
-//         (in calls of 3 to kInt8PanelRows - 1 rows, which prepare PreparedAct::xu) feed x + 128
+//         (in calls of 4 to kInt8PanelRows - 1 rows, which prepare PreparedAct::xu) feed x + 128
 //         as the unsigned operand against the stored w' and take
 //         the exact 128·Σw' (the layout's wsum) back out of each group's int32 dot. Fewer rows flip
 //         the sign bit of w' instead (u = w' + 128, 1 op per 64 bytes and pass) against x and take
@@ -209,12 +209,27 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
 // the passes that work from L1 (int8 per channel, K = N = 4096, from DRAM, 1 thread, builds
 // alternating 3×, min ms: M = 5 1.14 -> 0.69, M = 6 1.24 -> 0.71, M = 8 1.24 -> 0.89, M = 12 1.62
 // -> 1.24; int4 g128 unchanged, its passes being slower than DRAM).
+// int8 with 3 or 4 rows: M - 1 rows, then the last in a pass of its own. One pass of them over a
+// panel streaming from DRAM waits on memory although its prefetches run as far ahead as with two
+// passes (a sweep prefetching the next panel once more after each panel helps as much, so some
+// of the first pass's prefetches are likely lost); the one-row pass costs what the wider first
+// pass saves. K = N = 4096, 1 thread, from DRAM, one build, 3-5 alternations, min ms, one pass ->
+// split: per channel M = 3 0.81 -> 0.56-0.57 (2 + 2 + ... : 1 + 1 + 1 0.65), M = 4 0.87-0.91 ->
+// 0.53-0.60 (2 + 2 0.56-0.60, 4 + a sweep 0.59-0.64); g128 M = 3 0.76 -> 0.61, M = 4 0.72 ->
+// 0.70. int4 is better in one pass (g128 M = 3 0.39 -> 0.43 split, g32 M = 4 1.04 -> 1.12).
 template <int BITS, int NB>
 void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const std::vector<float> nsuma = neg_suma(a, m0, m1);
-  const bool passes = m1 - m0 > 4;
+  const bool split = BITS == 8 && (m1 - m0 == 3 || m1 - m0 == 4);
+  const bool passes = m1 - m0 > 4 || split;
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
+    if (split) {
+      if (m1 - m0 == 4) int_rows<BITS, 3, NB>(a, m, m0, nsuma, p, true);
+      else int_rows<BITS, 2, NB>(a, m, m0, nsuma, p, true);
+      int_rows<BITS, 1, NB>(a, m1 - 1, m0, nsuma, p, true);
+      continue;
+    }
     for (; m + 4 <= m1; m += 4) int_rows<BITS, 4, NB>(a, m, m0, nsuma, p, passes);
     switch (m1 - m) {
       case 3: int_rows<BITS, 3, NB>(a, m, m0, nsuma, p, passes); break;
