@@ -87,14 +87,19 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
   static const bool intel = !cpu_features().amd;
   const bool to_l2 = passes || (MR > 1 && !(MR == 2 && BITS == 8 && w.h->G == 1)) || (BITS == 4 && !intel && w.panel_bytes() < 3072);
   const int64_t ahead = passes ? w.panel_bytes() + 8192 : 8192;
-  auto prefetch = [&](const uint8_t* line) {
+  // Both lambdas always inlined: GCC left `group` a call for int4 g32 with 2 rows of X and int8
+  // with 3, its accumulators passing through memory every group (int4 g32, K = 4096, M = 2, 1
+  // thread: N = 1024 in L2 219 -> 115 µs, N = 4096 from DRAM 1.05 -> 0.66 ms); and a `prefetch`
+  // left a call has no visible effect, so GCC deletes the calls (all of them, when only `group`
+  // was forced inline).
+  auto prefetch = [&](const uint8_t* line) __attribute__((always_inline)) {
     if (to_l2) _mm_prefetch(reinterpret_cast<const char*>(line + ahead), _MM_HINT_T1);
     else if (intel) _mm_prefetch(reinterpret_cast<const char*>(line + 2048), _MM_HINT_T0);
   };
   __m512 f[MR], f1[MR];
   for (int i = 0; i < MR; ++i) f[i] = f1[i] = _mm512_setzero_ps();
   int64_t k = 0;
-  auto group = [&](int64_t g, __m512* acc) {
+  auto group = [&](int64_t g, __m512* acc) __attribute__((always_inline)) {
     const int64_t n = NB > 0 ? NB : g + 1 < G ? nb : (w.h->Kp - k) / kBlockK;
     __m512i d0[MR], d1[MR];
     for (int i = 0; i < MR; ++i) d0[i] = d1[i] = _mm512_setzero_si512();
@@ -211,12 +216,13 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
 // -> 1.24; int4 g128 unchanged, its passes being slower than DRAM).
 // int8 with 3 or 4 rows: M - 1 rows, then the last in a pass of its own. One pass of them over a
 // panel streaming from DRAM waits on memory although its prefetches run as far ahead as with two
-// passes (a sweep prefetching the next panel once more after each panel helps as much, so some
-// of the first pass's prefetches are likely lost); the one-row pass costs what the wider first
-// pass saves. K = N = 4096, 1 thread, from DRAM, one build, 3-5 alternations, min ms, one pass ->
-// split: per channel M = 3 0.81 -> 0.56-0.57 (2 + 2 + ... : 1 + 1 + 1 0.65), M = 4 0.87-0.91 ->
-// 0.53-0.60 (2 + 2 0.56-0.60, 4 + a sweep 0.59-0.64); g128 M = 3 0.76 -> 0.61, M = 4 0.72 ->
-// 0.70. int4 is better in one pass (g128 M = 3 0.39 -> 0.43 split, g32 M = 4 1.04 -> 1.12).
+// passes (prefetching the next panel once more after each panel helps as much, so some of the
+// first pass's prefetches are likely dropped). K = N = 4096, 1 thread, weights from DRAM, 3-5
+// alternations, min ms, one pass -> split: per channel M = 3 0.78-0.81 -> 0.49-0.61 (1 + 1 + 1:
+// 0.65), M = 4 0.86-0.91 -> 0.50-0.60 (2 + 2: 0.56-0.60); g128 M = 3 0.74-0.76 -> 0.61-0.66, M = 4
+// 0.72 -> 0.69-0.70; 2 threads, per channel M = 4 0.46 -> 0.29. The cost: weights resident in L3
+// (the same 16 MB layer called over and over) pay for the extra pass, M = 3 / 4 342 / 370 -> 432
+// / 485 µs. int4 is better in one pass (g128 M = 3 0.39 -> 0.43 split, g32 M = 4 1.04 -> 1.12).
 template <int BITS, int NB>
 void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const std::vector<float> nsuma = neg_suma(a, m0, m1);
