@@ -2,9 +2,15 @@
 // Codes are widened straight from memory (16 bytes -> 16 int32 lanes): for int4 one load holds
 // two rows' codes (lo | hi << 4): each nibble is one vpermps over a 16-entry float table held in a
 // zmm (0..15 for int4, the NF4 codebook; AVX2 needs two permutes and a blend). MR (up to 4) activation
-// rows share each decoded weight register; 4·MR zmm accumulators per tile. Per group the 4 rows'
-// sums are scaled by the reference's float steps (acc += sw·dot − swz·sumx); decode (MR = 1)
-// scales each row's vector of sums per group instead and sums horizontally once per panel.
+// rows share each decoded weight register; 4·MR zmm accumulators per tile. With 2 or more rows
+// the table is per group and row of W, s·value − s·z (one FMA each): the permute yields the
+// dequantized weight, and the sums run over the whole panel with no per-group scaling, zero
+// term or horizontal sum (fp32 x, K = N = 4096, weights from DRAM, 1 thread, 3 alternations,
+// min ms, per-group horizontal sums -> tables: int4 g32 M = 2 / 4 / 8 1.69 / 2.88 / 5.68 -> 1.18
+// / 1.67 / 3.28, g128 M = 4 / 8 / 16 1.62 / 3.22 / 6.39 -> 1.34 / 2.70 / 5.35). One row (decode,
+// g32) keeps the fixed table and scales its vector of sums per group (tables: 180 -> 235 µs with
+// N = 1024 in L3: the 8 broadcasts per group weigh on one row). int8: acc += sw·dot − swz·sumx
+// per group.
 // One or two rows against 4-bit codes in groups of 64 or more: int4_tile, which decodes each
 // dword lane's codes in place (no widening) against x permuted to match.
 // Every pass prefetches the panel 8 KiB ahead into L2 (T1; T0 would evict X's rows from L1):
@@ -134,19 +140,34 @@ void int4_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* xp
 
 template <int MR, int BITS, bool NF4>
 void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
+  // 4-bit codes, several rows of X: the group's tables carry its scale and zero (see the top)
+  constexpr bool LUT = BITS == 4 && MR > 1;
   const PackedLinear& w = a.w;
   const int64_t G = w.h->G;
   const uint8_t* panel = w.panel(p);
-  const __m512 lut = _mm512_loadu_ps(NF4 ? kNF4Values : kInt4Values);
+  const __m512 values = _mm512_loadu_ps(NF4 ? kNF4Values : kInt4Values);
+  __m512 f[MR][4];  // each row of W's sums: over the panel (LUT), else over the group
   __m128 acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm_setzero_ps();
   __m512 rows1[4];  // MR = 1: each row's scaled sums stay vectors; one horizontal sum per panel
-  for (int r = 0; r < 4; ++r) rows1[r] = _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) {
+    acc[i] = _mm_setzero_ps();
+    for (int r = 0; r < 4; ++r) f[i][r] = rows1[r] = _mm512_setzero_ps();
+  }
   int64_t k = 0;
   for (int64_t g = 0; g < G; ++g) {
-    __m512 f[MR][4];
-    for (int i = 0; i < MR; ++i)
-      for (int r = 0; r < 4; ++r) f[i][r] = _mm512_setzero_ps();
+    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4);
+    const __m128 swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(sw, _mm_set1_ps(w.h->zero));
+    __m512 lut[4];
+    if constexpr (LUT) {
+      alignas(16) float s4[4], sz4[4];
+      _mm_store_ps(s4, sw);
+      _mm_store_ps(sz4, swz);
+      for (int r = 0; r < 4; ++r) lut[r] = _mm512_fmsub_ps(values, _mm512_set1_ps(s4[r]), _mm512_set1_ps(sz4[r]));
+    } else {
+      for (int r = 0; r < 4; ++r) lut[r] = values;
+      for (int i = 0; i < MR; ++i)
+        for (int r = 0; r < 4; ++r) f[i][r] = _mm512_setzero_ps();
+    }
     for (const int64_t e = w.group_end(g); k < e; k += kBlockK) {
       const int64_t b = k / kBlockK;
       for (int q = 0; q < 2; ++q) {
@@ -157,8 +178,8 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
           if (q == 0) _mm_prefetch(reinterpret_cast<const char*>(src + 8192), _MM_HINT_T1);
           for (int h = 0; h < 2; ++h) {
             __m512i v = lb_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32 * h + 16 * q)));
-            __m512 wa = _mm512_permutexvar_ps(v, lut);
-            __m512 wb = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+            __m512 wa = _mm512_permutexvar_ps(v, lut[2 * h]);
+            __m512 wb = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut[2 * h + 1]);
             for (int i = 0; i < MR; ++i) {
               f[i][2 * h] = _mm512_fmadd_ps(wa, xv[i], f[i][2 * h]);
               f[i][2 * h + 1] = _mm512_fmadd_ps(wb, xv[i], f[i][2 * h + 1]);
@@ -178,8 +199,7 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
         }
       }
     }
-    const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4);
-    const __m128 swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(sw, _mm_set1_ps(w.h->zero));
+    if constexpr (LUT) continue;
     if constexpr (MR == 1) {  // decode: no horizontal sum per group
       for (int r = 0; r < 4; ++r) rows1[r] = _mm512_fmadd_ps(f[0][r], _mm512_set1_ps(w.sw[(p * G + g) * 4 + r]), rows1[r]);
       acc[0] = _mm_fnmadd_ps(swz, _mm_set1_ps(a.x.sumx[m * G + g]), acc[0]);
@@ -191,6 +211,8 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
       acc[i] = _mm_add_ps(acc[i], _mm_sub_ps(_mm_mul_ps(sw, dot), t2));
     }
   }
+  if constexpr (LUT)
+    for (int i = 0; i < MR; ++i) acc[i] = hsum4(f[i][0], f[i][1], f[i][2], f[i][3]);
   if constexpr (MR == 1) acc[0] = _mm_add_ps(acc[0], hsum4(rows1[0], rows1[1], rows1[2], rows1[3]));
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
