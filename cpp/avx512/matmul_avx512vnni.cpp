@@ -5,7 +5,7 @@
 //         [0, 15] — exactly vpdpbusd's u8 operand; the 32 int8 activations are broadcast to both
 //         256-bit halves as the s8 operand. 2 vpdpbusd per block and activation row.
 //   int8: each zmm holds 2 rows of signed w'; vpdpbusd wants u8 × s8. Passes of 3-4 rows of X
-//         (in calls of 4 to kInt8PanelRows - 1 rows, which prepare PreparedAct::xu) feed x + 128
+//         (in calls of 4 to int8_panel_rows(K) - 1 rows, which prepare PreparedAct::xu) feed x + 128
 //         as the unsigned operand against the stored w' and take
 //         the exact 128·Σw' (the layout's wsum) back out of each group's int32 dot. Fewer rows flip
 //         the sign bit of w' instead (u = w' + 128, 1 op per 64 bytes and pass) against x and take
@@ -369,16 +369,16 @@ void int_k4_walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_
 void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   // The k4 scratch from 16 rows of X (8 for int4 in groups of 32, whose panel kernel folds the
   // most; int8, whose panel kernel takes x + 128 and so does no per-pass work on the weights: 32
-  // in groups, 256 per channel, whose panel kernel folds once per panel), for a range or a whole
-  // call of that many rows (a tail of 16 rows or more then finds the sets its first tile
-  // unpacked); fewer run the panel kernel (no scratch to build; it takes rows in fours, then the
+  // in groups, per channel int8_panel_rows(K), whose panel kernel folds once per panel), for a
+  // range or a whole call of that many rows (a tail of 16 rows or more then finds the sets its
+  // first tile unpacked); fewer run the panel kernel (no scratch to build; it takes rows in fours, then the
   // rest in one pass, and prefetches the weights). K = N = 4096, 1 thread, weights rotated from
   // DRAM, ms, panel -> k4: int4 g128 M = 6 0.77-0.82 -> 1.23-1.25, M = 16 2.01-2.13 -> 2.14-2.18,
   // M = 24 3.06-3.24 -> 2.86; g64 M = 12 1.90-1.92 -> 2.02-2.04, M = 16 2.50-2.59 -> 2.38-2.45;
   // g32 M = 8 1.93-2.07 -> 1.87-2.00, M = 10 2.45-2.78 -> 2.13; int8 g128 M = 16 / 24 / 32 / 48
   // 1.99 / 2.95 / 3.93 / 5.89 -> 2.46 / 3.22 / 3.96 / 5.30; int8 per channel M = 64 / 128 / 192 /
   // 256 5.55 / 11.05 / 16.37 / 21.79 -> 6.17 / 11.38 / 16.52 / 21.62 (2 threads alike).
-  const int64_t k4_rows = a.w.h->bits == 8 ? (a.w.h->G == 1 ? kInt8PanelRows : 32) : a.w.h->group_size <= 32 ? 8 : 16;
+  const int64_t k4_rows = a.w.h->bits == 8 ? (a.w.h->G == 1 ? int8_panel_rows(a.w.h->K) : 32) : a.w.h->group_size <= 32 ? 8 : 16;
   if (m1 - m0 >= k4_rows || (a.x.M >= k4_rows && m1 - m0 >= 16)) {
     if (a.w.h->bits == 8) return int_k4_walk<8, false>(a, m0, m1, p0, p1);
     // x + 128 prepared (see PreparedAct::xu)

@@ -81,9 +81,9 @@ struct PackedLinear {
 //                          per token, sg is nullptr. A kernel scales group g's integer dot
 //                          (and its zero-point term) by sg[m][g] when sg is set.
 //                          xu [M][Kp] uint8 = xq + 128 (padding 128) when the kernel table
-//                          asks for it (int_wants_u8_x) and it pays: int8 weights and 2 < M <
-//                          kInt8PanelRows (the AVX-512 int8 panel kernel takes it for 3-4 rows,
-//                          also for the amx table's tails), int4 weights in groups of up to kU8xMaxGroup with per-token x
+//                          asks for it (int_wants_u8_x) and it pays: int8 weights and 3 < M <
+//                          int8_panel_rows(K) (the AVX-512 int8 panel kernel takes it for 3-4
+//                          rows, also for the amx table's tails), int4 weights in groups of up to kU8xMaxGroup with per-token x
 //                          and M >= kU8xMinRows; else nullptr
 //   float mode            : xf [M][Kp] float (x widened; act_bits=8 with nf4: xq * sa), zero
 //                          padded; sumx [M][G] = Σ_group xf in float (8 interleaved partial
@@ -97,8 +97,13 @@ struct PackedLinear {
 // M = 128: 13.4 -> 12.8-13.0; g128 M = 64: 6.8-6.9 -> 7.1, M = 512: 46.2-46.8 -> 46.8-47.6.
 constexpr int64_t kU8xMinRows = 48, kU8xMaxGroup = 64;
 // Per-channel int8 calls of fewer rows than this run avx512's panel kernel, larger ones its k4
-// GEMM, which takes xq (their tails run the panel kernel on xq too).
-constexpr int64_t kInt8PanelRows = 256;
+// GEMM, which takes xq (their tails run the panel kernel on xq too). The panel kernel's passes
+// of 4 rows each end in an epilogue, which short rows pay often: 1 thread, weights in cache,
+// min ms, panel -> k4: K x N = 576 x 1536 M = 32 / 128 / 255 0.23 / 0.94 / 1.90 -> 0.18 / 0.63
+// / 1.26; 1536 x 576 0.18 / 0.71 / 1.43 -> 0.17 / 0.61 / 1.19; 2048 x 2048 M = 32 / 64 / 128
+// 0.75 / 1.54 / 3.09 -> 0.76 / 1.43 / 2.84; but 3072 x 3072 M = 32 / 64 1.59 / 3.22 -> 1.80 /
+// 3.49, 4096 x 4096 M = 64 / 128 5.54 / 11.15 -> 6.21 / 11.38.
+constexpr int64_t int8_panel_rows(int64_t K) { return K > 2048 ? 256 : 32; }
 struct PreparedAct {
   int64_t M, Kp, G;
   int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets

@@ -228,7 +228,7 @@ void matmul(const MatmulCall& c) {
   if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
   if (int_mode && c.act_per_block) sg.resize(size_t(M * G));
   if (int_mode && t.int_wants_u8_x &&
-      ((w.wsum && M > 3 && M < kInt8PanelRows) || (w.h->group_size <= kU8xMaxGroup && !c.act_per_block && M >= kU8xMinRows)))
+      ((w.wsum && M > 3 && M < int8_panel_rows(K)) || (w.h->group_size <= kU8xMaxGroup && !c.act_per_block && M >= kU8xMinRows)))
     xu.assign(size_t(M * ld), 128);
   if (!int_mode) { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
   if (keep_bf16) xb.assign(size_t(M * ld), 0);
