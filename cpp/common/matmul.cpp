@@ -302,14 +302,17 @@ void matmul(const MatmulCall& c) {
     // 2048×640 56 / 59 vs 58 / 59, 1024×2048 65 / 73 vs 86 / 132. More rows of X count as more
     // bytes (work, below): 576×1536 (0.5 MB as int4 g64) M = 8 / 16, 2 threads, µs median,
     // one thread -> split: int4 g64 82 / 120 -> 50 / 90, int8 per channel 65 / 122 -> 44 / 70,
-    // float x (int4) 222 / 444 -> 118 / 231.
+    // float x (int4) 222 / 444 -> 118 / 231. Shares of 512 -> 256 KB (calls back to back, 2
+    // threads, weights from DRAM, int4 g128 576×1536, 3 alternations, min µs): M = 2 fp32 x 55 ->
+    // 32, int8 x 30 -> 19; M = 4 int8 x 45 -> 27 (torch loaded alike; M = 1, 0.5 MB, stays on
+    // one thread).
     // Pieces (claimed by whichever thread runs, see parallel_for) stay long DRAM streams, one a
     // thread, unless they would exceed kDecodePiece: then up to four a thread, so a thread that
     // starts late (Gemma3's 168 MB int8 lm_head beside torch's threads) leaves less undone. More
     // pieces than threads: a multiple of them, so threads that run alike finish together (3
     // pieces on 2 threads took as long as 4: K = N = 4096 int4 g32, 12.6 MB, M=1, 81-84% -> 95-100%
     // of the 2-thread DRAM read rate).
-    constexpr int64_t kMinDecodeShare = int64_t(512) << 10, kDecodePiece = int64_t(4) << 20;
+    constexpr int64_t kMinDecodeShare = int64_t(256) << 10, kDecodePiece = int64_t(4) << 20;
     const int64_t bytes = w.h->total_bytes, threads = get_num_threads();
     // several rows of X: more work per byte (µs on one thread, int4 g64 576×1536, M = 1 / 4 /
     // 16: 18 / 42 / 120; float x 40 / 111 / 440), counted as bytes streamed at M = 1
