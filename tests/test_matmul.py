@@ -120,6 +120,25 @@ def test_act_int8(isa, fmt, shape, granularity):
     assert np.all(np.abs(y - _ref(x, qt)) <= 0.5 * step @ np.abs(lb.dequantize(qt)).T + 1e-4)
 
 
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("M", [1, 4, 7, 16, 40])
+def test_act_int8_zero_point_far_from_the_middle(isa, group_size, M):
+    # Asymmetric int8 rows whose zero point sits far from 128 (one large negative weight per group
+    # of 128, the rest positive): every stored code w' = q - 128 is then far from 0, and a kernel that carried
+    # 128·Σw' through its float partial sums (x + 128 against w') lost y to cancellation (3e-3 of
+    # max |y| at K = 4128, 3-7 times _bound here). The kernels stay well inside the bound.
+    rng = np.random.default_rng(seed=M)
+    N, K = 24, 1056
+    w = np.abs(rng.standard_normal((N, K))).astype(np.float32)
+    w[:, 5::128] = -40
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    qt = lb.quantize(w, bits=8, group_size=group_size)
+    assert (qt.zeros.astype(int) > 200).all()
+    y = lb.matmul(x, qt, act_bits=8)
+    err = np.abs(y - _ref(_fake_quant(x), qt))
+    assert np.all(err <= _bound(x, qt)), (isa, group_size, M, err.max() / np.abs(y).max())
+
+
 @pytest.mark.parametrize("fmt", ["int4-asym-g128", "int4-sym-g64", "int8-asym-g32"])
 def test_act_per_block_beats_per_token_on_outliers(isa, fmt):
     # A few outlier channels set the per-token step for the whole row; per block they only
@@ -468,22 +487,24 @@ def test_packed_bytes_store_zero_points_only_when_they_vary(kw, scale_arrays):
     assert lb.ops._packed_weight(qt).nbytes == 128 + 8 * 64 // 2 + scale_arrays * 64
 
 
-@pytest.mark.parametrize("kw", [dict(symmetric=True), {}])
 @pytest.mark.parametrize("group_size", [None, 32])
-def test_packed_int8_weight_sums(kw, group_size):
-    # int8 weights carry Σ w' per (row, group), w' the stored signed code (symmetric q, asymmetric
-    # q - 128), as int32 [N/4][G][4] at the header's wsum_offset (bytes 104..111): the AVX-512
-    # kernel takes 128·Σw' back out of its dots against x + 128
+def test_packed_int8_weight_sums(group_size):
+    # symmetric int8 weights carry Σ q per (row, group) as int32 [N/4][G][4] at the header's
+    # wsum_offset (bytes 104..111): the AVX-512 kernel takes 128·Σq back out of its dots against
+    # x + 128. Asymmetric ones carry none (see test_act_int8_zero_point_far_from_the_middle).
     N, K = 10, 96
-    qt = lb.quantize(_data(1, N, K, seed=3)[1], bits=8, group_size=group_size, **kw)
+    w = _data(1, N, K, seed=3)[1]
+    qt = lb.quantize(w, bits=8, group_size=group_size, symmetric=True)
     packed = lb.ops._packed_weight(qt)
     G = 1 if group_size is None else K // group_size
     off = int(packed[104:112].view(np.int64)[0])
     wsum = packed[off:off + 12 * G * 4].view(np.int32).reshape(3, G, 4).transpose(0, 2, 1).reshape(12, G)
-    q = qt.codes.view(np.int8).astype(np.int64) if kw else qt.codes.astype(np.int64) - 128
-    want = q.reshape(N, G, K // G).sum(-1)
+    want = qt.codes.view(np.int8).astype(np.int64).reshape(N, G, K // G).sum(-1)
     assert np.array_equal(wsum[:N], want) and not wsum[N:].any()
     assert packed.nbytes == off + -(-12 * G * 4 // 64) * 64  # the last array, 64-byte aligned
+    asym = lb.ops._packed_weight(lb.quantize(w, bits=8, group_size=group_size))
+    assert int(asym[104:112].view(np.int64)[0]) == 0
+    assert asym.nbytes == packed.nbytes  # its s·z array in place of wsum, the same size
 
 
 @pytest.mark.parametrize("field, value", [(8, 3), (12, 7), (16, 1 << 20), (24, 1 << 40), (64, 64), (80, 0),

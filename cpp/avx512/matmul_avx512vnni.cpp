@@ -14,6 +14,10 @@
 //         weights in L3, alternating builds, min ms, the flip -> x + 128: M = 4 / 8 / 16 / 32 / 48
 //         0.39 / 0.78 / 1.50 / 2.97 / 4.38 -> 0.38 / 0.73 / 1.41 / 2.80 / 4.13; weights from DRAM
 //         M = 12 1.25 -> 1.16, int8 g128 M = 8 / 12 1.18-1.20 / 1.69 -> 1.09 / 1.57-1.59.
+//         Symmetric weights only (the layout stores wsum for no others): the partial dots stay per
+//         lane in float until the panel's end, and each carries 128·Σw' over its lane's k, which
+//         only the float sum of the lanes cancels; asymmetric w' = q − 128 runs near z − 128 along
+//         a row, so with z far from 128 that cancellation lost up to 3e-3 of max |y| (K = 4128).
 // MR (1 to 4) rows of X per panel; per group each row's pair of accumulators is folded (unpack +
 // add) to int4: [r0 r1 r0 r1 ×2 | r2 r3 r2 r3 ×2], int8: [r0 r2 .. | r1 r3 ..], converted and
 // scaled by sw permuted to the same lane order in one FMA; one horizontal sum per panel. The
@@ -208,7 +212,7 @@ inline void int_rows(const MatmulArgs& a, int64_t m, int64_t m0, const std::vect
   const float* ns[MR];
   const float* sg[MR];
   // int8, 3 or 4 rows: x + 128 where the call prepared it (see int_panel)
-  const bool u8x = BITS == 8 && MR > 2 && a.x.xu;
+  const bool u8x = BITS == 8 && MR > 2 && a.x.xu && a.w.wsum;
   const int8_t* xs = u8x ? reinterpret_cast<const int8_t*>(a.x.xu) : a.x.xq;
   for (int i = 0; i < MR; ++i) {
     x[i] = xs + (m + i) * a.x.ld;

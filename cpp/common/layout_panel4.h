@@ -1,4 +1,4 @@
-// Layout "panel4_k32" v3: a QuantizedTensor W[N, K] (int4 / int8 / nf4 codes) prepacked once for
+// Layout "panel4_k32" v4: a QuantizedTensor W[N, K] (int4 / int8 / nf4 codes) prepacked once for
 // the CPU matmul kernels (Y = X · dequantize(W)ᵀ). One contiguous byte buffer:
 //   PackedLinearHeader (128 B)
 //   codes : [Np/4 panels][Kp/32 k-blocks] blocks, one block = 4 rows × 32 k
@@ -14,10 +14,14 @@
 //                               sym int8 and nf4: 0), swz_offset is 0 and kernels take s·z as
 //                               sw · zero (v1 stored it: 4 bytes more per group and row, 17% of
 //                               a g32 int4 weight's bytes, which decode streams from DRAM)
-//   wsum  : int32 [Np/4][G][4]  bits=8 only: Σ w' over the group, so a kernel can feed x + 128 as
-//                               vpdpbusd's unsigned operand against the stored signed w' and take
-//                               the exact 128·Σw' back out of each group's dot (v2 had no wsum:
-//                               its kernels flipped every weight byte's sign bit instead)
+//   wsum  : int32 [Np/4][G][4]  symmetric int8 only: Σ w' over the group, so a kernel can feed
+//                               x + 128 as vpdpbusd's unsigned operand against the stored signed
+//                               w' and take the exact 128·Σw' back out of each group's dot (v2 had
+//                               no wsum: its kernels flipped every weight byte's sign bit instead).
+//                               Not for asymmetric int8 (v3 stored it): there w' = q − 128 sits
+//                               near z − 128 all along a row whose zero point is far from 128, so
+//                               the partial dots a kernel keeps per lane carry 128·Σw' in the
+//                               millions and their float sum cancels it only to ~1e-3 of y
 // so that  w[n, k] = s · (d(code) − z)   with d(u) = u (int formats) or NF4[u] (nf4, z = 0).
 // Np = N rounded up to 4 (extra rows: codes 0, s = s·z = 0). Kp = K rounded up to 32; codes past
 // K are 0 and every kernel multiplies them by zero-padded activations. Groups must start on a
@@ -29,7 +33,7 @@
 namespace lowbit {
 
 constexpr uint32_t kPanel4Magic = 0x3450424Cu;  // "LBP4"
-constexpr uint32_t kPanel4Version = 3;
+constexpr uint32_t kPanel4Version = 4;
 constexpr int kPanelRows = 4;   // NR: rows of W per panel
 constexpr int kBlockK = 32;     // KB: k per block (one AVX2 register of int8)
 
@@ -40,7 +44,7 @@ struct PackedLinearHeader {
   int64_t codes_offset, sw_offset, swz_offset, total_bytes;  // swz_offset 0: not stored
   float zero;                    // z of every row and group when swz is not stored
   int32_t reserved0;
-  int64_t wsum_offset;           // 0: not stored (bits=4)
+  int64_t wsum_offset;           // 0: not stored (bits=4, asymmetric int8)
   int64_t reserved[2];
 };
 static_assert(sizeof(PackedLinearHeader) == 128, "PackedLinearHeader is 128 bytes");
@@ -81,7 +85,7 @@ struct PackedLinear {
 //                          per token, sg is nullptr. A kernel scales group g's integer dot
 //                          (and its zero-point term) by sg[m][g] when sg is set.
 //                          xu [M][Kp] uint8 = xq + 128 (padding 128) when the kernel table
-//                          asks for it (int_wants_u8_x) and it pays: int8 weights and 3 < M <
+//                          asks for it (int_wants_u8_x) and it pays: symmetric int8 weights and 3 < M <
 //                          int8_panel_rows(K) (the AVX-512 int8 panel kernel takes it for 3-4
 //                          rows, also for the amx table's tails), int4 weights in groups of up to kU8xMaxGroup with per-token x
 //                          and M >= kU8xMinRows; else nullptr

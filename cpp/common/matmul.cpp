@@ -107,7 +107,7 @@ static PackedLinearHeader layout_header(int64_t N, int64_t K, const QuantFormat&
   h.swz_offset = asym ? h.sw_offset + round_up(h.Np * G * 4, 64) : 0;
   h.zero = f.bits == 4 && f.scheme == Scheme::symmetric ? 8.f : 0.f;
   h.total_bytes = (asym ? h.swz_offset : h.sw_offset) + round_up(h.Np * G * 4, 64);
-  if (f.bits == 8) {
+  if (f.bits == 8 && f.scheme == Scheme::symmetric) {
     h.wsum_offset = h.total_bytes;
     h.total_bytes += round_up(h.Np * G * 4, 64);
   }
@@ -148,7 +148,7 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
           W8Block* blk = reinterpret_cast<W8Block*>(cbase + p * nb * sizeof(W8Block)) + b;
           const int v = sym ? int(int8_t(src[k])) : int(src[k]) - 128;
           blk->row[r][j] = int8_t(v);
-          wsum[(p * G + k / f.group_size) * kPanelRows + r] += v;
+          if (wsum) wsum[(p * G + k / f.group_size) * kPanelRows + r] += v;
         }
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -228,7 +228,7 @@ void matmul(const MatmulCall& c) {
   if (int_mode) { xq.assign(size_t(M * ld), 0); sa.resize(M); suma.assign(size_t(M * G), 0); }
   if (int_mode && c.act_per_block) sg.resize(size_t(M * G));
   if (int_mode && t.int_wants_u8_x &&
-      ((w.wsum && M > 3 && M < int8_panel_rows(K)) || (w.h->group_size <= kU8xMaxGroup && !c.act_per_block && M >= kU8xMinRows)))
+      ((w.wsum && M > 3 && M < int8_panel_rows(K)) || (w.h->bits == 4 && w.h->group_size <= kU8xMaxGroup && !c.act_per_block && M >= kU8xMinRows)))
     xu.assign(size_t(M * ld), 128);
   if (!int_mode) { xf.assign(size_t(M * ld), 0.f); sumx.assign(size_t(M * G), 0.f); }
   if (keep_bf16) xb.assign(size_t(M * ld), 0);
