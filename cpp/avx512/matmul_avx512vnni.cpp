@@ -275,9 +275,12 @@ void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
 // Integer GEMM on the k4 scratch. A step (4 k) is one zmm: 16 rows of W × 4 codes. Per-token
 // int4 (SIGNED): the codes as s8 u − z (SignedInt4) against x + 128 (PreparedAct::xu) as the u8
 // operand, Σ(x + 128)(u − z) = Σx(u − z) + 128·Σ(u − z): the second sum does not depend on x, so
-// the zero point costs one constant per set, not an FMA per group and row of X (int4 g32, K = N
-// = 4096, M = 512, 1 thread, alternating builds: 55.5-56.1 -> 50.7-51.1 ms; from 48 rows and
-// for groups of up to 64, see kU8xMinRows). Else (int8, per-block x) the codes unsigned (int4 u in
+// the zero point costs no FMA per group and row of X (int4 g32, K = N = 4096, M = 512, 1 thread,
+// alternating builds: 55.5-56.1 -> 50.7-51.1 ms; from 48 rows and for groups of up to 64, see
+// kU8xMinRows). Each group's int32 dots take their 128·Σ(u − z) back out before they turn float,
+// so they are exactly Σx(u − z) (one float constant per set, subtracted after all groups' sums,
+// kept only 1.5e-4 of max |y|, K = 4096, Gaussian data: the sums it cancelled grow with K). Else
+// (int8, per-block x) the codes unsigned (int4 u in
 // [0, 15]; int8 u = w' + 128, see unpack_k4) against the int8 x, and the zero-point FMA where a
 // group ends inside the range. A group ends with a convert and an FMA per row of X and set
 // (k4_rows). A share's int32 dot stays exact in float: chunks of 1024 k (int4, |d| <= 1024·15·255)
@@ -285,14 +288,13 @@ void walk(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
 constexpr int64_t kK4ChunkK4 = 1024, kK4ChunkK8 = 512;
 
 // The k4 int4 set (codes u) as s8 u − z, z = swz / sw per row and group (an integer: the stored
-// offset), and the zero-point term 128·Σ_g sw·Σ(u − z), negated, into the set's first swz slot
-// (sc[16..31]; the other swz slots are not read).
+// offset), and each group's −128·Σ(u − z) as int32 in place of its swz (sc[g·32 + 16..31], which
+// the signed GEMM does not read as floats).
 struct SignedInt4 {
   static int64_t bytes(int64_t Kp) { return Kp / 4 * kK4Step; }
   static void run(const PackedLinear& w, const uint8_t* k4, float* sc, uint8_t* out) {
     const int64_t G = w.h->G, gs = w.h->group_size;
     const __m512i ones = _mm512_set1_epi8(1), bytes4 = _mm512_set1_epi32(0x01010101);
-    __m512 comp = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
       const __m512 sw = _mm512_loadu_ps(sc + g * 32), swz = _mm512_loadu_ps(sc + g * 32 + 16);
       const __mmask16 nz = _mm512_cmp_ps_mask(sw, _mm512_setzero_ps(), _CMP_NEQ_UQ);
@@ -305,9 +307,8 @@ struct SignedInt4 {
         _mm512_storeu_si512(out + k / 4 * kK4Step, v);
         c = _mm512_dpbusd_epi32(c, ones, v);
       }
-      comp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), sw, comp);
+      _mm512_storeu_si512(sc + g * 32 + 16, _mm512_mullo_epi32(c, _mm512_set1_epi32(-128)));
     }
-    _mm512_storeu_ps(sc + 16, _mm512_mul_ps(comp, _mm512_set1_ps(-128.f)));
   }
 };
 
@@ -323,10 +324,7 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* const* wk, const float* 
   const int8_t* x = SIGNED ? reinterpret_cast<const int8_t*>(a.x.xu) + m * ld : a.x.xq + m * ld;
   __m512 f[MR][NS];
   for (int i = 0; i < MR; ++i)
-    for (int s = 0; s < NS; ++s) {
-      f[i][s] = _mm512_loadu_ps(y[s][i]);
-      if (SIGNED && k0 == 0) f[i][s] = _mm512_add_ps(f[i][s], _mm512_loadu_ps(sc[s] + 16));
-    }
+    for (int s = 0; s < NS; ++s) f[i][s] = _mm512_loadu_ps(y[s][i]);
   for (int64_t k = k0, g = g0; k < k1; ++g) {
     const int64_t e = std::min(w.group_end(g), k1);
     __m512i d[MR][NS];
@@ -349,6 +347,10 @@ inline void k4_rows(const MatmulArgs& a, const uint8_t* const* wk, const float* 
     }
     for (int s = 0; s < NS; ++s) {
       const __m512 sw = _mm512_loadu_ps(sc[s] + g * 32);
+      if constexpr (SIGNED) {  // whole groups (see int_k4_walk): −128·Σ(u − z) out exactly
+        const __m512i c = _mm512_loadu_si512(sc[s] + g * 32 + 16);
+        for (int i = 0; i < MR; ++i) d[i][s] = _mm512_add_epi32(d[i][s], c);
+      }
       for (int i = 0; i < MR; ++i)
         f[i][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][s]), SG ? _mm512_mul_ps(sw, _mm512_set1_ps(a.x.sg[(m + i) * G + g])) : sw, f[i][s]);
       if (!SIGNED && e == w.group_end(g)) {
