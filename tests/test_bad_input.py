@@ -472,6 +472,25 @@ def test_non_native_byte_order():
         lowbit.matmul(np.ones((1, 64), ">f4"), _qt())
 
 
+def test_matmul_bias_with_nan_or_inf():
+    for v in (np.nan, np.inf):
+        with pytest.raises(ValueError, match=r"bias contains NaN or Inf"):
+            lowbit.matmul(np.ones((2, 64), np.float32), _qt(), bias=np.array([0, v] + [0] * 6, np.float32))
+
+
+def test_matmul_float32_overflow_is_an_error(isa):
+    # Finite weights near FLT_MAX (scales ~2e37) against tiny activations: the exact products are
+    # ~1e19, but the int8 kernels scale their integer dots by the weight scale before the
+    # activation scale, and that overflows float32. A ValueError, never Inf or NaN in y.
+    w = np.full((4, 32), 1e37, np.float32)
+    w[:, ::2] = -2.9e38
+    x = np.full((3, 32), 1e-20, np.float32)
+    qt = lowbit.quantize(w, bits=4, group_size=32)
+    assert np.isfinite(x.astype(np.float64) @ lowbit.dequantize(qt).astype(np.float64).T).all()
+    with pytest.raises(ValueError, match=r"result overflowed float32"):
+        lowbit.matmul(x, qt, act_bits=8)
+
+
 @pytest.mark.parametrize("act_bits", [8.0, True, 4, "8"])
 def test_matmul_act_bits_must_be_the_int_8(act_bits):
     x = np.ones((2, 64), np.float32)

@@ -43,7 +43,7 @@ struct PackedLinearHeader {
   int64_t N, K, Np, Kp, G, group_size;
   int64_t codes_offset, sw_offset, swz_offset, total_bytes;  // swz_offset 0: not stored
   float zero;                    // z of every row and group when swz is not stored
-  int32_t reserved0;
+  float max_scale;               // the largest s (v4): with max |x| it bounds every partial sum
   int64_t wsum_offset;           // 0: not stored (bits=4, asymmetric int8)
   int64_t reserved[2];
 };

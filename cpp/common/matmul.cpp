@@ -158,6 +158,9 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
       }
     }
   });
+  float max_scale = 0.f;
+  for (int64_t i = 0; i < N * G; ++i) max_scale = std::max(max_scale, scales[i]);
+  reinterpret_cast<PackedLinearHeader*>(out)->max_scale = max_scale;
 }
 
 static PackedLinear view_packed(const uint8_t* packed) {
@@ -175,6 +178,8 @@ static PackedLinear view_packed(const uint8_t* packed) {
   } catch (const std::invalid_argument& e) {
     require(false, std::string("packed weight has a bad header: ") + e.what());
   }
+  require(h->max_scale >= 0.f && h->max_scale <= FLT_MAX, "packed weight has a bad header (max_scale)");
+  want.max_scale = h->max_scale;
   require(std::memcmp(h, &want, sizeof want) == 0, "packed weight has a bad header (inconsistent sizes or offsets)");
   return PackedLinear{h, packed + h->codes_offset, reinterpret_cast<const float*>(packed + h->sw_offset),
                       h->swz_offset ? reinterpret_cast<const float*>(packed + h->swz_offset) : nullptr,
@@ -202,6 +207,25 @@ std::string matmul_kernel_name(const uint8_t* packed, int act_bits, bool act_per
 static uint64_t next_call_id() {
   static std::atomic<uint64_t> calls{0};
   return ++calls;
+}
+
+// Whether y[m0, m1) × [n0, n1) holds no NaN or Inf: a float16 Inf is a legitimate overflow of the
+// narrowing, so only its NaN counts. Read right after the kernel wrote it, so from cache.
+static bool result_finite(const void* y, DType t, int64_t N, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  uint32_t bad = 0;
+  for (int64_t m = m0; m < m1; ++m) {
+    if (t == DType::f32) {
+      const uint32_t* r = static_cast<const uint32_t*>(y) + m * N;
+      for (int64_t n = n0; n < n1; ++n) bad |= (r[n] & 0x7f800000u) == 0x7f800000u;
+    } else {
+      const uint16_t* r = static_cast<const uint16_t*>(y) + m * N;
+      if (t == DType::bf16)
+        for (int64_t n = n0; n < n1; ++n) bad |= (r[n] & 0x7f80u) == 0x7f80u;
+      else
+        for (int64_t n = n0; n < n1; ++n) bad |= (r[n] & 0x7fffu) > 0x7c00u;
+    }
+  }
+  return !bad;
 }
 
 void matmul(const MatmulCall& c) {
@@ -234,6 +258,7 @@ void matmul(const MatmulCall& c) {
   if (keep_bf16) xb.assign(size_t(M * ld), 0);
   const int64_t gs = w.h->group_size;
   std::atomic<int64_t> bad{-1};
+  std::vector<float> row_amax(static_cast<size_t>(M));
   parallel_for(M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(c.x_dtype == DType::f32 ? 0 : size_t(K));
     std::vector<int8_t> qbuf(int_mode ? 0 : size_t(K));
@@ -245,6 +270,7 @@ void matmul(const MatmulCall& c) {
       }
       const float amax = abs_max(row, K);
       if (!(amax <= FLT_MAX)) { bad = m; continue; }  // NaN or Inf
+      row_amax[m] = amax;
       if (c.act_bits == 8) {
         // Dynamic int8, per token: s = max|x_row| / 127, q = clamp(rint(x / s), -127, 127); per
         // block: the same rule on each weight group of the row with its own s.
@@ -284,13 +310,33 @@ void matmul(const MatmulCall& c) {
   if (c.bias) {
     bias.resize(size_t(N));
     for (int64_t n = 0; n < N; ++n) bias[n] = load_as_f32(c.bias, c.x_dtype, n);
+    for (int64_t n = 0; n < N; ++n) require(std::fabs(bias[n]) <= FLT_MAX, "bias contains NaN or Inf");
   }
+  // x, the weights and bias are finite, yet magnitudes near FLT_MAX can overflow a kernel's float32
+  // partial sums where the result itself would be finite (integer dots times the weight scale
+  // before the activation scale, offset codes against z·Σx): then an error, not Inf or NaN in y.
+  // No partial sum exceeds max s · Kp · 2^16 · max(1, max |x|) (a code or offset code times an
+  // int8 or u8 activation is below 2^16); y is scanned only when that bound comes near FLT_MAX.
+  const float x_amax = *std::max_element(row_amax.begin(), row_amax.end());
+  float bias_amax = 0.f;
+  for (float b : bias) bias_amax = std::max(bias_amax, std::fabs(b));
+  const bool scan_y = !(double(w.h->max_scale) * double(Kp) * 65536.0 * std::max(1.0, double(x_amax)) < FLT_MAX / 4) ||
+                      bias_amax > FLT_MAX / 4;
   MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), sg.empty() ? nullptr : sg.data(),
                               xu.empty() ? nullptr : xu.data(),
                               xf.data(), sumx.data(), keep_bf16 ? xb.data() : nullptr},
                c.bias ? bias.data() : nullptr, c.y, c.x_dtype, next_call_id()};
-  MatmulFn fn = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)
-                         : (t.matmul_float ? t.matmul_float : reference().matmul_float);
+  const MatmulFn kernel = int_mode ? (t.matmul_int ? t.matmul_int : reference().matmul_int)
+                                   : (t.matmul_float ? t.matmul_float : reference().matmul_float);
+  std::atomic<bool> overflow{false};
+  auto fn = [&](const MatmulArgs& args, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    kernel(args, m0, m1, p0, p1);
+    if (scan_y && !result_finite(c.y, c.x_dtype, N, m0, m1, p0 * kPanelRows, std::min(N, p1 * kPanelRows)))
+      overflow = true;
+  };
+  auto done = [&] {
+    require(!overflow.load(), "the matmul result overflowed float32 (activations or weights near the float32 limit)");
+  };
   const int64_t P = w.h->Np / kPanelRows;
   if (M <= kDecodeRows) {
     // decode: split N (panels) into contiguous streams, one per thread, each at least
@@ -321,7 +367,7 @@ void matmul(const MatmulCall& c) {
                      : std::max(std::min(threads, work / kMinDecodeShare), std::min(4 * threads, bytes / kDecodePiece));
     if (pieces > threads) pieces = (pieces + threads - 1) / threads * threads;
     parallel_for(P, std::max<int64_t>(8, (P + pieces - 1) / pieces), [&](int64_t p0, int64_t p1) { fn(a, 0, M, p0, p1); });
-    return;
+    return done();
   }
   // prefill: tiles of MT rows (64, or the table's int_prefill_rows in int mode) × 16 panels
   // (16·4 rows of W ≈ K·32 bytes for int4, L2-resident); each kernel call walks its panels with
@@ -335,6 +381,7 @@ void matmul(const MatmulCall& c) {
       fn(a, mi * MT, std::min(M, mi * MT + MT), pi * PT, std::min(P, pi * PT + PT));
     }
   });
+  done();
 }
 
 }  // namespace lowbit
