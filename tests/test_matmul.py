@@ -510,10 +510,11 @@ def test_packed_int8_weight_sums(group_size):
 
 
 @pytest.mark.parametrize("field, value", [(8, 3), (12, 7), (16, 1 << 20), (24, 1 << 40), (64, 64), (80, 0),
-                                          (96, 8.0), (104, 1)])
+                                          (96, 8.0), (100, -1.0), (100, float("nan")), (104, 1)])
 def test_packed_header_is_checked(field, value):
     # a packed buffer whose header disagrees with its own sizes (bits, scheme, N, K, group size,
-    # an offset, the zero point, a reserved word) is refused before any kernel reads it
+    # an offset, the zero point, a max scale below 0 or NaN, a reserved word) is refused before
+    # any kernel reads it
     x, w = _data(2, 8, 64)
     packed = lb.ops._packed_weight(lb.quantize(w, bits=4, group_size=32)).copy()
     if isinstance(value, float):

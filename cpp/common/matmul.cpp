@@ -315,12 +315,13 @@ void matmul(const MatmulCall& c) {
   // x, the weights and bias are finite, yet magnitudes near FLT_MAX can overflow a kernel's float32
   // partial sums where the result itself would be finite (integer dots times the weight scale
   // before the activation scale, offset codes against z·Σx): then an error, not Inf or NaN in y.
-  // No partial sum exceeds max s · Kp · 2^16 · max(1, max |x|) (a code or offset code times an
-  // int8 or u8 activation is below 2^16); y is scanned only when that bound comes near FLT_MAX.
+  // No partial sum exceeds max(1, max s) · Kp · 2^16 · max(1, max |x|) (a code or offset code
+  // times an int8 or u8 activation is below 2^16; some kernels sum codes times x before they scale
+  // by s): y is scanned only when that bound comes near FLT_MAX.
   const float x_amax = *std::max_element(row_amax.begin(), row_amax.end());
   float bias_amax = 0.f;
   for (float b : bias) bias_amax = std::max(bias_amax, std::fabs(b));
-  const bool scan_y = !(double(w.h->max_scale) * double(Kp) * 65536.0 * std::max(1.0, double(x_amax)) < FLT_MAX / 4) ||
+  const bool scan_y = !(std::max(1.0, double(w.h->max_scale)) * double(Kp) * 65536.0 * std::max(1.0, double(x_amax)) < FLT_MAX / 4) ||
                       bias_amax > FLT_MAX / 4;
   MatmulArgs a{w, PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), sg.empty() ? nullptr : sg.data(),
                               xu.empty() ? nullptr : xu.data(),
