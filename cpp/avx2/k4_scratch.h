@@ -192,8 +192,10 @@ inline void row_passes(int64_t rows, int n, Pass&& pass) {
   auto run = [&](auto ns) {
     constexpr int wide = decltype(ns)::value == 1 ? 8 : 6;
     int64_t i = 0;
-    for (; rows - i >= wide; i += wide) pass(std::integral_constant<int, wide>(), ns, i);
-    if (rows - i >= 4) pass(std::integral_constant<int, 4>(), ns, i), i += 4;
+    // with 8 rows left, two passes of 4 rather than 6 and 2 (2 rows against two sets: 4 weight
+    // loads and 2 broadcasts per 4 dots)
+    for (; rows - i >= wide && !(wide == 6 && rows - i == 8); i += wide) pass(std::integral_constant<int, wide>(), ns, i);
+    for (; rows - i >= 4; i += 4) pass(std::integral_constant<int, 4>(), ns, i);
     if (rows - i >= 2) pass(std::integral_constant<int, 2>(), ns, i), i += 2;
     if (rows - i >= 1) pass(std::integral_constant<int, 1>(), ns, i);
   };
