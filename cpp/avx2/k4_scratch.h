@@ -27,7 +27,7 @@ constexpr int64_t kK4Step = 64;    // bytes per 4-k step: 16 rows × 4 codes
 // u = w' + 128, vpdpbusd's u8 operand, its offset folded into swz); their scales as
 // [G][sw 0-7 | sw 8-15 | swz 0-7 | swz 8-15].
 template <int BITS, bool U8 = false>
-inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst, float* sc) {
+inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst, float* sc, bool prefetch_next) {
   static_assert(!U8 || BITS == 8, "int4 codes are unsigned already");
   const __m256i low4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(char(0x80));
   const int64_t nblk = w.h->Kp / kBlockK, G = w.h->G;
@@ -38,13 +38,13 @@ inline void unpack_k4(const PackedLinear& w, int64_t p, int64_t np, uint8_t* dst
   // K = N = 4096, 1 thread, alternating builds: int8 M = 8 / 16, weights rotated through 5
   // copies: 2.2-2.5 / 2.8-3.1 -> 1.8-2.0 / 2.5-2.7 ms; fp32 x int8 M = 512 (its 1 MB activation
   // tile keeps L2 full): 215-218 -> 169-175 ms; int8 / int4 x int8 M = 512 unchanged.
-  // The next set's panels (contiguous after these) are prefetched into L2 meanwhile, a slice per
-  // k-block, so they arrive while this set's rows are computed instead of stalling its unpack
-  // (K = N = 4096, weights from DRAM, 1 thread, 3 alternating builds, min ms: int4 g128 M = 16
+  // With prefetch_next (walks without a PanelStream), the next set's panels (contiguous after
+  // these) are prefetched into L2 meanwhile, a slice per k-block, so they arrive while this set's
+  // rows are computed instead of stalling its unpack (K = N = 4096, weights from DRAM, 1 thread, 3 alternating builds, min ms: int4 g128 M = 16
   // 2.24 -> 2.05, M = 32 3.65 -> 3.52, M = 128 12.06 -> 11.88; int8 M = 16 2.66 -> 2.55, M = 128
   // 12.47 -> 12.23).
   const int64_t block_bytes = BITS == 4 ? sizeof(W4Block) : sizeof(W8Block), P = w.h->Np / kPanelRows;
-  const uint8_t* next = p + 4 < P ? w.panel(p + 4) : nullptr;
+  const uint8_t* next = prefetch_next && p + 4 < P ? w.panel(p + 4) : nullptr;
   const int64_t next_bytes = next ? std::min<int64_t>(4, P - p - 4) * w.panel_bytes() : 0;
   for (int64_t b = 0; b < nblk; ++b) {
     for (int64_t l = b * 4 * block_bytes, e = std::min(next_bytes, l + 4 * block_bytes); l < e; l += 64)
@@ -109,7 +109,7 @@ class K4Sets {
  public:
   // The scratch (or its decoded form) and scales of the set at p (p0 <= p < p1, p - p0 a
   // multiple of 4).
-  std::pair<const uint8_t*, const float*> get(const MatmulArgs& a, int64_t p0, int64_t p1, int64_t p) {
+  std::pair<const uint8_t*, const float*> get(const MatmulArgs& a, int64_t p0, int64_t p1, int64_t p, bool prefetch_next = true) {
     const int64_t Kp = a.w.h->Kp, k4_bytes = Kp / 4 * kK4Step, set_scales = a.w.h->G * 32;
     int64_t set_bytes = k4_bytes;
     if constexpr (!std::is_void_v<Decode>) set_bytes = Decode::bytes(Kp);
@@ -126,10 +126,10 @@ class K4Sets {
     float* sc = sc_.data() + i * set_scales;
     if (!ready_[size_t(i)]) {
       if constexpr (std::is_void_v<Decode>) {
-        unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), wk, sc);
+        unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), wk, sc, prefetch_next);
       } else {
         raw_.resize(size_t(k4_bytes));
-        unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), raw_.data(), sc);
+        unpack_k4<BITS, U8>(a.w, p, std::min<int64_t>(4, p1 - p), raw_.data(), sc, prefetch_next);
         Decode::run(a.w, raw_.data(), sc, wk);
       }
       ready_[size_t(i)] = keep;
@@ -183,6 +183,36 @@ inline float (*k4_out_scratch(int64_t rows))[16] {
   return reinterpret_cast<float (*)[16]>((reinterpret_cast<uintptr_t>(yv.data()) + 31) & ~uintptr_t(31));
 }
 
+// The panels of the sets a k4 walk unpacks next, prefetched into L2 a line or two at a time over
+// the k-blocks of the current sets' passes (step()), so their unpack finds them there: avx512's
+// int8 GEMM, whose unpack (a byte flip and a transpose) is light enough to wait on DRAM even
+// with unpack_k4's prefetch of the next set. 1 thread, weights rotated from DRAM, 3 alternations,
+// min ms, without -> with: 576×1536 M = 32 / 64 / 128 0.213 / 0.370 / 0.685 -> 0.204 / 0.355 /
+// 0.680; 2048² 0.874 / 1.533 / 2.878 -> 0.779 / 1.440 / 2.792 (weights in cache: within 1%,
+// K = N = 4096 M = 512 42.1-42.5 -> 42.3-42.7). Not int4 (half the bytes, a
+// heavier unpack): g32 4-6% slower, g128 no faster; any step in the int4 loops, even of an
+// empty stream, cost g32 4%. The walk's own, not a thread_local: in this shared library a
+// thread_local costs a __tls_get_addr call where GCC does not hoist it, and a call inside the
+// GEMM loops spills every accumulator (int8 11-15% slower).
+struct PanelStream {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  double per_step = 0, due = 0;  // bytes
+  // panels [q, q + n) of w (none when n <= 0) over about `steps` steps; the undone rest of the
+  // last panels is dropped
+  void start(const PackedLinear& w, int64_t q, int64_t n, int64_t steps) {
+    next = end = nullptr, due = 0;
+    if (n <= 0) return;
+    next = reinterpret_cast<const char*>(w.panel(q));
+    end = next + n * w.panel_bytes();
+    per_step = double(end - next) / double(std::max<int64_t>(steps, 1));
+  }
+  // a line whenever the bytes due are positive: the stream runs a line ahead of its pace
+  void step() {
+    for (due += per_step; due > 0 && next < end; due -= 64, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+
 // Rows [0, rows) of X in passes against n (1 or 2) sets, the AVX-512 GEMMs' register blocking:
 // one set in passes of 8 rows, two in passes of 6 (12 dot chains, 2 weight loads and 6
 // broadcasts per 12 dots, where 8 rows against 2 sets spill), then 4, 2 and 1 rows.
@@ -207,10 +237,13 @@ inline void row_passes(int64_t rows, int n, Pass&& pass) {
 // scales from `sets`, the last turn may hold fewer), k in chunks of `chunk_k` (whole groups where
 // they are narrower), chunk(n, wk, sc, g0, k0, k1, y) for each: n sets, set s's scratch wk[s],
 // scales sc[s] and outputs y[s][row of X][16]; then the sets' 16 outputs of every row of X
-// stored, times row_scale[m] (nullptr: 1).
+// stored, times row_scale[m] (nullptr: 1). With a stream, which the chunks of each turn step
+// about stream_steps times, the next NS sets' panels stream into L2 meanwhile, in place of
+// unpack_k4's prefetch.
 template <int NS, class Sets, class Chunk>
 inline void k4_walk_sets(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1, Sets& sets,
-                         int64_t chunk_k, const float* row_scale, Chunk&& chunk) {
+                         int64_t chunk_k, const float* row_scale, Chunk&& chunk, PanelStream* stream = nullptr,
+                         int64_t stream_steps = 0) {
   static_assert(NS == 1 || NS == 2, "K4Sets holds two sets at a time where it keeps none");
   const int64_t G = a.w.h->G, gs = a.w.h->group_size, Kp = a.w.h->Kp, rows = m1 - m0;
   float (*y)[16] = k4_out_scratch(NS * rows);
@@ -222,8 +255,13 @@ inline void k4_walk_sets(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0
     const float* sc[NS];
     float (*ys[NS])[16];
     for (int s = 0; s < n; ++s) {
-      std::tie(wk[s], sc[s]) = sets.get(a, p0, p1, p + 4 * s);
+      std::tie(wk[s], sc[s]) = sets.get(a, p0, p1, p + 4 * s, !stream);
       ys[s] = y + s * rows;
+    }
+    if (stream) {  // the next sets (already unpacked where an earlier item of this call took them:
+                   // skipping those was no faster)
+      const int64_t q = p + 4 * NS, P = a.w.h->Np / kPanelRows;
+      stream->start(a.w, q, std::min<int64_t>(4 * NS, P - q), stream_steps);
     }
     std::fill(&y[0][0], &y[0][0] + n * rows * 16, 0.f);
     // a chunk starts on a group (g0 = k0 / gs), or inside one
