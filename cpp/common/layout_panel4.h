@@ -106,15 +106,17 @@ constexpr int64_t kU8xMinRows = 48, kU8xMaxGroup = 64;
 // min ms, panel -> k4: K x N = 576 x 1536 M = 32 / 128 / 255 0.23 / 0.94 / 1.90 -> 0.18 / 0.63
 // / 1.26; 1536 x 576 0.18 / 0.71 / 1.43 -> 0.17 / 0.61 / 1.19; 2048 x 2048 M = 32 / 64 / 128
 // 0.75 / 1.54 / 3.09 -> 0.76 / 1.43 / 2.84; but 3072 x 3072 M = 32 / 64 1.59 / 3.22 -> 1.80 /
-// 3.49, 4096 x 4096 M = 64 / 128 5.54 / 11.15 -> 6.21 / 11.38. Short rows (K <= 768) from 24
-// rows: 3 alternations, min ms, panel -> k4, 1 thread, weights in cache: 576 x 1536 M = 24 / 28
-// / 31 0.177 / 0.203 / 0.232 -> 0.137 / 0.154 / 0.173, 768 x 2304 0.313 / 0.362 / 0.412 -> 0.265
-// / 0.299 / 0.335; weights rotated from DRAM: 576 x 1536 M = 24 / 28 0.182 / 0.215 -> 0.173 /
-// 0.192, 768 x 2304 0.332 / 0.382 -> 0.330 / 0.367 (2 threads 0.101 / 0.119 -> 0.097 / 0.108,
-// 0.194 / 0.224 -> 0.192 / 0.217). Below 24 rows the panel kernel streams DRAM better (576 x
-// 1536 M = 8 / 16: 0.065 / 0.123 against k4 0.084 / 0.128), and above K = 768 it wins there at
-// 24 (960 x 2560: 0.415 against 0.443).
-constexpr int64_t int8_panel_rows(int64_t K) { return K > 2048 ? 256 : K > 768 ? 32 : 24; }
+// 3.49, 4096 x 4096 M = 64 / 128 5.54 / 11.15 -> 6.21 / 11.38. With the k4 GEMM's panel stream
+// (k4_scratch.h, PanelStream), shorter rows take it sooner: 3 alternations, 1 thread, min ms,
+// panel -> k4, weights rotated from DRAM: 576 x 1536 M = 16 / 20 / 24 / 28 0.128 / 0.156 / 0.182
+// / 0.217 -> 0.120 / 0.147 / 0.166 / 0.187, 1024 x 2816 0.435 / 0.545 / 0.638 / 0.735 -> 0.415 /
+// 0.462 / 0.524 / 0.568, 2048² 0.463 / 0.574 / 0.693 / 0.818 -> 0.438 / 0.534 / 0.622 / 0.709;
+// in cache: 576 x 1536 M = 24 / 28 / 31 0.177 / 0.203 / 0.232 -> 0.137 / 0.154 / 0.173, 1024 x
+// 2816 M = 20 / 24 0.383 / 0.468 -> 0.356 / 0.415, 1536 x 576 M = 20 / 24 0.114 / 0.139 ->
+// 0.114 / 0.132, but 2048² M = 20 / 24 0.482 / 0.578 -> 0.542 / 0.594. Below 20 rows the two
+// trade places with the machine's state (M = 16, 2 threads, 576 x 1536 from DRAM: 0.067 ->
+// 0.076; 1 thread, 960 x 2560: 0.271 -> 0.276; M = 12 the panel kernel by 2-5%).
+constexpr int64_t int8_panel_rows(int64_t K) { return K > 2048 ? 256 : K > 1024 ? 24 : 20; }
 struct PreparedAct {
   int64_t M, Kp, G;
   int64_t ld;  // row stride of xq / xf in elements: Kp + 64, so rows do not alias in L1 sets
