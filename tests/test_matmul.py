@@ -122,7 +122,7 @@ def test_act_int8(isa, fmt, shape, granularity):
 
 @pytest.mark.parametrize("kw", [dict(bits=8, group_size=None), dict(bits=8, group_size=128),
                                 dict(bits=4, group_size=32)], ids=["int8-row", "int8-g128", "int4-g32"])
-@pytest.mark.parametrize("M", [1, 4, 7, 16, 40, 64])
+@pytest.mark.parametrize("M", [1, 4, 7, 16, 40, 64, 300])
 def test_act_int8_codes_far_from_their_offset(isa, kw, M):
     # Asymmetric rows with one large negative weight per 128 and the rest positive: the codes sit
     # far from the kernels' offsets (int8 w' = q - 128, int4 u - z), so the exact integer terms the
