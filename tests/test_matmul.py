@@ -214,7 +214,8 @@ def _integer_weight(rng, fmt, N, K):
 @pytest.mark.parametrize("shape", [(1, 37, 576), (2, 64, 4096), (12, 37, 576), (17, 9, 576), (70, 40, 512),
                                    (130, 37, 576), (129, 19, 300),  # several row tiles of the signed int4 GEMM (M >= 48)
                                    (12, 150, 576),  # a decode range of 38 panels: unkept k4 sets, in pairs and one last
-                                   (5, 37, 576), (6, 150, 576)],  # the most rows on the panel kernel, the fewest on the k4 GEMM
+                                   (5, 37, 576), (6, 150, 576),  # the most rows on the panel kernel, the fewest on the k4 GEMM
+                                   (1, 21, 224), (2, 37, 160)],  # g32 decode folds groups in pairs: an odd count
                          ids=lambda s: "x".join(map(str, s)))
 def test_integer_dots_exact(isa, fmt, shape, granularity):
     # Integer activations with max |x| = 127 (in every row, and per block in every group) give

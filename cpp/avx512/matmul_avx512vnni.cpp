@@ -117,7 +117,8 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
   __m512 f[MR], f1[MR];
   for (int i = 0; i < MR; ++i) f[i] = f1[i] = _mm512_setzero_ps();
   int64_t k = 0;
-  auto group = [&](int64_t g, __m512* acc) __attribute__((always_inline)) {
+  // group g's dots, folded to one int32 vector per row of X (lanes in sidx's order)
+  auto dots = [&](int64_t g, __m512i* d) __attribute__((always_inline)) {
     const int64_t n = NB > 0 ? NB : g + 1 < G ? nb : (w.h->Kp - k) / kBlockK;
     __m512i d0[MR], d1[MR];
     for (int i = 0; i < MR; ++i) d0[i] = d1[i] = _mm512_setzero_si512();
@@ -151,7 +152,6 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
         wp += sizeof(W8Block);
       }
     }
-    const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sw + g * 4)));
     // int8: the 128·Σ out of one lane of each row of W (lanes 0, 8: rows 0, 1 | 2, 3)
     __m512i off0, off1;  // U8X: 128·Σw' of those rows, for every row of X
     if constexpr (U8X) {
@@ -169,27 +169,58 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
         d0[i] = _mm512_mask_sub_epi32(d0[i], 0x0101, d0[i], off);
         d1[i] = _mm512_mask_sub_epi32(d1[i], 0x0101, d1[i], off);
       }
-      const __m512i d = PACK ? _mm512_madd_epi16(_mm512_packs_epi32(d0[i], d1[i]), ones16)
-                             : _mm512_add_epi32(_mm512_unpacklo_epi32(d0[i], d1[i]), _mm512_unpackhi_epi32(d0[i], d1[i]));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), SG ? _mm512_mul_ps(s, _mm512_set1_ps(sg[i][g])) : s, acc[i]);
+      d[i] = PACK ? _mm512_madd_epi16(_mm512_packs_epi32(d0[i], d1[i]), ones16)
+                  : _mm512_add_epi32(_mm512_unpacklo_epi32(d0[i], d1[i]), _mm512_unpackhi_epi32(d0[i], d1[i]));
+    }
+  };
+  auto group = [&](int64_t g, __m512* acc) __attribute__((always_inline)) {
+    const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sw + g * 4)));
+    __m512i d[MR];
+    dots(g, d);
+    for (int i = 0; i < MR; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), SG ? _mm512_mul_ps(s, _mm512_set1_ps(sg[i][g])) : s, acc[i]);
+  };
+  // Groups of one block (g32): two groups' folded dots fold once more, |lane| <= 4·4·15·127 still
+  // fits int16, to [g r0, g r1, g+1 r0, g+1 r1 ×2 | the same of rows 2, 3], so the pair takes one
+  // convert, scale permute and FMA (lanes as the unpacked int4 fold orders them; see the end).
+  // The second of the pair zero past the last group.
+  constexpr bool PAIR = BITS == 4 && NB == 1 && MR <= 2;
+  auto pair = [&](int64_t g, bool two, __m512* acc) __attribute__((always_inline)) {
+    const __m512 s = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7),
+                                           two ? _mm512_castps256_ps512(_mm256_loadu_ps(sw + g * 4))
+                                               : _mm512_zextps128_ps512(_mm_loadu_ps(sw + g * 4)));
+    __m512i da[MR], db[MR];
+    dots(g, da);
+    if (two) dots(g + 1, db);
+    else
+      for (int i = 0; i < MR; ++i) db[i] = _mm512_setzero_si512();
+    for (int i = 0; i < MR; ++i) {
+      const __m512i d = _mm512_madd_epi16(_mm512_packs_epi32(da[i], db[i]), ones16);
+      const __m512 si = SG ? _mm512_mul_ps(s, _mm512_mask_blend_ps(0xCCCC, _mm512_set1_ps(sg[i][g]), _mm512_set1_ps(two ? sg[i][g + 1] : 0.f))) : s;
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), si, acc[i]);
     }
   };
   int64_t g2 = 0;
-  for (; g2 + 2 <= G; g2 += 2) {  // even / odd groups in two chains: small groups do not wait on the FMA latency
-    group(g2, f);
-    group(g2 + 1, f1);
+  if constexpr (PAIR) {
+    for (; g2 + 2 <= G; g2 += 2) pair(g2, true, f);
+    if (g2 < G) pair(g2, false, f1);
+  } else {
+    for (; g2 + 2 <= G; g2 += 2) {  // even / odd groups in two chains: small groups do not wait on the FMA latency
+      group(g2, f);
+      group(g2 + 1, f1);
+    }
+    for (; g2 < G; ++g2) group(g2, f);
   }
-  for (; g2 < G; ++g2) group(g2, f);
   const float* swz = w.zero_scales(p);  // nsuma carries zero_act()
   const int64_t gz = w.has_zero() ? G : 0;
   for (int i = 0; i < MR; ++i) {
     f[i] = _mm512_add_ps(f[i], f1[i]);
-    // lanes: int4 [a b a b ..| c d c d ..] = rows (0 1 | 2 3) (PACK: [a a b b ..| c c d d ..]),
+    // lanes: int4 [a b a b ..| c d c d ..] = rows (0 1 | 2 3) (PACK but not PAIR: [a a b b ..| c c d d ..]),
     // int8 rows (0 2 | 1 3)
     const __m128 lo = _mm_add_ps(_mm512_castps512_ps128(f[i]), _mm512_extractf32x4_ps(f[i], 1));
     const __m128 hi = _mm_add_ps(_mm512_extractf32x4_ps(f[i], 2), _mm512_extractf32x4_ps(f[i], 3));
     const __m128 lo2 = _mm_add_ps(lo, _mm_movehl_ps(lo, lo)), hi2 = _mm_add_ps(hi, _mm_movehl_ps(hi, hi));
-    __m128 t = PACK ? _mm_hadd_ps(lo, hi) : BITS == 4 ? _mm_movelh_ps(lo2, hi2) : _mm_unpacklo_ps(lo2, hi2);
+    __m128 t = PACK && !PAIR ? _mm_hadd_ps(lo, hi) : BITS == 4 ? _mm_movelh_ps(lo2, hi2) : _mm_unpacklo_ps(lo2, hi2);
     __m512 z = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();  // two chains (G/4 FMAs is long for 32-wide groups)
     int64_t g = 0;
     for (; g + 8 <= gz; g += 8) {
