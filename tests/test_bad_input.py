@@ -424,6 +424,8 @@ def test_qt_values_checked():
     z[0, 0] = 200
     with pytest.raises(ValueError, match=r"zeros must be in \[0, 15\] for 4-bit codes"):
         lowbit.matmul(np.ones((1, 64), np.float32), lowbit.QuantizedTensor(qt.codes, qt.scales, z, qt.shape, qt.format))
+    with pytest.raises(ValueError, match=r"zeros must be in \[0, 15\] for 4-bit codes, got 200"):  # the C++ check
+        lowbit._ext.core().pack_linear(qt.codes, qt.scales, z, qt.shape[0], qt.shape[1], 4, 0, qt.format.group_size)
     neg = lowbit.QuantizedTensor(qt.codes, -qt.scales, qt.zeros, qt.shape, qt.format)   # allowed (ggml Q4_0)
     np.testing.assert_array_equal(lowbit.dequantize(neg), -lowbit.dequantize(qt))
     for symmetric, bad_nibble in ((False, 8), (True, 4), (True, 11)):    # 3-bit: [0, 7] / [-4, 3]

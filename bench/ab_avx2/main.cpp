@@ -42,16 +42,17 @@ int main(int argc, char** argv) {
   h.scheme = bits == 8 ? 1 : 0;
   h.N = N, h.K = K, h.Np = Np, h.Kp = Kp, h.G = G, h.group_size = gs;
   const size_t code_bytes = size_t(P * (Kp / 32) * (bits == 4 ? 64 : 128));
-  const double weight_bytes = code_bytes + 8.0 * Np * G;
+  const double weight_bytes = code_bytes + (bits == 4 ? 5.0 : 4.0) * Np * G;  // sw, and zq for asymmetric int4
   const char* env = std::getenv("COPIES");
   const int copies = env ? std::max(1, std::atoi(env)) : std::max(2, int(128e6 / weight_bytes) + 1);
   std::vector<std::vector<uint8_t>> codes(copies);
-  std::vector<std::vector<float>> sw(copies), swz(copies);
+  std::vector<std::vector<float>> sw(copies);
+  std::vector<std::vector<int8_t>> zq(copies);
   for (int c = 0; c < copies; ++c) {
     codes[c].resize(code_bytes);
     for (auto& v : codes[c]) v = uint8_t(std::rand());
     sw[c].assign(size_t(Np * G), 0.01f);
-    swz[c].assign(size_t(Np * G), bits == 8 ? 0.f : 0.08f);
+    zq[c].assign(size_t(Np * G), 8);
   }
   const int64_t ld = Kp + 64;
   std::vector<int8_t> xq(size_t(M * ld));
@@ -63,10 +64,10 @@ int main(int argc, char** argv) {
   auto pass = [&](int which) {  // seconds per call over all copies
     const auto t0 = std::chrono::steady_clock::now();
     for (int c = 0; c < copies; ++c) {
-      const MatmulArgs a{PackedLinear{&h, codes[c].data(), sw[c].data(), swz[c].data()},
-                         PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), nullptr, xf.data(), sumx.data(),
-                                     nullptr},
-                         nullptr, y[which].data(), DType::f32};
+      const MatmulArgs a{PackedLinear{&h, codes[c].data(), sw[c].data(), bits == 4 ? zq[c].data() : nullptr, nullptr},
+                         PreparedAct{M, Kp, G, ld, xq.data(), sa.data(), suma.data(), nullptr, nullptr, xf.data(),
+                                     sumx.data(), nullptr},
+                         nullptr, y[which].data(), DType::f32, uint64_t(c)};
       if (which == 0) (flt ? va::matmul_float : va::matmul_int)(a, 0, M, 0, P);
       else (flt ? vb::matmul_float : vb::matmul_int)(a, 0, M, 0, P);
     }

@@ -62,9 +62,10 @@ inline void load_block(const uint8_t* panel, int64_t b, __m256i wv[4]) {
 // [sw | sw] in one FMA; one horizontal add per panel. int4 folds start in int16: a vpmaddubsw
 // lane is <= 2·15·127 = 3810, so a lane summed over <= 4 blocks and then pairwise (vphaddw) stays
 // <= 30480, and over <= 2 blocks even a second vphaddw fits. The zero-point term
-// Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] zero_scales() against −suma (float, exact below
-// 2^24). The same kernel serves decode (MR = 1, weights streamed from DRAM once) and GEMM (the
-// dispatcher's tile of X rows walked in passes of up to 3 while the panel stays in L1).
+// Σ_g swz[g][r]·suma[g] is a dot over the panel's [G][4] s·z (s where z is one constant) against
+// −suma (float, exact below 2^24). The same kernel serves decode (MR = 1, weights streamed from
+// DRAM once) and GEMM (the dispatcher's tile of X rows walked in passes of up to 3 while the
+// panel stays in L1).
 constexpr int64_t kW4Bytes = sizeof(W4Block), kW8Bytes = sizeof(W8Block);
 
 // Software prefetch of every weight line 2 KiB ahead (about one DRAM latency at full bandwidth):
@@ -176,17 +177,24 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
   const int64_t nb = std::min(gs, w.h->Kp) / kBlockK;
   const uint8_t* panel = w.panel(p);
   const float* sw = w.sw + p * G * 4;
-  const float* swz = w.swz ? w.swz + p * G * 4 : nullptr;  // the zero-point dot's own stream, if stored
-  const float* zs = w.zero_scales(p);  // nsuma carries zero_act()
+  const int8_t* zq = w.zq ? w.zq + p * G * 4 : nullptr;  // the zero-point dot's own stream, if stored
+  // its scales: s·z of two groups' rows, or s where z is one constant (nsuma carries zero_act())
+  auto zs8 = [&](int64_t g) {
+    const __m256 s = _mm256_loadu_ps(sw + g * 4);
+    if (!zq) return s;
+    int64_t z;
+    std::memcpy(&z, zq + g * 4, 8);
+    return _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(z))));
+  };
   const int64_t gz = w.has_zero() ? G : 0;
   // decode: the scales stream from DRAM beside the codes; fetch their lines as far ahead as the
-  // codes' prefetch (in groups: ahead / group bytes), swz too (the zero-point dot reads it last)
+  // codes' prefetch (in groups: ahead / group bytes), zq too (the zero-point dot reads it last)
   const int64_t decode_ahead = BITS == 8 ? kPrefetchAhead8 : kPrefetchAhead;
   const int64_t sdist = std::max<int64_t>(1, ahead / (std::max<int64_t>(nb, 1) * (BITS == 4 ? kW4Bytes : kW8Bytes))) * 4;
   auto group = [&](int64_t g, __m256* f) {
     if (ahead == decode_ahead && (g & 3) == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(sw + g * 4 + sdist), _MM_HINT_T0);
-      if (swz) _mm_prefetch(reinterpret_cast<const char*>(swz + g * 4 + sdist), _MM_HINT_T0);
+      if (zq && (g & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(zq + g * 4 + sdist), _MM_HINT_T0);
     }
     const int64_t k0 = g * gs, n = NB > 0 ? NB : (g + 1 < G ? nb : (w.h->Kp - k0) / kBlockK);
     const int8_t* xg[MR];
@@ -212,12 +220,15 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const float
     int64_t g = 0;
     for (; g + 8 <= gz; g += 8)
       for (int j = 0; j < 4; ++j)
-        z[j] = _mm256_fmadd_ps(_mm256_loadu_ps(zs + (g + 2 * j) * 4), _mm256_loadu_ps(nsuma[i] + (g + 2 * j) * 4), z[j]);
+        z[j] = _mm256_fmadd_ps(zs8(g + 2 * j), _mm256_loadu_ps(nsuma[i] + (g + 2 * j) * 4), z[j]);
     for (; g + 2 <= gz; g += 2)
-      z[0] = _mm256_fmadd_ps(_mm256_loadu_ps(zs + g * 4), _mm256_loadu_ps(nsuma[i] + g * 4), z[0]);
+      z[0] = _mm256_fmadd_ps(zs8(g), _mm256_loadu_ps(nsuma[i] + g * 4), z[0]);
     const __m256 zsum = _mm256_add_ps(_mm256_add_ps(z[0], z[1]), _mm256_add_ps(z[2], z[3]));
     __m128 t = _mm_add_ps(_mm256_castps256_ps128(zsum), _mm256_extractf128_ps(zsum, 1));
-    if (g < gz) t = _mm_fmadd_ps(_mm_loadu_ps(zs + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
+    if (g < gz) {
+      const __m128 s = _mm_loadu_ps(sw + g * 4);
+      t = _mm_fmadd_ps(zq ? group_zero_scales(zq + g * 4, s) : s, _mm_loadu_ps(nsuma[i] + g * 4), t);
+    }
     out[i] = t;
   }
 }
@@ -589,7 +600,7 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
       }
     }
     const float* sg = w.sw + (p * G + g) * 4;
-    const __m128 swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(_mm_loadu_ps(sg), _mm_set1_ps(w.h->zero));
+    const __m128 swz = group_zero_scales(w, p, g, _mm_loadu_ps(sg));
     for (int i = 0; i < MR; ++i) {
       for (int r = 0; r < 4; ++r) {
         const __m256 f = NA == 2 ? _mm256_add_ps(facc[i][r][0], facc[i][r][NA - 1]) : facc[i][r][0];

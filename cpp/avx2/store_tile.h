@@ -1,13 +1,29 @@
-// One row of X's outputs for one panel (4 rows of W) in a 128-bit register: the store the panel
-// kernels share (AVX2 and AVX-512; SSE instructions only).
+// What the panel kernels share (AVX2 and AVX-512; SSE instructions only): one row of X's outputs
+// for one panel (4 rows of W) in a 128-bit register, and a group's four s·z.
 #pragma once
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "common/matmul_epilogue.h"
 
 namespace lowbit {
 namespace LOWBIT_ISA_NS {
 namespace {
+
+// s·z of one group's 4 rows from their int8 z (layout zq) and scales s: the float products
+// PackedLinear::swz_at forms
+inline __m128 group_zero_scales(const int8_t* z4, __m128 s) {
+  int32_t z;
+  std::memcpy(&z, z4, 4);
+  return _mm_mul_ps(s, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(z))));
+}
+
+// s·z of group g of panel p (one constant z where zq is not stored)
+inline __m128 group_zero_scales(const PackedLinear& w, int64_t p, int64_t g, __m128 s) {
+  const int64_t i = (p * w.h->G + g) * kPanelRows;
+  return w.zq ? group_zero_scales(w.zq + i, s) : _mm_mul_ps(s, _mm_set1_ps(w.h->zero));
+}
 
 // acc = [y_r0..y_r3] of row m of X against panel p, before row_scale (and bias). A whole float32
 // panel is one vector store (a scalar store per output was ~7% of a small-K decode in L2/L3).

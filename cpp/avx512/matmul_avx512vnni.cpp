@@ -21,7 +21,8 @@
 // MR (1 to 4) rows of X per panel; per group each row's pair of accumulators is folded (unpack +
 // add) to int4: [r0 r1 r0 r1 ×2 | r2 r3 r2 r3 ×2], int8: [r0 r2 .. | r1 r3 ..], converted and
 // scaled by sw permuted to the same lane order in one FMA; one horizontal sum per panel. The
-// zero-point term Σ_g swz·suma is a dot over the panel's [G][4] zero_scales() against −suma ×4.
+// zero-point term Σ_g swz·suma is a dot over the panel's [G][4] s·z (s where z is one constant)
+// against −suma ×4.
 // Decode (M = 1) streams the panels from DRAM with a T0 software prefetch 2 KiB ahead on Intel,
 // none on AMD, where the hardware prefetcher alone does better. K = N = 4096, 1 thread, GB/s
 // with -> without: Zen 4 (weights from DRAM) int4 g128 22-26 -> 26-27, int8 24-26 -> 28-29
@@ -188,7 +189,7 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
   auto pair = [&](int64_t g, bool two, __m512* acc) __attribute__((always_inline)) {
     const __m512 s = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7),
                                            two ? _mm512_castps256_ps512(_mm256_loadu_ps(sw + g * 4))
-                                               : _mm512_zextps128_ps512(_mm_loadu_ps(sw + g * 4)));
+                                               : _mm512_insertf32x4(_mm512_setzero_ps(), _mm_loadu_ps(sw + g * 4), 0));
     __m512i da[MR], db[MR];
     dots(g, da);
     if (two) dots(g + 1, db);
@@ -211,7 +212,19 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
     }
     for (; g2 < G; ++g2) group(g2, f);
   }
-  const float* swz = w.zero_scales(p);  // nsuma carries zero_act()
+  // the zero-point term's scales: s·z of each group and row, or s where z is one constant (nsuma
+  // carries zero_act())
+  const int8_t* zq = w.zq ? w.zq + p * G * 4 : nullptr;
+  auto zs16 = [&](int64_t g) __attribute__((always_inline)) {
+    const __m512 s = _mm512_loadu_ps(sw + g * 4);
+    if (!zq) return s;
+    const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zq + g * 4));
+    return _mm512_mul_ps(s, _mm512_cvtepi32_ps(lb_cvtepi8_epi32(z)));
+  };
+  auto zs4 = [&](int64_t g) __attribute__((always_inline)) {
+    const __m128 s = _mm_loadu_ps(sw + g * 4);
+    return zq ? group_zero_scales(zq + g * 4, s) : s;
+  };
   const int64_t gz = w.has_zero() ? G : 0;
   for (int i = 0; i < MR; ++i) {
     f[i] = _mm512_add_ps(f[i], f1[i]);
@@ -224,12 +237,12 @@ inline void int_panel(const PackedLinear& w, const int8_t* const* x, const int32
     __m512 z = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();  // two chains (G/4 FMAs is long for 32-wide groups)
     int64_t g = 0;
     for (; g + 8 <= gz; g += 8) {
-      z = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4), _mm512_loadu_ps(nsuma[i] + g * 4), z);
-      z1 = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4 + 16), _mm512_loadu_ps(nsuma[i] + g * 4 + 16), z1);
+      z = _mm512_fmadd_ps(zs16(g), _mm512_loadu_ps(nsuma[i] + g * 4), z);
+      z1 = _mm512_fmadd_ps(zs16(g + 4), _mm512_loadu_ps(nsuma[i] + g * 4 + 16), z1);
     }
     z = _mm512_add_ps(z, z1);
-    for (; g + 4 <= gz; g += 4) z = _mm512_fmadd_ps(_mm512_loadu_ps(swz + g * 4), _mm512_loadu_ps(nsuma[i] + g * 4), z);
-    for (; g < gz; ++g) t = _mm_fmadd_ps(_mm_loadu_ps(swz + g * 4), _mm_loadu_ps(nsuma[i] + g * 4), t);
+    for (; g + 4 <= gz; g += 4) z = _mm512_fmadd_ps(zs16(g), _mm512_loadu_ps(nsuma[i] + g * 4), z);
+    for (; g < gz; ++g) t = _mm_fmadd_ps(zs4(g), _mm_loadu_ps(nsuma[i] + g * 4), t);
     const __m256 z8 = _mm256_add_ps(_mm512_castps512_ps256(z), _mm512_extractf32x8_ps(z, 1));
     out[i] = _mm_add_ps(t, _mm_add_ps(_mm256_castps256_ps128(z8), _mm256_extractf128_ps(z8, 1)));
   }

@@ -60,19 +60,87 @@ inline __m128 rows_0213(__m512 f02, __m512 f13) {
   return _mm_movelh_ps(r01, r23);
 }
 
-// A group's scales as [s0 ×8 | s2 ×8] and [s1 ×8 | s3 ×8], and s·z for its zero term.
+// s·z of one panel's groups, asked for in order (g = 0, 1, ...), for float_tile's rows that need
+// them per group: formed kChunk groups ahead into a stack buffer, two groups per convert and
+// multiply (formed one group at a time, int4 g32 M = 4 ran 5% slower, 1 thread, in cache). Eight
+// groups, two lines of s: 64 at once waited on 16 lines from DRAM (g32 M = 2, K = N = 4096: 1.22
+// -> 1.33 ms). Its members always inlined: a call in the group loop spills every accumulator
+// (40% slower).
+class PanelZeroScales {
+ public:
+  PanelZeroScales(const PackedLinear& w, int64_t p) : w_(w), p_(p) {}
+  __attribute__((always_inline)) __m128 at(int64_t g, __m128 sw) {
+    if (!w_.zq) return _mm_mul_ps(sw, _mm_set1_ps(w_.h->zero));
+    if (g % kChunk == 0) fill(g);
+    return _mm_load_ps(buf_ + (g % kChunk) * 4);
+  }
+
+ private:
+  static constexpr int64_t kChunk = 8;
+  __attribute__((always_inline)) void fill(int64_t g0) {
+    const int64_t n = std::min(kChunk, w_.h->G - g0), i0 = (p_ * w_.h->G + g0) * kPanelRows;
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      int64_t z;
+      std::memcpy(&z, w_.zq + i0 + 4 * j, 8);
+      const __m256 s = _mm256_loadu_ps(w_.sw + i0 + 4 * j);
+      _mm256_store_ps(buf_ + 4 * j, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(z)))));
+    }
+    if (j < n) _mm_store_ps(buf_ + 4 * j, group_zero_scales(w_.zq + i0 + 4 * j, _mm_loadu_ps(w_.sw + i0 + 4 * j)));
+  }
+  const PackedLinear& w_;
+  const int64_t p_;
+  alignas(32) float buf_[kChunk * 4];
+};
+
+// A group's scales as [s0 ×8 | s2 ×8] and [s1 ×8 | s3 ×8].
 struct GroupScales {
   __m512 s02, s13;
-  __m128 sw, swz;
   GroupScales(const PackedLinear& w, int64_t p, int64_t g) {
-    const int64_t G = w.h->G;
-    sw = _mm_loadu_ps(w.sw + (p * G + g) * 4);
-    swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(sw, _mm_set1_ps(w.h->zero));
-    const __m512 s4 = _mm512_castps128_ps512(sw);
+    const __m512 s4 = _mm512_castps128_ps512(_mm_loadu_ps(w.sw + (p * w.h->G + g) * 4));
     s02 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), s4);
     s13 = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3), s4);
   }
 };
+
+// The zero-point term of panel p for rows m.. m + MR of X, once the groups are done: per row of
+// W −Σ_g s_g·(off + z_g)·Σx_g (off: an offset on the codes, z: layout zq or the one constant),
+// four groups per step: one z load, convert and multiply for 16 lanes (s·z formed per group cost
+// the g32 decode with float / bf16 x 6-9%, 1 thread, in cache).
+template <int MR>
+inline void zero_terms(const MatmulArgs& a, int64_t m, int64_t p, float off, __m128* out) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G;
+  const float* sw = w.sw + p * G * 4;
+  const int8_t* zq = w.zq ? w.zq + p * G * 4 : nullptr;
+  const float c = off + (zq ? 0.f : w.h->zero);
+  const __m512i rep = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) {
+    __m512 sz = _mm512_set1_ps(c);
+    if (zq) {
+      const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zq + g * 4));
+      sz = _mm512_add_ps(sz, _mm512_cvtepi32_ps(lb_cvtepi8_epi32(z)));
+    }
+    sz = _mm512_mul_ps(_mm512_loadu_ps(sw + g * 4), sz);
+    for (int i = 0; i < MR; ++i) {
+      const __m128 sx = _mm_loadu_ps(a.x.sumx + (m + i) * G + g);  // Σx of the four groups
+      acc[i] = _mm512_fnmadd_ps(sz, _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(sx)), acc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(acc[i]), _mm512_extractf32x8_ps(acc[i], 1));
+    out[i] = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+  }
+  for (; g < G; ++g) {
+    __m128 sz = _mm_set1_ps(c);
+    if (zq) sz = _mm_add_ps(sz, group_zero_scales(zq + g * 4, _mm_set1_ps(1.f)));  // z exactly
+    sz = _mm_mul_ps(_mm_loadu_ps(sw + g * 4), sz);
+    for (int i = 0; i < MR; ++i) out[i] = _mm_fnmadd_ps(sz, _mm_set1_ps(a.x.sumx[(m + i) * G + g]), out[i]);
+  }
+}
 
 // Decode (one or two rows of fp32 x) against 4-bit codes, straight from the panel. A W4Block's
 // dword lane i holds codes k = 4i..4i+3 (lanes 0-7: rows 0 | 1, lanes 8-15: rows 2 | 3, low |
@@ -106,8 +174,7 @@ void int4_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* xp
   const uint8_t* panel = w.panel(p);
   const __m512 lut = _mm512_loadu_ps(NF4 ? kNF4Values : kInt4Values);
   __m512 f[MR][2];  // row-scaled sums, lanes [row 0 | row 2] and [row 1 | row 3]
-  __m128 z[MR];     // −s·z·Σx per row of W
-  for (int i = 0; i < MR; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps(), z[i] = _mm_setzero_ps();
+  for (int i = 0; i < MR; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
   int64_t k = 0;
   for (int64_t g = 0; g < G; ++g) {
     __m512 d[MR][4];  // rows 0 | 2 and 1 | 3, even and odd t: two chains each
@@ -132,9 +199,10 @@ void int4_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* xp
     for (int i = 0; i < MR; ++i) {
       f[i][0] = _mm512_fmadd_ps(_mm512_add_ps(d[i][0], d[i][2]), s.s02, f[i][0]);
       f[i][1] = _mm512_fmadd_ps(_mm512_add_ps(d[i][1], d[i][3]), s.s13, f[i][1]);
-      z[i] = _mm_fnmadd_ps(s.swz, _mm_set1_ps(a.x.sumx[(m + i) * G + g]), z[i]);
     }
   }
+  __m128 z[MR];
+  zero_terms<MR>(a, m, p, 0.f, z);
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, _mm_add_ps(z[i], rows_0213(f[i][0], f[i][1])), 1.0f);
 }
 
@@ -154,15 +222,19 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
     for (int r = 0; r < 4; ++r) f[i][r] = rows1[r] = _mm512_setzero_ps();
   }
   int64_t k = 0;
+  PanelZeroScales zs(w, p);
   for (int64_t g = 0; g < G; ++g) {
     const __m128 sw = _mm_loadu_ps(w.sw + (p * G + g) * 4);
-    const __m128 swz = w.swz ? _mm_loadu_ps(w.swz + (p * G + g) * 4) : _mm_mul_ps(sw, _mm_set1_ps(w.h->zero));
+    const __m128 swz = MR > 1 ? zs.at(g, sw) : sw;  // one row: zero_terms after the groups
     __m512 lut[4];
     if constexpr (LUT) {
-      alignas(16) float s4[4], sz4[4];
-      _mm_store_ps(s4, sw);
-      _mm_store_ps(sz4, swz);
-      for (int r = 0; r < 4; ++r) lut[r] = _mm512_fmsub_ps(values, _mm512_set1_ps(s4[r]), _mm512_set1_ps(sz4[r]));
+      // broadcast in registers: through a stack copy, a group's tables waited on its s·z's
+      // convert and multiply and then the store (int4 g32, M = 4, in cache: 7% slower)
+      for (int r = 0; r < 4; ++r) {
+        const __m512i ri = _mm512_set1_epi32(r);
+        lut[r] = _mm512_fmsub_ps(values, _mm512_permutexvar_ps(ri, _mm512_castps128_ps512(sw)),
+                                 _mm512_permutexvar_ps(ri, _mm512_castps128_ps512(swz)));
+      }
     } else {
       for (int r = 0; r < 4; ++r) lut[r] = values;
       for (int i = 0; i < MR; ++i)
@@ -202,7 +274,6 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
     if constexpr (LUT) continue;
     if constexpr (MR == 1) {  // decode: no horizontal sum per group
       for (int r = 0; r < 4; ++r) rows1[r] = _mm512_fmadd_ps(f[0][r], _mm512_set1_ps(w.sw[(p * G + g) * 4 + r]), rows1[r]);
-      acc[0] = _mm_fnmadd_ps(swz, _mm_set1_ps(a.x.sumx[m * G + g]), acc[0]);
       continue;
     }
     for (int i = 0; i < MR; ++i) {
@@ -213,7 +284,10 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p) {
   }
   if constexpr (LUT)
     for (int i = 0; i < MR; ++i) acc[i] = hsum4(f[i][0], f[i][1], f[i][2], f[i][3]);
-  if constexpr (MR == 1) acc[0] = _mm_add_ps(acc[0], hsum4(rows1[0], rows1[1], rows1[2], rows1[3]));
+  if constexpr (MR == 1) {
+    zero_terms<1>(a, m, p, 0.f, acc);
+    acc[0] = _mm_add_ps(acc[0], hsum4(rows1[0], rows1[1], rows1[2], rows1[3]));
+  }
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, acc[i], 1.0f);
 }
 
@@ -281,8 +355,7 @@ void bf16_tile(const MatmulArgs& a, int64_t m, int64_t p, const uint16_t* const*
   const uint8_t* panel = w.panel(p);
   const __m512i low4 = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43);
   __m512 f[MR][2];  // row-scaled sums, lanes [row 0 | row 2] and [row 1 | row 3]
-  __m128 z[MR];     // −(128·s + s·z)·Σx per row of W
-  for (int i = 0; i < MR; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps(), z[i] = _mm_setzero_ps();
+  for (int i = 0; i < MR; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
   int64_t k = 0;
   for (int64_t g = 0; g < G; ++g) {
     __m512 d[MR][4];
@@ -305,13 +378,13 @@ void bf16_tile(const MatmulArgs& a, int64_t m, int64_t p, const uint16_t* const*
       }
     }
     const GroupScales s(w, p, g);
-    const __m128 off = _mm_fmadd_ps(s.sw, _mm_set1_ps(128.f), s.swz);
     for (int i = 0; i < MR; ++i) {
       f[i][0] = _mm512_fmadd_ps(_mm512_add_ps(d[i][0], d[i][1]), s.s02, f[i][0]);
       f[i][1] = _mm512_fmadd_ps(_mm512_add_ps(d[i][2], d[i][3]), s.s13, f[i][1]);
-      z[i] = _mm_fnmadd_ps(off, _mm_set1_ps(a.x.sumx[(m + i) * G + g]), z[i]);
     }
   }
+  __m128 z[MR];  // −(128·s + s·z)·Σx per row of W
+  zero_terms<MR>(a, m, p, 128.f, z);
   for (int i = 0; i < MR; ++i) store_tile(a, m + i, p, _mm_add_ps(z[i], rows_0213(f[i][0], f[i][1])), 1.0f);
 }
 

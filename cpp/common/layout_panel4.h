@@ -1,4 +1,4 @@
-// Layout "panel4_k32" v4: a QuantizedTensor W[N, K] (int4 / int8 / nf4 codes) prepacked once for
+// Layout "panel4_k32" v5: a QuantizedTensor W[N, K] (int4 / int8 / nf4 codes) prepacked once for
 // the CPU matmul kernels (Y = X · dequantize(W)ᵀ). One contiguous byte buffer:
 //   PackedLinearHeader (128 B)
 //   codes : [Np/4 panels][Kp/32 k-blocks] blocks, one block = 4 rows × 32 k
@@ -8,12 +8,13 @@
 //                   Codes are unsigned u in [0, 15]: asym/nf4 codes as is, symmetric codes + 8.
 //           bits=8: W8Block (128 B), row r = 32 signed int8 w' (symmetric q, asymmetric q - 128).
 //   sw    : float [Np/4][G][4]   the group scale s
-//   swz   : float [Np/4][G][4]   s * z, z the integer offset to subtract from the stored code
-//                               (asym int4: zero, asym int8: zero - 128); asymmetric formats
-//                               only: elsewhere z is one constant, header.zero (sym int4: 8,
-//                               sym int8 and nf4: 0), swz_offset is 0 and kernels take s·z as
-//                               sw · zero (v1 stored it: 4 bytes more per group and row, 17% of
-//                               a g32 int4 weight's bytes, which decode streams from DRAM)
+//   zq    : int8  [Np/4][G][4]   z, the integer offset to subtract from the stored code (asym
+//                               int4: zero, asym int8: zero - 128); asymmetric formats only:
+//                               elsewhere z is one constant, header.zero (sym int4: 8, sym int8
+//                               and nf4: 0) and zq_offset is 0. Kernels form s·z as the float
+//                               product sw · z (PackedLinear::swz_at), which v4 stored as floats:
+//                               3 bytes more per group and row, 12% of a g32 int4 weight's bytes,
+//                               which decode streams from DRAM (v1 stored s·z even for one z)
 //   wsum  : int32 [Np/4][G][4]  symmetric int8 only: Σ w' over the group, so a kernel can feed
 //                               x + 128 as vpdpbusd's unsigned operand against the stored signed
 //                               w' and take the exact 128·Σw' back out of each group's dot (v2 had
@@ -33,7 +34,7 @@
 namespace lowbit {
 
 constexpr uint32_t kPanel4Magic = 0x3450424Cu;  // "LBP4"
-constexpr uint32_t kPanel4Version = 4;
+constexpr uint32_t kPanel4Version = 5;
 constexpr int kPanelRows = 4;   // NR: rows of W per panel
 constexpr int kBlockK = 32;     // KB: k per block (one AVX2 register of int8)
 
@@ -41,8 +42,8 @@ struct PackedLinearHeader {
   uint32_t magic, version;
   int32_t bits, scheme;          // Scheme as int (0 asym, 1 sym, 2 nf4)
   int64_t N, K, Np, Kp, G, group_size;
-  int64_t codes_offset, sw_offset, swz_offset, total_bytes;  // swz_offset 0: not stored
-  float zero;                    // z of every row and group when swz is not stored
+  int64_t codes_offset, sw_offset, zq_offset, total_bytes;  // zq_offset 0: not stored
+  float zero;                    // z of every row and group when zq is not stored
   float max_scale;               // the largest s (v4): with max |x| it bounds every partial sum
   int64_t wsum_offset;           // 0: not stored (bits=4, asymmetric int8)
   int64_t reserved[2];
@@ -59,18 +60,17 @@ struct PackedLinear {
   const PackedLinearHeader* h;
   const uint8_t* codes;  // W4Block or W8Block array
   const float* sw;
-  const float* swz;  // nullptr: z is h->zero everywhere
+  const int8_t* zq;  // nullptr: z is h->zero everywhere
   const int32_t* wsum;  // [Np/4][G][4] Σ w' of each group and row (bits=8), else nullptr
   int64_t panel_bytes() const { return (h->Kp / kBlockK) * (h->bits == 4 ? 64 : 128); }
   const uint8_t* panel(int64_t p) const { return codes + p * panel_bytes(); }
-  // s·z of scale index i ([panel][group][row]), the value v1 stored: one float product either way
-  float swz_at(int64_t i) const { return swz ? swz[i] : sw[i] * h->zero; }
-  // The zero-point term Σ_g s·z·Σx as Σ_g zs·(zx·Σx): zs the panel's [G][4] swz, or its sw when z
-  // is one constant, and zx = 1 or that constant. zx·Σx is exact (zx is 1, 8 or 0), so
-  // zs·(zx·Σx) rounds exactly as swz·Σx does. No term at all when z is 0 everywhere.
-  const float* zero_scales(int64_t p) const { return (swz ? swz : sw) + p * h->G * 4; }
-  float zero_act() const { return swz ? 1.f : h->zero; }
-  bool has_zero() const { return swz || h->zero != 0.f; }
+  // s·z of scale index i ([panel][group][row]): one float product, the value v4 stored
+  float swz_at(int64_t i) const { return sw[i] * (zq ? float(zq[i]) : h->zero); }
+  // The zero-point term Σ_g s·z·Σx as Σ_g zs·(zx·Σx): zs = s·z (asymmetric), or s when z is one
+  // constant, and zx = 1 or that constant. zx·Σx is exact (zx is 1, 8 or 0), so zs·(zx·Σx)
+  // rounds exactly as s·z·Σx does. No term at all when z is 0 everywhere.
+  float zero_act() const { return zq ? 1.f : h->zero; }
+  bool has_zero() const { return zq || h->zero != 0.f; }
   int64_t group_end(int64_t g) const {  // exclusive k end of group g, rounded up to a block
     int64_t e = (g + 1) * h->group_size;
     return e >= h->K ? h->Kp : e;

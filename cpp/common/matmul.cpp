@@ -104,9 +104,12 @@ static PackedLinearHeader layout_header(int64_t N, int64_t K, const QuantFormat&
   h.codes_offset = sizeof(PackedLinearHeader);
   h.sw_offset = h.codes_offset + round_up(h.Np * h.Kp * (f.bits == 4 ? 1 : 2) / 2, 64);
   const bool asym = f.scheme == Scheme::asymmetric;
-  h.swz_offset = asym ? h.sw_offset + round_up(h.Np * G * 4, 64) : 0;
+  h.total_bytes = h.sw_offset + round_up(h.Np * G * 4, 64);
+  if (asym) {
+    h.zq_offset = h.total_bytes;
+    h.total_bytes += round_up(h.Np * G, 64);
+  }
   h.zero = f.bits == 4 && f.scheme == Scheme::symmetric ? 8.f : 0.f;
-  h.total_bytes = (asym ? h.swz_offset : h.sw_offset) + round_up(h.Np * G * 4, 64);
   if (f.bits == 8 && f.scheme == Scheme::symmetric) {
     h.wsum_offset = h.total_bytes;
     h.total_bytes += round_up(h.Np * G * 4, 64);
@@ -123,13 +126,16 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
   const PackedLinearHeader h = layout_header(N, K, f);
   require(out_bytes == h.total_bytes, "packed buffer has the wrong size");
   require(f.scheme != Scheme::asymmetric || zeros, "asymmetric weights need zeros");
+  if (f.scheme == Scheme::asymmetric && f.bits == 4)  // zq holds them as int8: nothing may wrap
+    for (int64_t i = 0, n = N * num_groups(K, f.group_size); i < n; ++i)
+      if (zeros[i] > 15) require(false, "zeros must be in [0, 15] for 4-bit codes, got " + std::to_string(zeros[i]));
   const int64_t G = h.G;
   const bool asym = f.scheme == Scheme::asymmetric, sym = f.scheme == Scheme::symmetric;
   std::memset(out, 0, size_t(out_bytes));
   std::memcpy(out, &h, sizeof h);
   uint8_t* cbase = out + h.codes_offset;
   float* sw = reinterpret_cast<float*>(out + h.sw_offset);
-  float* swz = asym ? reinterpret_cast<float*>(out + h.swz_offset) : nullptr;
+  int8_t* zq = asym ? reinterpret_cast<int8_t*>(out + h.zq_offset) : nullptr;
   int32_t* wsum = h.wsum_offset ? reinterpret_cast<int32_t*>(out + h.wsum_offset) : nullptr;
   const int64_t nb = h.Kp / kBlockK, row_bytes = packed_row_bytes(K, f.bits);
   parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
@@ -154,7 +160,7 @@ void pack_linear(const uint8_t* codes, const float* scales, const uint8_t* zeros
       for (int64_t g = 0; g < G; ++g) {
         const float s = scales[n * G + g];
         sw[(p * G + g) * kPanelRows + r] = s;
-        if (asym) swz[(p * G + g) * kPanelRows + r] = s * (float(zeros[n * G + g]) - (f.bits == 8 ? 128.f : 0.f));
+        if (asym) zq[(p * G + g) * kPanelRows + r] = int8_t(int(zeros[n * G + g]) - (f.bits == 8 ? 128 : 0));
       }
     }
   });
@@ -182,7 +188,7 @@ static PackedLinear view_packed(const uint8_t* packed) {
   want.max_scale = h->max_scale;
   require(std::memcmp(h, &want, sizeof want) == 0, "packed weight has a bad header (inconsistent sizes or offsets)");
   return PackedLinear{h, packed + h->codes_offset, reinterpret_cast<const float*>(packed + h->sw_offset),
-                      h->swz_offset ? reinterpret_cast<const float*>(packed + h->swz_offset) : nullptr,
+                      h->zq_offset ? reinterpret_cast<const int8_t*>(packed + h->zq_offset) : nullptr,
                       h->wsum_offset ? reinterpret_cast<const int32_t*>(packed + h->wsum_offset) : nullptr};
 }
 

@@ -16,7 +16,7 @@ inline void store_matmul_out(const MatmulArgs& a, int64_t m, int64_t n, float ac
 
 // The integer panel kernels' zero-point operand for rows [m0, m1): −suma[m][g] (times sg[m][g]
 // for per-block activations) times the weight's zero_act(), each repeated 4 times to line up with
-// the panel's [G][4] zero_scales().
+// the panel's [G][4] zero-point scales (s·z, or s where z is one constant; see PackedLinear).
 inline std::vector<float> neg_suma(const MatmulArgs& a, int64_t m0, int64_t m1) {
   const int64_t G = a.w.h->G;
   const float zx = a.w.zero_act();
