@@ -514,6 +514,39 @@ struct NF4Planes {
 // prefetches the weights 8 KiB ahead into L2 (T1), as int8's int_walk does for 2+ rows (K = N =
 // 4096, weights from DRAM, 1 thread, 3 alternations, min ms, T0 2 KiB -> T1 8 KiB: int8 M = 1
 // 0.96 -> 0.84, M = 2 1.46 -> 1.07, M = 4 2.43 -> 2.09; int4 g128, decode-bound, unchanged).
+// Σ_g s_g·z_g·Σx_g per row of W (z: layout zq or the one constant) for rows m.. m + MR of X, once
+// the groups are done, two groups per step (s·z formed per group cost the fp32-activation int4
+// decode 7-10% at g32, 1 thread, in cache)
+template <int MR>
+inline void zero_terms(const MatmulArgs& a, int64_t m, int64_t p, __m128* out) {
+  const PackedLinear& w = a.w;
+  const int64_t G = w.h->G;
+  const float* sw = w.sw + p * G * 4;
+  const int8_t* zq = w.zq ? w.zq + p * G * 4 : nullptr;
+  const __m256i two = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) {
+    __m256 z = _mm256_set1_ps(w.h->zero);
+    if (zq) {
+      int64_t zz;
+      std::memcpy(&zz, zq + g * 4, 8);
+      z = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(zz)));
+    }
+    const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(sw + g * 4), z);
+    for (int i = 0; i < MR; ++i) {
+      const __m128 sx = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.x.sumx + (m + i) * G + g)));
+      acc[i] = _mm256_fmadd_ps(sz, _mm256_permutevar8x32_ps(_mm256_castps128_ps256(sx), two), acc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[i] = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+  if (g < G) {
+    const __m128 sz = group_zero_scales(w, p, g, _mm_loadu_ps(sw + g * 4));
+    for (int i = 0; i < MR; ++i) out[i] = _mm_fmadd_ps(sz, _mm_set1_ps(a.x.sumx[(m + i) * G + g]), out[i]);
+  }
+}
+
 template <int MR, int BITS, bool NF4>
 void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x, const float* unscale) {
   constexpr bool NIB = BITS == 4 && !NF4;
@@ -522,11 +555,8 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
   const uint8_t* panel = w.panel(p);
   static const NF4Planes nf4;
   __m256 vacc[MR][4];
-  __m128 zacc[MR];
-  for (int i = 0; i < MR; ++i) {
+  for (int i = 0; i < MR; ++i)
     for (int r = 0; r < 4; ++r) vacc[i][r] = _mm256_setzero_ps();
-    zacc[i] = _mm_setzero_ps();
-  }
   int64_t k = 0;
   constexpr int NA = MR == 1 ? 2 : 1;
   for (int64_t g = 0; g < G; ++g) {
@@ -600,15 +630,14 @@ void float_tile(const MatmulArgs& a, int64_t m, int64_t p, const float* const* x
       }
     }
     const float* sg = w.sw + (p * G + g) * 4;
-    const __m128 swz = group_zero_scales(w, p, g, _mm_loadu_ps(sg));
-    for (int i = 0; i < MR; ++i) {
+    for (int i = 0; i < MR; ++i)
       for (int r = 0; r < 4; ++r) {
         const __m256 f = NA == 2 ? _mm256_add_ps(facc[i][r][0], facc[i][r][NA - 1]) : facc[i][r][0];
         vacc[i][r] = _mm256_fmadd_ps(_mm256_broadcast_ss(sg + r), f, vacc[i][r]);
       }
-      zacc[i] = _mm_fmadd_ps(swz, _mm_set1_ps(a.x.sumx[(m + i) * G + g]), zacc[i]);
-    }
   }
+  __m128 zacc[MR];
+  zero_terms<MR>(a, m, p, zacc);
   for (int i = 0; i < MR; ++i) {
     const __m128 acc = hsum4_ps(vacc[i][0], vacc[i][1], vacc[i][2], vacc[i][3]);
     store_tile(a, m + i, p, _mm_fmsub_ps(acc, _mm_set1_ps(unscale[i]), zacc[i]), 1.0f);
