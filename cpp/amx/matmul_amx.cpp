@@ -2,8 +2,9 @@
 // for int4 / int8 weights times bfloat16 activations.
 // C[m][n] += X[m][k..k+step) · W[n][k..k+step): A tiles are 16 rows of the prepared activations
 // read in place (row stride ld), B tiles the weights in VNNI order (16 rows of 64 bytes, each 16 n
-// × one 4-byte k group): int4 codes u as u8 (tdpbsud with int8 x), int8 w' as s8 (tdpbssd), or
-// the codes as bfloat16 — small integers, so exact — (tdpbf16ps with bf16 x, 2 k per dword).
+// × one 4-byte k group): int4 codes as s8 u − z of their row and group, int8 w' as s8 (both
+// tdpbssd with int8 x), or the codes as bfloat16 — small integers, so exact — (tdpbf16ps with
+// bf16 x, 2 k per dword).
 // B is rebuilt per kernel call from the panels (nibbles split, converted, dword-transposed) and
 // reused across the call's rows, which is why the amx table asks for tall prefill tiles.
 // Int8 steps are 64 k (32 for 32-wide groups); each group's range is padded to whole steps with zero B rows (the A tile
@@ -13,8 +14,11 @@
 // blocking with every operand in L1 reached ~2.7 of the 6.5 TOP/s tdpbusd peak on the Xeon VM it
 // was tuned on (the kernel itself ~1).
 // After each group the tiles are scaled into float accumulators (acc += sw·C, as the other
-// kernels' per-group step); the zero-point term
-// Σ_g swz·Σx is subtracted at the end. Rows past the last whole 16-row tile and activations the
+// kernels' per-group step); int8 and bf16 subtract the zero-point term Σ_g swz·Σx at the end.
+// Int4 has none: its group dots are exactly Σx(u − z), as avx512's signed k4 GEMM's. Codes
+// unsigned against x and the term taken out in float afterwards cancelled only to 2.6e-6 of
+// max |y| where the codes sit far from z (tests/test_matmul.py, codes far from their offset,
+// found by the amx_emulated build). Rows past the last whole 16-row tile and activations the
 // tiles cannot take exactly (fp32/fp16 x, nf4 codes) go to the AVX-512 kernels.
 #include <immintrin.h>
 
@@ -34,8 +38,8 @@ void matmul_float(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64
 namespace LOWBIT_ISA_NS {
 namespace {
 
-// The operand kinds: int4 codes × int8 x, int8 codes × int8 x, codes as bf16 × bf16 x.
-enum class Op { u4, s8, bf16 };
+// The operand kinds: int4 codes as u − z × int8 x, int8 codes × int8 x, codes as bf16 × bf16 x.
+enum class Op { s4, s8, bf16 };
 
 // The tile steps of a call: the activation k where each starts; first[g] is group g's first step
 // and first[G] the step count. A step is 32 k of bf16, or 64 k of int8 — 32 where the groups are
@@ -111,6 +115,8 @@ inline void transpose_16x16(__m512i r[16], uint8_t* out) {
 }
 
 // The codes of 32-k block kb of panel rows [4q, 4q+4) as bytes: Z0 = rows 0, 1, Z1 = rows 2, 3.
+// SIGNED (int4): u − z of each row's z in the block's group.
+template <bool SIGNED>
 inline void panel_block_bytes(const PackedLinear& w, int64_t panel, int64_t kb, __m512i& Z0, __m512i& Z1) {
   const uint8_t* blk = w.panel(panel) + kb * (w.h->bits == 4 ? 64 : 128);
   if (w.h->bits == 4) {  // lo nibbles: [row0 | row2], hi: [row1 | row3]
@@ -118,6 +124,13 @@ inline void panel_block_bytes(const PackedLinear& w, int64_t panel, int64_t kb, 
     const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     Z0 = _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));
     Z1 = _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
+    if constexpr (SIGNED) {
+      const int64_t g = std::min(kb * kBlockK / w.h->group_size, w.h->G - 1), i = (panel * w.h->G + g) * kPanelRows;
+      int8_t z[4];
+      for (int r = 0; r < 4; ++r) z[r] = w.zq ? w.zq[i + r] : int8_t(w.h->zero);
+      Z0 = _mm512_sub_epi8(Z0, _mm512_inserti64x4(_mm512_set1_epi8(z[0]), _mm256_set1_epi8(z[1]), 1));
+      Z1 = _mm512_sub_epi8(Z1, _mm512_inserti64x4(_mm512_set1_epi8(z[2]), _mm256_set1_epi8(z[3]), 1));
+    }
   } else {
     Z0 = _mm512_loadu_si512(blk);
     Z1 = _mm512_loadu_si512(blk + 64);
@@ -137,7 +150,7 @@ void build_b(const PackedLinear& w, const Steps& st, int64_t p, int64_t np, uint
     while (step + 1 < int64_t(st.k0.size()) && st.k0[step + 1] <= k) ++step;
     __m512i Z[8];
     for (int q = 0; q < 4; ++q) {
-      if (q < np) panel_block_bytes(w, p + q, kb, Z[2 * q], Z[2 * q + 1]);
+      if (q < np) panel_block_bytes<OP == Op::s4>(w, p + q, kb, Z[2 * q], Z[2 * q + 1]);
       else Z[2 * q] = Z[2 * q + 1] = _mm512_setzero_si512();
     }
     if constexpr (OP != Op::bf16) {
@@ -173,7 +186,7 @@ void gather_scales(const PackedLinear& w, bool zero, int64_t p, int64_t np, floa
 struct NTile {
   int64_t p, np;               // panels
   std::vector<uint8_t> b;      // VNNI B, [steps][b_rows][64]
-  std::vector<float> sw, swz;  // [G][16]
+  std::vector<float> sw, swz;  // [G][16] (swz: int8 and bf16 only)
 };
 
 // Per block of 2 m-tiles × 2 n-tiles: float accumulators and the stored 32-bit tiles (int32 or float).
@@ -208,12 +221,7 @@ void block_dots(const MatmulArgs& a, const Steps& st, int64_t m, NTile* const* n
       if (TM == 2) _tile_loadd(5, xa + 16 * lda, lda);
       _tile_loadd(6, nt[0]->b.data() + s * st.b_rows * 64, 64);
       if (TN == 2) _tile_loadd(7, nt[1]->b.data() + s * st.b_rows * 64, 64);
-      if constexpr (OP == Op::u4) {
-        _tile_dpbsud(0, 4, 6);
-        if (TN == 2) _tile_dpbsud(1, 4, 7);
-        if (TM == 2) _tile_dpbsud(2, 5, 6);
-        if (TM == 2 && TN == 2) _tile_dpbsud(3, 5, 7);
-      } else if constexpr (OP == Op::s8) {
+      if constexpr (OP != Op::bf16) {
         _tile_dpbssd(0, 4, 6);
         if (TN == 2) _tile_dpbssd(1, 4, 7);
         if (TM == 2) _tile_dpbssd(2, 5, 6);
@@ -242,7 +250,7 @@ void block_dots(const MatmulArgs& a, const Steps& st, int64_t m, NTile* const* n
   }
 }
 
-// y for one block: acc − Σ_g swz·Σx, times the row's activation scale (int8 x), plus bias.
+// y for one block: acc − Σ_g swz·Σx (int4: acc), times the row's activation scale (int8 x), plus bias.
 template <int TM, int TN, Op OP>
 void block_store(const MatmulArgs& a, int64_t m, NTile* const* nt, const BlockState& bs) {
   const PackedLinear& w = a.w;
@@ -256,7 +264,7 @@ void block_store(const MatmulArgs& a, int64_t m, NTile* const* nt, const BlockSt
       for (int r = 0; r < 16; ++r) {
         const int64_t row = m + mi * 16 + r;
         __m512 z = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t g = 0; OP != Op::s4 && g < G; ++g) {
           const float sx = OP == Op::bf16 ? a.x.sumx[row * G + g] : float(a.x.suma[row * G + g]);
           z = _mm512_fmadd_ps(_mm512_set1_ps(sx), _mm512_loadu_ps(nt[ni]->swz.data() + g * 16), z);
         }
@@ -294,10 +302,12 @@ void walk(const MatmulArgs& a, int64_t m0, int64_t mfull, int64_t p0, int64_t p1
       t.np = std::min<int64_t>(4, p1 - t.p);
       t.b.resize(size_t(st.k0.size() * st.b_rows * 64));
       t.sw.resize(size_t(G * 16));
-      t.swz.resize(size_t(G * 16));
       build_b<OP>(w, st, t.p, t.np, t.b.data());
       gather_scales(w, false, t.p, t.np, t.sw.data());
-      gather_scales(w, true, t.p, t.np, t.swz.data());
+      if (OP != Op::s4) {
+        t.swz.resize(size_t(G * 16));
+        gather_scales(w, true, t.p, t.np, t.swz.data());
+      }
     }
     for (int64_t m = m0; m < mfull; m += 32) {
       if (m + 32 <= mfull) {
@@ -318,7 +328,7 @@ void matmul_int(const MatmulArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t
   const int64_t mfull = m0 + (m1 - m0) / 16 * 16;
   if (mfull < m1) avx512::matmul_int(a, mfull, m1, p0, p1);
   if (mfull == m0) return;
-  if (a.w.h->bits == 4) walk<Op::u4>(a, m0, mfull, p0, p1);
+  if (a.w.h->bits == 4) walk<Op::s4>(a, m0, mfull, p0, p1);
   else walk<Op::s8>(a, m0, mfull, p0, p1);
 }
 
