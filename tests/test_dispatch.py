@@ -16,7 +16,8 @@ import pytest
 import lowbit
 from conftest import CPU_VARIANTS, NOT_RUNNABLE, rng_for
 
-ALL_NAMES = {"amx", "avx512", "avx2", "avx512_emulated", "ref"}
+ALL_NAMES = {"amx", "avx512", "avx2", "avx512_emulated", "amx_emulated", "ref"}
+EMULATED = {"avx512_emulated", "amx_emulated"}  # test-only builds, never picked by "auto"
 
 
 def run_python(code, **env_extra):
@@ -32,7 +33,7 @@ def test_build_info_content():
     assert info["version"] == lowbit.__version__
     names = [v["name"] for v in info["cpu_variants"]]
     assert len(names) == len(set(names)) and set(names) <= ALL_NAMES
-    assert {"avx512", "avx2", "ref"} <= set(names)  # always compiled on x86-64
+    assert {"avx512", "avx2", "amx_emulated", "ref"} <= set(names)  # always compiled on x86-64
     assert names[-1] == "ref"
     for v in info["cpu_variants"]:
         assert isinstance(v["runnable"], bool)
@@ -48,8 +49,9 @@ def test_build_info_content():
     assert by_name["avx512"]["runnable"] == ({"avx512f", "avx512bw", "avx512vl", "avx512dq",
                                               "avx512vnni", "os:zmm"} <= feats
                                              and by_name["avx2"]["runnable"])
+    assert by_name["amx_emulated"]["runnable"] == by_name["avx512"]["runnable"]  # AVX-512 code, tiles modelled
     # "auto" picks the first runnable, non-emulated variant (the list runs best first)
-    expect = next(v["name"] for v in info["cpu_variants"] if v["runnable"] and v["name"] != "avx512_emulated")
+    expect = next(v["name"] for v in info["cpu_variants"] if v["runnable"] and v["name"] not in EMULATED)
     assert info["cpu_isa"] == expect == lowbit._ext.core().get_isa()
     assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
     assert info["cuda"]["built"] in (True, False) and "loaded" in info["cuda"]
@@ -124,10 +126,10 @@ def test_set_isa():
     assert core.get_isa() == best
 
 
-def test_emulated_variant_is_never_auto():
-    if "avx512_emulated" not in CPU_VARIANTS:
-        pytest.skip("built without SIMDe")
-    assert lowbit.build_info()["cpu_isa"] != "avx512_emulated"
+def test_emulated_variants_are_never_auto():
+    if not EMULATED & set(CPU_VARIANTS):
+        pytest.skip("no emulated variant runs here")
+    assert lowbit.build_info()["cpu_isa"] not in EMULATED
 
 
 # ------------------------------------------------------------------------------------------------

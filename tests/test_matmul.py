@@ -154,13 +154,14 @@ def test_act_per_block_beats_per_token_on_outliers(isa, fmt):
 
 
 def test_per_block_kernel_names():
-    # every variant runs per-block int8 activations itself except amx, which hands them to avx512
+    # every variant runs per-block int8 activations itself except amx (and its emulated build), which
+    # hands them to avx512
     packed = lb.ops._packed_weight(lb.quantize(_data(1, 8, 256)[1], bits=4, group_size=64))
     try:
         for name in VARIANTS:
             _ext.core().set_isa(name)
             assert _ext.core().matmul_kernel(packed, 8, False) == f"{name}:int"
-            expected = "avx512" if name == "amx" else name
+            expected = "avx512" if name in ("amx", "amx_emulated") else name
             assert _ext.core().matmul_kernel(packed, 8, True) == f"{expected}:int"
             assert _ext.core().matmul_kernel(packed, 0, True) == f"{name}:float"
     finally:

@@ -3,6 +3,9 @@
 // bytes); a_bytes = 4·b_rows, the k of one step.
 #pragma once
 #include <immintrin.h>
+#ifdef LOWBIT_AMX_EMULATION
+#include "amx/tile_emulation.h"  // the amx_emulated test variant: a scalar model of the tiles
+#endif
 
 #include <cstdint>
 

@@ -134,6 +134,7 @@ std::vector<VariantInfo> variants() {
 #ifdef LOWBIT_HAVE_AVX512_EMULATED
   add(&avx512_emulated::kTable, missing_for_avx2(f));
 #endif
+  add(&amx_emulated::kTable, missing_for_avx512(f));
   add(&ref::kTable, "");
   return v;
 }
@@ -146,7 +147,7 @@ const KernelTable* select(const std::string& name) {
   auto all = variants();
   if (name.empty() || name == "auto") {
     for (auto& v : all)
-      if (v.runnable && v.table != &avx512_emulated::kTable) return v.table;
+      if (v.runnable && v.table != &avx512_emulated::kTable && v.table != &amx_emulated::kTable) return v.table;
     return &ref::kTable;
   }
   std::string known;

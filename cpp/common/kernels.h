@@ -106,6 +106,7 @@ namespace avx2 { extern const KernelTable kTable; }
 namespace avx512 { extern const KernelTable kTable; }
 namespace avx512_emulated { extern const KernelTable kTable; }
 namespace amx { extern const KernelTable kTable; }
+namespace amx_emulated { extern const KernelTable kTable; }
 
 #ifdef LOWBIT_ISA_NS
 // Kernel entry points, declared once for whichever variant this file is compiled as.
