@@ -347,6 +347,29 @@ def test_half_precision_x(isa, fmt, shape, dtype, act_bits):
     assert np.all(np.abs(got - want) <= 8 * _bound(xr, qt) + 2 ** -8 * np.abs(want) + 1e-6), fmt
 
 
+@pytest.mark.parametrize("act_bits", [8, None], ids=["int8-x", "bf16-x"])
+def test_decode_pieces_split_mid_tile(isa, act_bits, restore_threads):
+    """M = 16 is still decode: its panels are cut into one piece a thread, and a piece need not
+    start on a tile of 4 panels. Each piece must write only its own columns (the AMX kernel
+    stored whole 16-column tiles, and with 2 threads one piece's zeros overwrote the next
+    piece's first columns: found by the amx_emulated build)."""
+    torch = pytest.importorskip("torch")
+    lb.set_num_threads(2)
+    # enough weight bytes (per row of X) for two pieces, over panel counts that split mid-tile
+    K, Ns = (1024, (180, 196, 212)) if act_bits else (598, (44, 56, 59))
+    for N in Ns:
+        x, w = _data(16, N, K, seed=N)
+        qt = lb.quantize(w, bits=8, group_size=32, symmetric=True)
+        xt = torch.from_numpy(x).bfloat16()
+        xr = xt.float().numpy()
+        if act_bits:
+            xr = _fake_quant(xr)
+        want = _ref(xr, qt)
+        for _ in range(3):  # the overwrite was a race between the two pieces' stores
+            got = lb.matmul(xt, qt, act_bits=act_bits).float().numpy()
+            assert np.all(np.abs(got - want) <= 8 * _bound(xr, qt) + 2 ** -8 * np.abs(want) + 1e-6), (isa, N)
+
+
 def test_per_tensor_scale_torch():
     # (torch weights: per-tensor quantize of a numpy array trips a foundation bug in ops.py)
     torch = pytest.importorskip("torch")

@@ -258,7 +258,9 @@ void block_store(const MatmulArgs& a, int64_t m, NTile* const* nt, const BlockSt
   for (int mi = 0; mi < TM; ++mi)
     for (int ni = 0; ni < TN; ++ni) {
       const int t = mi * 2 + ni;
-      const int64_t n0 = nt[ni]->p * kPanelRows, nvalid = std::min<int64_t>(16, N - n0);
+      // only the tile's own panels: a decode piece can end mid-tile, and the next piece's thread
+      // writes the columns after it (found by the amx_emulated build, 2 threads, M = 16)
+      const int64_t n0 = nt[ni]->p * kPanelRows, nvalid = std::min<int64_t>(nt[ni]->np * kPanelRows, N - n0);
       const __mmask16 keep = __mmask16((1u << nvalid) - 1);
       const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(keep, a.bias + n0) : _mm512_setzero_ps();
       for (int r = 0; r < 16; ++r) {
