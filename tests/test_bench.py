@@ -130,8 +130,8 @@ def test_microbench_read_reps_is_validated():
         bench.runner._ext.core().microbench("read", np.ones(1 << 16, np.uint8), 0)
 
 
-@pytest.mark.parametrize("kind", ["fma", "int8", "int8_exact", "fma512", "vnni512", "bf16dot512", "amx_int8",
-                                  "amx_bf16"])
+@pytest.mark.parametrize("kind", ["fma", "int8", "int8_exact", "vnni256", "fma512", "vnni512", "bf16dot512",
+                                  "amx_int8", "amx_bf16"])
 def test_microbench_peaks_run_or_say_why(kind):
     """Each peak microbenchmark gives a positive rate where its variant runs, else a clear error."""
     core = bench.runner._ext.core()
@@ -149,7 +149,8 @@ def test_microbench_peaks_run_on_a_cpu_that_has_them():
     """On this CPU, the peaks its features promise are measured (an AMX CPU runs the tile ones)."""
     core = bench.runner._ext.core()
     feats = set(core.build_info()["cpu_features"])
-    expect = {"avx512vnni": "vnni512", "avx512bf16": "bf16dot512", "amx_int8": "amx_int8", "amx_bf16": "amx_bf16"}
+    expect = {"avx_vnni": "vnni256", "avx512vnni": "vnni512", "avx512bf16": "bf16dot512", "amx_int8": "amx_int8",
+              "amx_bf16": "amx_bf16"}
     for feat, kind in expect.items():
         if feat in feats and (not kind.startswith("amx") or "os:amx" in feats):
             assert core.microbench(kind, 1000) > 0, kind

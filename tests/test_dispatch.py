@@ -16,8 +16,8 @@ import pytest
 import lowbit
 from conftest import CPU_VARIANTS, NOT_RUNNABLE, rng_for
 
-ALL_NAMES = {"amx", "avx512", "avx2", "avx512_emulated", "amx_emulated", "ref"}
-EMULATED = {"avx512_emulated", "amx_emulated"}  # test-only builds, never picked by "auto"
+ALL_NAMES = {"amx", "avx512", "avx2_vnni", "avx2", "avx512_emulated", "amx_emulated", "avx2_vnni_emulated", "ref"}
+EMULATED = {"avx512_emulated", "amx_emulated", "avx2_vnni_emulated"}  # test-only builds, never picked by "auto"
 
 
 def run_python(code, **env_extra):
@@ -33,7 +33,7 @@ def test_build_info_content():
     assert info["version"] == lowbit.__version__
     names = [v["name"] for v in info["cpu_variants"]]
     assert len(names) == len(set(names)) and set(names) <= ALL_NAMES
-    assert {"avx512", "avx2", "amx_emulated", "ref"} <= set(names)  # always compiled on x86-64
+    assert {"avx512", "avx2", "amx_emulated", "avx2_vnni_emulated", "ref"} <= set(names)  # always compiled on x86-64
     assert names[-1] == "ref"
     for v in info["cpu_variants"]:
         assert isinstance(v["runnable"], bool)
@@ -50,6 +50,9 @@ def test_build_info_content():
                                               "avx512vnni", "os:zmm"} <= feats
                                              and by_name["avx2"]["runnable"])
     assert by_name["amx_emulated"]["runnable"] == by_name["avx512"]["runnable"]  # AVX-512 code, tiles modelled
+    assert by_name["avx2_vnni_emulated"]["runnable"] == by_name["avx512"]["runnable"]  # vpdpbusd ymm, EVEX
+    if "avx2_vnni" in by_name:
+        assert by_name["avx2_vnni"]["runnable"] == ("avx_vnni" in feats and by_name["avx2"]["runnable"])
     # "auto" picks the first runnable, non-emulated variant (the list runs best first)
     expect = next(v["name"] for v in info["cpu_variants"] if v["runnable"] and v["name"] not in EMULATED)
     assert info["cpu_isa"] == expect == lowbit._ext.core().get_isa()
@@ -62,7 +65,8 @@ def test_build_info_on_this_machine():
     feats = set(lowbit.build_info()["cpu_features"])
     if "avx512f" in feats or "avx2" not in feats:
         pytest.skip("this check describes an AVX2-only CPU")
-    assert lowbit.build_info()["cpu_isa"] == "avx2"
+    vnni = "avx_vnni" in feats and "avx2_vnni" in CPU_VARIANTS
+    assert lowbit.build_info()["cpu_isa"] == ("avx2_vnni" if vnni else "avx2")
     assert "avx512" in NOT_RUNNABLE and "avx512f" in NOT_RUNNABLE["avx512"]
 
 

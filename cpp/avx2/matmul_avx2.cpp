@@ -7,6 +7,8 @@
 //           |x| <= 127 (activations are clamped to ±127) keep pairs <= 32512 < 32767.
 //     The integer dots are exact; per group they are scaled lane-wise in float (see int_panel),
 //     so outputs match cpp/ref to float rounding, not bit for bit.
+//     Built as avx2_vnni (LOWBIT_AVX_VNNI), every such dot is one vpdpbusd into int32 lanes in
+//     place of vpmaddubsw, the int16 sums and vpmaddwd (see dot_u8s8).
 //     Tiling: per panel (4 rows of W), the dispatcher's rows of X in passes of up to 3; decode
 //     (M <= 16) streams each panel from DRAM once with software prefetch. 8 or more rows of X
 //     (int4 with groups wider than 32: more, see matmul_int): on a k4 scratch instead
@@ -32,6 +34,23 @@
 namespace lowbit {
 namespace LOWBIT_ISA_NS {
 namespace {
+
+// AVX-VNNI: acc + the u8 × s8 dots of each 4-byte group (vpdpbusd on ymm; LOWBIT_AVX_VNNI=2 is
+// its AVX-512VL encoding, the test-only avx2_vnni_emulated build). The same int32 lanes as
+// vpmaddubsw then vpmaddwd(·, 1), without their int16 pair sums.
+#ifdef LOWBIT_AVX_VNNI
+constexpr bool kVnni = true;
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if LOWBIT_AVX_VNNI == 2
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+#else
+constexpr bool kVnni = false;
+inline __m256i dot_u8s8(__m256i acc, __m256i, __m256i) { return acc; }  // never called
+#endif
 
 inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
   __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
@@ -100,13 +119,20 @@ inline void w4_batch(const uint8_t* wp, const int8_t* const* x, int64_t nb, int6
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + b * kW4Bytes + 32 * h));
       const __m256i lo = _mm256_and_si256(v, low4);
 #pragma GCC unroll 2
-      for (int i = 0; i < MR; ++i) s[i][2 * h] = _mm256_add_epi16(s[i][2 * h], _mm256_maddubs_epi16(lo, xv[i]));
+      for (int i = 0; i < MR; ++i)
+        s[i][2 * h] = kVnni ? dot_u8s8(s[i][2 * h], lo, xv[i]) : _mm256_add_epi16(s[i][2 * h], _mm256_maddubs_epi16(lo, xv[i]));
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
 #pragma GCC unroll 2
-      for (int i = 0; i < MR; ++i) s[i][2 * h + 1] = _mm256_add_epi16(s[i][2 * h + 1], _mm256_maddubs_epi16(hi, xv[i]));
+      for (int i = 0; i < MR; ++i)
+        s[i][2 * h + 1] = kVnni ? dot_u8s8(s[i][2 * h + 1], hi, xv[i])
+                                : _mm256_add_epi16(s[i][2 * h + 1], _mm256_maddubs_epi16(hi, xv[i]));
     }
   }
   for (int i = 0; i < MR; ++i) {
+    if constexpr (kVnni) {  // int32 sums already
+      out[i] = _mm256_hadd_epi32(_mm256_hadd_epi32(s[i][0], s[i][1]), _mm256_hadd_epi32(s[i][2], s[i][3]));
+      continue;
+    }
     const __m256i h01 = _mm256_hadd_epi16(s[i][0], s[i][1]), h23 = _mm256_hadd_epi16(s[i][2], s[i][3]);
     if (NB == 1 || NB == 2) out[i] = _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), ones16);
     else out[i] = _mm256_hadd_epi32(_mm256_madd_epi16(h01, ones16), _mm256_madd_epi16(h23, ones16));
@@ -139,8 +165,10 @@ inline void w8_group(const uint8_t* wp, const int8_t* const* x, int64_t nb, int6
       const __m256i wr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * r));
       const __m256i aw = _mm256_abs_epi8(wr);
 #pragma GCC unroll 2
-      for (int i = 0; i < MR; ++i)
-        s[i][r] = _mm256_add_epi32(s[i][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wr)), ones16));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i sx = _mm256_sign_epi8(xv[i], wr);
+        s[i][r] = kVnni ? dot_u8s8(s[i][r], aw, sx) : _mm256_add_epi32(s[i][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones16));
+      }
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -298,7 +326,10 @@ inline void k4_step(__m256i w0, __m256i w1, __m256i a0, __m256i a1, const int8_t
   int32_t v;
   std::memcpy(&v, x, 4);
   const __m256i xb = _mm256_set1_epi32(v);
-  if constexpr (BITS == 4) {
+  if constexpr (kVnni) {  // int32 sums
+    s0 = dot_u8s8(s0, a0, BITS == 4 ? xb : _mm256_sign_epi8(xb, w0));
+    s1 = dot_u8s8(s1, a1, BITS == 4 ? xb : _mm256_sign_epi8(xb, w1));
+  } else if constexpr (BITS == 4) {
     s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(w0, xb));
     s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(w1, xb));
   } else {
@@ -328,7 +359,7 @@ inline void k4_block(const uint8_t* wb, const int8_t* x, int64_t ld, Done&& done
     if constexpr (MR > 3) k4_step<BITS>(w0, w1, a0, a1, xj + 3 * ld, s6, s7);
   }
   const __m256i ones16 = _mm256_set1_epi16(1);
-  auto widen = [&](__m256i t) { return BITS == 4 ? _mm256_madd_epi16(t, ones16) : t; };
+  auto widen = [&](__m256i t) { return BITS == 4 && !kVnni ? _mm256_madd_epi16(t, ones16) : t; };
   done(0, 0, widen(s0));
   done(0, 1, widen(s1));
   if constexpr (MR > 1) { done(1, 0, widen(s2)); done(1, 1, widen(s3)); }

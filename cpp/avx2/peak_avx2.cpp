@@ -100,5 +100,29 @@ double peak_int8_exact_gops(int64_t iters) {
   });
 }
 
+#ifdef LOWBIT_HAVE_AVX2_VNNI
+// The AVX-VNNI rate: vpdpbusd on ymm (u8×s8 into int32, exact). Its own target attribute: the
+// avx2 variant is built without -mavxvnni, and only the caller's check (avx2_vnni runnable)
+// guards the instruction.
+__attribute__((target("avx2,avxvnni"))) static int64_t vnni256_chains(int64_t n) {
+  __m256i acc[kInt8Chains], u[kInt8Chains];
+  for (int i = 0; i < kInt8Chains; ++i) {
+    acc[i] = _mm256_set1_epi32(i);
+    u[i] = _mm256_set1_epi8(char(3 + i));
+    asm("" : "+x"(u[i]));  // opaque: not rebuilt from constants in the loop
+  }
+  __m256i x = _mm256_set1_epi8(-5);
+  for (int64_t it = 0; it < n; ++it) {
+    asm("" : "+x"(x));
+    for (int i = 0; i < kInt8Chains; ++i) acc[i] = _mm256_dpbusd_avx_epi32(acc[i], u[i], x);
+  }
+  __m256i r = acc[0];
+  for (int i = 1; i < kInt8Chains; ++i) r = _mm256_add_epi32(r, acc[i]);
+  return _mm256_extract_epi32(r, 0);
+}
+
+double peak_vnni256_gops(int64_t iters) { return rate_on_all_threads(iters, kInt8Chains * 32 * 2, vnni256_chains); }
+#endif
+
 }  // namespace avx2
 }  // namespace lowbit

@@ -67,6 +67,7 @@ static CpuFeatures detect() {
     f.amx_tile = (d >> 24) & 1;
     f.amx_int8 = (d >> 25) & 1;
     __cpuid_count(7, 1, a, b, c, d);
+    f.avx_vnni = (a >> 4) & 1;
     f.avx512bf16 = (a >> 5) & 1;
   }
   f.os_amx = f.amx_tile && (xcr0 & 0x60000) == 0x60000 && request_amx_permission();
@@ -81,7 +82,7 @@ const CpuFeatures& cpu_features() {
 std::vector<std::string> CpuFeatures::names() const {
   std::vector<std::string> out;
   auto add = [&](bool on, const char* n) { if (on) out.emplace_back(n); };
-  add(avx2, "avx2"); add(fma, "fma"); add(f16c, "f16c");
+  add(avx2, "avx2"); add(fma, "fma"); add(f16c, "f16c"); add(avx_vnni, "avx_vnni");
   add(avx512f, "avx512f"); add(avx512bw, "avx512bw"); add(avx512vl, "avx512vl");
   add(avx512dq, "avx512dq"); add(avx512vnni, "avx512vnni"); add(avx512bf16, "avx512bf16");
   add(amx_tile, "amx_tile"); add(amx_int8, "amx_int8"); add(amx_bf16, "amx_bf16");
@@ -98,6 +99,12 @@ static std::string missing_for_avx2(const CpuFeatures& f) {
   if (!f.fma) m += " fma";
   if (!f.f16c) m += " f16c";
   if (!f.os_ymm) m += " os-ymm-state";
+  return m;
+}
+
+[[maybe_unused]] static std::string missing_for_avx2_vnni(const CpuFeatures& f) {
+  std::string m = missing_for_avx2(f);
+  if (!f.avx_vnni) m += " avx_vnni";
   return m;
 }
 
@@ -130,24 +137,34 @@ std::vector<VariantInfo> variants() {
   add(&amx::kTable, missing_for_amx(f));
 #endif
   add(&avx512::kTable, missing_for_avx512(f));
+#ifdef LOWBIT_HAVE_AVX2_VNNI
+  add(&avx2_vnni::kTable, missing_for_avx2_vnni(f));
+#endif
   add(&avx2::kTable, missing_for_avx2(f));
 #ifdef LOWBIT_HAVE_AVX512_EMULATED
   add(&avx512_emulated::kTable, missing_for_avx2(f));
 #endif
   add(&amx_emulated::kTable, missing_for_avx512(f));
+  add(&avx2_vnni_emulated::kTable, missing_for_avx512(f));
   add(&ref::kTable, "");
   return v;
 }
 
 namespace {
 std::mutex g_isa_mutex;
+
+// The test-only builds, which "auto" never picks: the AVX-512 sources on SIMDe, the AMX kernels on
+// a scalar model of the tiles, the AVX-VNNI kernels on vpdpbusd's AVX-512VL encoding.
+bool test_only(const KernelTable* t) {
+  return t == &avx512_emulated::kTable || t == &amx_emulated::kTable || t == &avx2_vnni_emulated::kTable;
+}
 std::atomic<const KernelTable*> g_active{nullptr};
 
 const KernelTable* select(const std::string& name) {
   auto all = variants();
   if (name.empty() || name == "auto") {
     for (auto& v : all)
-      if (v.runnable && v.table != &avx512_emulated::kTable && v.table != &amx_emulated::kTable) return v.table;
+      if (v.runnable && !test_only(v.table)) return v.table;
     return &ref::kTable;
   }
   std::string known;

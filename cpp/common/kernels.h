@@ -107,6 +107,8 @@ namespace avx512 { extern const KernelTable kTable; }
 namespace avx512_emulated { extern const KernelTable kTable; }
 namespace amx { extern const KernelTable kTable; }
 namespace amx_emulated { extern const KernelTable kTable; }
+namespace avx2_vnni { extern const KernelTable kTable; }
+namespace avx2_vnni_emulated { extern const KernelTable kTable; }
 
 #ifdef LOWBIT_ISA_NS
 // Kernel entry points, declared once for whichever variant this file is compiled as.

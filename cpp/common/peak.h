@@ -31,6 +31,7 @@ double peak_read_gbps(const uint8_t* buf, int64_t bytes, int reps);  // streamin
 double peak_fma_gflops(int64_t iters);   // 2 FLOP per fp32 FMA lane, 10 independent chains
 double peak_int8_gops(int64_t iters);    // vpmaddubsw+vpaddw (u8×s8 into int16): 2 OP per int8 MAC
 double peak_int8_exact_gops(int64_t iters);  // vpsignb+vpmaddubsw+vpmaddwd+vpaddd: exact s8×s8
+double peak_vnni256_gops(int64_t iters);     // vpdpbusd ymm (AVX-VNNI; builds with the avx2_vnni variant)
 }  // namespace avx2
 namespace avx512 {  // cpp/avx512/peak_avx512.cpp
 double peak_fma512_gflops(int64_t iters);

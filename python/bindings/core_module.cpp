@@ -357,6 +357,9 @@ PYBIND11_MODULE(_core, m) {
     if (kind == "fma") { need("avx2", true, "fma"); fn = avx2::peak_fma_gflops; }
     else if (kind == "int8") { need("avx2", true, "int8"); fn = avx2::peak_int8_gops; }
     else if (kind == "int8_exact") { need("avx2", true, "int8_exact"); fn = avx2::peak_int8_exact_gops; }
+#ifdef LOWBIT_HAVE_AVX2_VNNI
+    else if (kind == "vnni256") { need("avx2_vnni", true, "vnni256"); fn = avx2::peak_vnni256_gops; }
+#endif
     else if (kind == "fma512") { need("avx512", true, "fma512"); fn = avx512::peak_fma512_gflops; }
     else if (kind == "vnni512") { need("avx512", true, "vnni512"); fn = avx512::peak_vnni512_gops; }
     else if (kind == "bf16dot512") { need("avx512", f.avx512bf16, "bf16dot512 (avx512_bf16)"); fn = avx512::peak_bf16dot512_gflops; }
@@ -364,15 +367,15 @@ PYBIND11_MODULE(_core, m) {
     else if (kind == "amx_int8") { need("amx", true, "amx_int8"); fn = amx::peak_amx_int8_gops; }
     else if (kind == "amx_bf16") { need("amx", f.amx_bf16, "amx_bf16"); fn = amx::peak_amx_bf16_gflops; }
 #endif
-    else throw py::value_error("microbench kind must be read, fma, int8, int8_exact, fma512, vnni512, bf16dot512, amx_int8 or amx_bf16"
-                               " (the last five where this build has the variant)");
+    else throw py::value_error("microbench kind must be read, fma, int8, int8_exact, vnni256, fma512, vnni512, bf16dot512,"
+                               " amx_int8 or amx_bf16 (vnni256 and the last five where this build has the variant)");
     py::gil_scoped_release nogil;
     return fn(iters);
   }, py::arg("kind"), py::arg("arg"), py::arg("reps") = 5,
         "machine limits: read GB/s (best of reps passes over arg); the others take an iteration count:"
         " fp32 FMA GFLOP/s (fma: ymm, fma512: zmm), int8 dot GOP/s (int8: vpmaddubsw, int8_exact: the exact"
-        " s8×s8 sign trick with vpmaddwd, vnni512:"
-        " vpdpbusd, amx_int8: tdpbusd), bf16 dot GFLOP/s (bf16dot512: vdpbf16ps, amx_bf16: tdpbf16ps)");
+        " s8×s8 sign trick with vpmaddwd, vnni256 / vnni512:"
+        " vpdpbusd ymm / zmm, amx_int8: tdpbusd), bf16 dot GFLOP/s (bf16dot512: vdpbf16ps, amx_bf16: tdpbf16ps)");
   m.def("build_info", &build_info_py);
   m.def("set_isa", &set_isa_py, py::arg("name"));
   m.def("get_isa", [] { return active_isa(); });

@@ -5,7 +5,8 @@ installed here, in one run.  `python -m lowbit.bench [--quick] [--json out.json]
 Limits, measured by lowbit's microbenchmarks for 1 and all threads: DRAM read bandwidth (streaming
 loads over a buffer 8x the L3); peak fp32 FMA, int8-dot and bf16-dot throughput of the widest
 instruction the CPU has (zmm vfmadd / vpdpbusd / vdpbf16ps with AVX-512, else ymm vfmadd and
-vpmaddubsw into int16 sums, the u8 x s8 multiply rate; bf16 reported unavailable without
+ymm vpdpbusd with AVX-VNNI or vpmaddubsw into int16 sums, the u8 x s8 multiply rate; bf16
+reported unavailable without
 avx512_bf16), named beside each; and, where the CPU
 and OS allow AMX, the tdpbusd / tdpbf16ps tile peaks (reported; the % of limit stays against the
 vector peaks, so an AMX kernel can exceed 100%).

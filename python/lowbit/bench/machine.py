@@ -64,7 +64,7 @@ def compute_probe(lim: dict, compute: str) -> Callable[[], float]:
 
 # Candidates for each limit, fastest first: (microbench kind, instruction); AMX: (kind, key, instruction).
 _FMA = [("fma512", "zmm vfmadd"), ("fma", "ymm vfmadd")]
-_INT8 = [("vnni512", "zmm vpdpbusd"), ("int8", "ymm vpmaddubsw+vpaddw")]
+_INT8 = [("vnni512", "zmm vpdpbusd"), ("vnni256", "ymm vpdpbusd (AVX-VNNI)"), ("int8", "ymm vpmaddubsw+vpaddw")]
 _BF16 = [("bf16dot512", "zmm vdpbf16ps")]
 _INT8_EXACT = [("int8_exact", "ymm vpsignb+vpmaddubsw+vpmaddwd")]
 _AMX = [("amx_int8", "amx_int8_GOPs", "AMX tdpbusd"), ("amx_bf16", "amx_bf16_GFLOPs", "AMX tdpbf16ps")]
