@@ -347,8 +347,9 @@ def test_half_precision_x(isa, fmt, shape, dtype, act_bits):
     assert np.all(np.abs(got - want) <= 8 * _bound(xr, qt) + 2 ** -8 * np.abs(want) + 1e-6), fmt
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("act_bits", [8, None], ids=["int8-x", "bf16-x"])
-def test_decode_pieces_split_mid_tile(isa, act_bits, restore_threads):
+def test_decode_pieces_split_mid_tile(isa, act_bits, bits, restore_threads):
     """M = 16 is still decode: its panels are cut into one piece a thread, and a piece need not
     start on a tile of 4 panels. Each piece must write only its own columns (the AMX kernel
     stored whole 16-column tiles, and with 2 threads one piece's zeros overwrote the next
@@ -357,9 +358,11 @@ def test_decode_pieces_split_mid_tile(isa, act_bits, restore_threads):
     lb.set_num_threads(2)
     # enough weight bytes (per row of X) for two pieces, over panel counts that split mid-tile
     K, Ns = (1024, (180, 196, 212)) if act_bits else (598, (44, 56, 59))
+    if bits == 4:  # (int4 g32 takes the k4 GEMMs from 8 rows: sets of 16 rows of W)
+        Ns = tuple(2 * n for n in Ns)
     for N in Ns:
         x, w = _data(16, N, K, seed=N)
-        qt = lb.quantize(w, bits=8, group_size=32, symmetric=True)
+        qt = lb.quantize(w, bits=bits, group_size=32, symmetric=bits == 8)
         xt = torch.from_numpy(x).bfloat16()
         xr = xt.float().numpy()
         if act_bits:
