@@ -1,9 +1,11 @@
 """Shared fixtures: run the CPU tests once per runnable kernel variant of this build.
 
 `isa` forces a variant with lowbit._ext.core().set_isa(name) and restores "auto" afterwards, so
-the reference, AVX2, AVX-512 (when the CPU has it) and the SIMDe-emulated AVX-512 build are all
-exercised on one machine. The emulated variant is slow (scalar emulation of every intrinsic):
-tests use `size_budget(isa)` to pick smaller shapes for it.
+the reference, AVX2, AVX-512 (when the CPU has it) and the test-only builds are all exercised on
+one machine: the SIMDe-emulated AVX-512 build, the AMX kernels on a scalar model of the tiles
+(amx_emulated) and the AVX-VNNI kernels on vpdpbusd's AVX-512VL encoding (avx2_vnni_emulated),
+the last two on AVX-512 VNNI CPUs. The SIMDe build is slow (scalar emulation of every
+intrinsic): tests use `size_budget(isa)` to pick smaller shapes for it.
 """
 from __future__ import annotations
 
